@@ -1,0 +1,383 @@
+"""Frozen dataclass configs, their JSON round trip, and the named presets.
+
+Usage:
+    from rsd.config import get_preset
+    preset = get_preset("tiny")            # or "openvla-7b"
+    preset.model.llm.num_layers            # 6
+
+Every config validates itself in `__post_init__`; `to_dict` / `from_dict` round-trip through JSON and
+`from_dict` refuses unknown keys. Artifacts store the config they were built from, and models are rebuilt
+from that JSON, never from code defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rsd.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _check(condition: bool, cls: str, name: str, allowed: str, got: object) -> None:
+    """Raise a ConfigError naming the field, the allowed values and what arrived."""
+    if not condition:
+        raise ConfigError(f"{cls}.{name}: expected {allowed}, got {got!r}.")
+
+
+def _positive(cls: object, *names: str) -> None:
+    """Check that every named integer field of `cls` is a positive int."""
+    for name in names:
+        value = getattr(cls, name)
+        _check(isinstance(value, int) and value > 0, type(cls).__name__, name, "a positive int", value)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Shape of the RFSQ action tokenizer (DESIGN.md §2)."""
+
+    chunk_len: int = 8  # H: steps per action chunk
+    action_dim: int = 7  # A: xyz delta, rotation delta, gripper
+    latent_dim: int = 16  # d: latent scalars per step
+    num_layers: int = 8  # L: residual FSQ layers
+    levels: int = 7  # V: levels per scalar (odd, so the zero level exists)
+    coarse_layers: int = 3  # C: layers the draft predicts
+    mlp_hidden: int = 64  # width of the per-step encoder/decoder MLPs
+    learnable_scales: bool = False  # learn per-layer scales instead of the fixed geometric ones
+
+    def __post_init__(self) -> None:
+        _positive(self, "chunk_len", "action_dim", "latent_dim", "num_layers", "levels", "coarse_layers", "mlp_hidden")
+        _check(self.levels % 2 == 1 and self.levels >= 3, "TokenizerConfig", "levels", "an odd int >= 3", self.levels)
+        _check(
+            self.coarse_layers <= self.num_layers,
+            "TokenizerConfig",
+            "coarse_layers",
+            f"at most num_layers={self.num_layers}",
+            self.coarse_layers,
+        )
+
+    @property
+    def tokens_per_layer(self) -> int:
+        """Tokens in one residual layer of a chunk: H * d."""
+        return self.chunk_len * self.latent_dim
+
+    @property
+    def zero_level(self) -> int:
+        """Index of the level whose value is 0."""
+        return (self.levels - 1) // 2
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """One timm vision backbone; `None` overrides keep the timm architecture's own value."""
+
+    timm_name: str  # timm architecture name, e.g. vit_so400m_patch14_siglip_224
+    img_size: int = 224  # input side in pixels
+    patch_size: int | None = None  # override of the architecture's patch size (tiny preset)
+    embed_dim: int | None = None  # override of the width
+    depth: int | None = None  # override of the number of blocks
+    num_heads: int | None = None  # override of the attention heads
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation std
+    feature_layer: int = -2  # block whose patch tokens are used (OpenVLA: second to last)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.timm_name), "ViTConfig", "timm_name", "a timm model name", self.timm_name)
+        _positive(self, "img_size")
+        _check(len(self.mean) == 3 and len(self.std) == 3, "ViTConfig", "mean/std", "3 values each", (self.mean, self.std))
+        _check(all(s > 0 for s in self.std), "ViTConfig", "std", "positive values", self.std)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Llama decoder dimensions (transformers' LlamaConfig fields of the same meaning)."""
+
+    hidden_size: int = 4096  # width of the residual stream
+    num_layers: int = 32  # decoder layers N
+    num_heads: int = 32  # attention heads
+    num_kv_heads: int = 32  # key/value heads (grouped-query attention when fewer)
+    intermediate_size: int = 11008  # MLP width
+    vocab_size: int = 32064  # embedding rows (OpenVLA pads Llama-2's 32000 to 32064)
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary base
+    max_position_embeddings: int = 2048  # longest sequence
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+        _check(self.hidden_size % self.num_heads == 0, "LLMConfig", "num_heads", "a divisor of hidden_size", self.num_heads)
+        _check(
+            self.num_heads % self.num_kv_heads == 0, "LLMConfig", "num_kv_heads", "a divisor of num_heads", self.num_kv_heads
+        )
+
+
+@dataclass(frozen=True)
+class VLAConfig:
+    """The main model: vision backbones -> projector -> Llama, with the RFSQ head's token shape."""
+
+    vision: tuple[ViTConfig, ...]  # backbones whose patch features are concatenated per patch
+    llm: LLMConfig  # the language model
+    tokenizer: TokenizerConfig  # action token shape the RFSQ head predicts
+    num_images: int = 1  # cameras per observation
+    proprio_dim: int = 0  # proprioceptive input size (0: no proprio token)
+    text_tokenizer: str = "byte"  # "byte" (built in, offline) or a local path to a Llama tokenizer
+    prompt_template: str = "In: What action should the robot take to {instruction}?\nOut:"  # OpenVLA prompt
+    resize_images: bool = False  # resize images of another size to the backbone size (else an error)
+    exit_layer: int | None = None  # default early-exit layer k (None: num_layers // 2)
+
+    def __post_init__(self) -> None:
+        _check(len(self.vision) >= 1, "VLAConfig", "vision", "at least one ViTConfig", self.vision)
+        sizes = {v.img_size for v in self.vision}
+        _check(len(sizes) == 1, "VLAConfig", "vision", "backbones of one image size", sorted(sizes))
+        _positive(self, "num_images")
+        _check(self.proprio_dim >= 0, "VLAConfig", "proprio_dim", "an int >= 0", self.proprio_dim)
+        _check("{instruction}" in self.prompt_template, "VLAConfig", "prompt_template", "a '{instruction}' field", self.prompt_template)
+        if self.exit_layer is not None:
+            _check(
+                0 <= self.exit_layer <= self.llm.num_layers,
+                "VLAConfig",
+                "exit_layer",
+                f"an int in 0..{self.llm.num_layers}",
+                self.exit_layer,
+            )
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the backbones take."""
+        return self.vision[0].img_size
+
+    @property
+    def default_exit_layer(self) -> int:
+        """The exit layer k used when none is given: the configured one, else N/2."""
+        return self.exit_layer if self.exit_layer is not None else self.llm.num_layers // 2
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """The draft head: exit-layer hidden -> coarse RFSQ logits (DESIGN.md §1 step 3)."""
+
+    hidden_size: int  # width of the main model's hidden state it reads
+    exit_layer: int  # the main model's layer k whose output it reads
+    tokenizer: TokenizerConfig  # token shape (C coarse layers of H*d tokens with V levels)
+    width: int = 512  # projection width
+    num_heads: int = 8  # attention heads of the decoder layer
+    ffn_size: int = 2048  # feed-forward width of the decoder layer
+    dropout: float = 0.0  # dropout inside the decoder layer while training
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "width", "num_heads", "ffn_size")
+        _check(self.exit_layer >= 0, "DraftConfig", "exit_layer", "an int >= 0", self.exit_layer)
+        _check(self.width % self.num_heads == 0, "DraftConfig", "num_heads", "a divisor of width", self.num_heads)
+        _check(0.0 <= self.dropout < 1.0, "DraftConfig", "dropout", "a float in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the training steps."""
+
+    epochs: int = 20  # passes over the training split
+    batch_size: int = 64  # examples per step
+    lr: float = 1e-3  # AdamW peak learning rate (cosine schedule)
+    weight_decay: float = 0.01  # AdamW weight decay
+    val_fraction: float = 0.1  # share of episodes held out for validation
+    seed: int = 0  # seeds the split, the initialisation and the shuffling
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size")
+        _check(self.lr > 0, "TrainConfig", "lr", "a positive float", self.lr)
+        _check(0.0 < self.val_fraction < 1.0, "TrainConfig", "val_fraction", "a float in (0, 1)", self.val_fraction)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of configs that fit together: tokenizer, main model, draft and training defaults."""
+
+    name: str  # preset name
+    model: VLAConfig  # the main model (its tokenizer field is the tokenizer config)
+    draft_width: int  # DraftConfig.width for this preset
+    draft_heads: int  # DraftConfig.num_heads
+    draft_ffn: int  # DraftConfig.ffn_size
+    tokenizer_train: TrainConfig  # defaults of train-tokenizer
+    policy_train: TrainConfig  # defaults of train-policy
+    draft_train: TrainConfig  # defaults of train-draft
+
+    @property
+    def tokenizer(self) -> TokenizerConfig:
+        """The tokenizer config of this preset."""
+        return self.model.tokenizer
+
+    def draft(self, exit_layer: int | None = None) -> DraftConfig:
+        """The draft config reading this preset's model at `exit_layer` (default N/2)."""
+        k = self.model.default_exit_layer if exit_layer is None else exit_layer
+        return DraftConfig(
+            hidden_size=self.model.llm.hidden_size,
+            exit_layer=k,
+            tokenizer=self.tokenizer,
+            width=self.draft_width,
+            num_heads=self.draft_heads,
+            ffn_size=self.draft_ffn,
+        )
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _tiny() -> Preset:
+    tokenizer = TokenizerConfig()
+    model = VLAConfig(
+        vision=(
+            ViTConfig(
+                timm_name="vit_tiny_patch16_224",
+                img_size=64,
+                patch_size=8,
+                embed_dim=96,
+                depth=2,
+                num_heads=3,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                feature_layer=-1,
+            ),
+        ),
+        llm=LLMConfig(
+            hidden_size=128,
+            num_layers=6,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=344,
+            vocab_size=260,
+            max_position_embeddings=512,
+        ),
+        tokenizer=tokenizer,
+        proprio_dim=8,
+    )
+    return Preset(
+        name="tiny",
+        model=model,
+        draft_width=128,
+        draft_heads=4,
+        draft_ffn=256,
+        tokenizer_train=TrainConfig(epochs=30, batch_size=256, lr=3e-3),
+        policy_train=TrainConfig(epochs=15, batch_size=32, lr=1e-3),
+        draft_train=TrainConfig(epochs=40, batch_size=128, lr=1e-3),
+    )
+
+
+def _openvla_7b() -> Preset:
+    tokenizer = TokenizerConfig()
+    model = VLAConfig(
+        vision=(
+            ViTConfig(timm_name="vit_so400m_patch14_siglip_224", img_size=224),
+            ViTConfig(timm_name="vit_large_patch14_reg4_dinov2", img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ),
+        llm=LLMConfig(),
+        tokenizer=tokenizer,
+        text_tokenizer="",
+        resize_images=True,
+    )
+    return Preset(
+        name="openvla-7b",
+        model=model,
+        draft_width=512,
+        draft_heads=8,
+        draft_ffn=2048,
+        tokenizer_train=TrainConfig(epochs=50, batch_size=256, lr=1e-3),
+        policy_train=TrainConfig(epochs=10, batch_size=16, lr=1e-4),
+        draft_train=TrainConfig(epochs=50, batch_size=32, lr=1e-4),
+    )
+
+
+PRESETS = {"tiny": _tiny, "openvla-7b": _openvla_7b}
+
+
+def get_preset(name: str) -> Preset:
+    """Return the preset called `name`; a typo gets a "did you mean" suggestion."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}.{hint}")
+    return PRESETS[name]()
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Turn a config dataclass (nested ones too) into JSON-ready plain data."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild config class `cls` from `to_dict` output; unknown or missing keys are a ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+        hints_text = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in close.items())
+        raise ConfigError(f"{cls.__name__}: unknown keys {hints_text}; allowed: {sorted(names)}.")
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(data))
+    if missing:
+        raise ConfigError(f"{cls.__name__}: missing keys {missing}.")
+    kwargs = {name: _convert(hints[name], value, f"{cls.__name__}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where) for v in value)
+        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
+    return value
+
+
+def save_json(config: Any, path: str | Path) -> None:
+    """Write a config dataclass as indented JSON."""
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    """Read a config dataclass written by `save_json`."""
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+__all__ = [
+    "DraftConfig",
+    "LLMConfig",
+    "PRESETS",
+    "Preset",
+    "TokenizerConfig",
+    "TrainConfig",
+    "ViTConfig",
+    "VLAConfig",
+    "from_dict",
+    "get_preset",
+    "load_json",
+    "save_json",
+    "to_dict",
+]
