@@ -7,12 +7,16 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
-from rsd.config import get_preset, to_dict
+from rsd.config import TrainConfig, get_preset, to_dict
 from rsd.errors import RsdError
 
 
@@ -40,3 +44,182 @@ def presets(name: str) -> None:
     """Print the configs of preset NAME (tiny, openvla-7b) as JSON."""
     preset = get_preset(name)
     click.echo(json.dumps({"name": preset.name, "model": to_dict(preset.model), "draft": to_dict(preset.draft())}, indent=2))
+
+
+def _train_config(preset: str, stage: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> TrainConfig:
+    """The preset's training defaults for `stage`, with the options the user gave replacing them."""
+    base = getattr(get_preset(preset), f"{stage}_train")
+    changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items() if v is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The optimisation options shared by the training commands (defaults from the preset)."""
+    for option in reversed(
+        [
+            click.option("--preset", default="tiny", show_default=True, help="Preset whose configs and defaults are used."),
+            click.option("--epochs", type=int, default=None, help="Epochs (default: the preset's)."),
+            click.option("--batch-size", type=int, default=None, help="Batch size (default: the preset's)."),
+            click.option("--lr", type=float, default=None, help="Peak learning rate (default: the preset's)."),
+            click.option("--seed", type=int, default=None, help="Seed of the split, initialisation and shuffling."),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+@main.command("train-policy")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@click.option("--tokenizer", required=True, type=click.Path(exists=True, file_okay=False), help="Trained tokenizer folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Policy folder to write.")
+@click.option("--freeze-backbone", is_flag=True, help="Train only the RFSQ head on a frozen backbone.")
+@_train_options
+def train_policy_command(data: str, tokenizer: str, out: str, freeze_backbone: bool, preset: str, epochs: int | None,
+                         batch_size: int | None, lr: float | None, seed: int | None) -> None:
+    """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens."""
+    from rsd.training.policy import train_policy
+
+    summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone)
+    click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
+
+
+@main.command("collect-features")
+@click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (the frozen main model).")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@click.option("--exit-layer", required=True, type=int, help="Layer k whose query hidden state the draft reads.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder (resumed if it exists).")
+@click.option("--shard-size", default=2048, show_default=True, help="Frames per shard.")
+@click.option("--batch-size", default=64, show_default=True, help="Frames per forward pass.")
+def collect_features_command(policy: str, data: str, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
+    """Store exit-layer hidden states, main logits and tokens for every frame (sharded, resumable)."""
+    from rsd.training.features import collect_features
+
+    click.echo(json.dumps(collect_features(policy, data, exit_layer, out, shard_size, batch_size)))
+
+
+@main.command("train-draft")
+@click.option("--features", required=True, type=click.Path(exists=True, file_okay=False), help="Features folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Draft folder to write.")
+@click.option("--targets", type=click.Choice(["main", "ground_truth"]), default="main", show_default=True,
+              help="Distil the main model's tokens, or fit the ground-truth tokens.")
+@click.option("--kl-weight", default=0.8, show_default=True, help="Weight of KL(main || draft).")
+@click.option("--accept-weight", default=0.3, show_default=True, help="Weight of the acceptance (total-variation) loss.")
+@_train_options
+def train_draft_command(features: str, out: str, targets: str, kl_weight: float, accept_weight: float, preset: str,
+                        epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
+    """Train the draft's input projection and head on collected features."""
+    from rsd.training.draft import train_draft
+
+    summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, seed), targets, kl_weight, accept_weight)
+    click.echo(json.dumps({"best": summary["best"], "parameters": summary["parameters"]}))
+
+
+@main.command()
+@click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Trained draft folder.")
+@click.option("--features", required=True, type=click.Path(exists=True, file_okay=False), help="Features folder the draft was trained on.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="calibration.json to write (default: DRAFT/calibration.json).")
+@click.option("--eps", default=0.05, show_default=True, help="Chunk error (max-abs, normalised units) that counts as a failure.")
+@click.option("--target-risk", default=0.02, show_default=True, help="Highest acceptable share of failing accepted chunks.")
+@click.option("--statistic", type=click.Choice(["auto", "mean", "min"]), default="auto", show_default=True, help="Gate statistic.")
+def calibrate(draft: str, features: str, out: str | None, eps: float, target_risk: float, statistic: str) -> None:
+    """Measure coverage/risk over tau on held-out episodes and pick tau for a target risk."""
+    from rsd.training.calibrate import calibrate as run_calibration
+
+    report = run_calibration(draft, features, out or str(Path(draft) / "calibration.json"), eps, target_risk, statistic)
+    click.echo(json.dumps({k: report[k] for k in ("tau", "gate_statistic", "test")}))
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    """Parse "8,16,24" into [8, 16, 24]."""
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"expected comma-separated integers such as 8,16,24, got {text!r}") from error
+
+
+@main.command("bench-latency")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None, help="Exported bundle (with --main).")
+@click.option("--main", "main_dir", type=click.Path(exists=True, file_okay=False), default=None, help="Policy folder the bundle was made for.")
+@click.option("--preset", default=None, help="Preset to build with random weights (with --random-weights), e.g. openvla-7b.")
+@click.option("--random-weights", is_flag=True, help="Random weights in the preset's shapes: latency only.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on cpu, fp16 on cuda).")
+@click.option("--iters", default=50, show_default=True, help="Timed iterations per stage.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed warm-up iterations per stage (excluded).")
+@click.option("--exit-layers", default=None, help="Comma-separated exit layers, e.g. 8,16,24 (default: N/4, N/2, 3N/4 or the bundle's).")
+@click.option("--acceptance", type=float, default=None, help="Acceptance rate for the speed-up when no observations are replayed.")
+@click.option("--observations", type=click.Path(exists=True, dir_okay=False), default=None, help="Demo file whose frames are replayed.")
+@click.option("--tau", type=float, default=None, help="Gate threshold for the replay (default: the bundle's).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write the latency-vs-acceptance plot (PNG).")
+def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str | None, random_weights: bool, device: str | None,
+                          dtype: str | None, iters: int, warmup: int, exit_layers: str | None, acceptance: float | None,
+                          observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None) -> None:
+    """Time draft vs main stages and the speculative policy vs the baseline."""
+    from rsd.bench.latency import json_line, run_bench_latency
+
+    report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, _int_list(exit_layers),
+                               acceptance, observations, tau=tau, json_path=json_path, plot_path=plot_path)
+    click.echo(report["markdown"])
+    click.echo(json_line(report))
+
+
+@main.command("eval")
+@click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (main model).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None, help="Bundle: also run SpeculativePolicy.")
+@click.option("--env", "env_name", default="tabletop", show_default=True, help="Environment, e.g. tabletop or robosuite:Lift.")
+@click.option("--episodes", default=50, show_default=True, help="Episodes per policy (seeds seed .. seed+episodes-1).")
+@click.option("--seed", default=10_000, show_default=True, help="First seed.")
+@click.option("--device", default=None, help="cpu or cuda.")
+@click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
+@click.option("--tau", type=float, default=None, help="Gate threshold (default: the bundle's).")
+@click.option("--video", type=click.Path(file_okay=False), default=None, help="Folder for one GIF per episode.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write both reports as JSON.")
+def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, device: str | None, engine: str,
+                 tau: float | None, video: str | None, json_path: str | None) -> None:
+    """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
+    from rsd.envs.evaluate import evaluate
+    from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy, load_main
+
+    main_model = load_main(policy, device, None)
+    seeds = list(range(seed, seed + episodes))
+    reports = {"baseline": evaluate(MainOnlyPolicy(main_model), env_name, seeds, video_dir=video and str(Path(video) / "baseline"))}
+    if bundle:
+        speculative = SpeculativePolicy.from_bundle(bundle, main=main_model, engine=engine, tau=tau)
+        reports["speculative"] = evaluate(speculative, env_name, seeds, video_dir=video and str(Path(video) / "speculative"))
+    for name, report in reports.items():
+        click.echo(f"## {name}\n\n{report.to_markdown()}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
+@click.option("--quick", is_flag=True, help="A smaller run (about 3 minutes) that exercises every step.")
+def demo(out: str, quick: bool) -> None:
+    """Run the whole pipeline on the CPU with built-in data and write OUT/report.md."""
+    from rsd.demo import run_demo
+
+    run_demo(out, quick)
+
+
+def run_standalone(command: click.Command) -> None:
+    """Run one command of the group as its own console script, with the group's logging and error handling."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        command.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        raise SystemExit(1) from None
+    except click.ClickException as error:
+        error.show()
+        raise SystemExit(error.exit_code) from error
+    except RsdError as error:
+        click.echo(f"Error: {type(error).__name__}: {error}", err=True)
+        raise SystemExit(1) from error
+
+
+def bench_latency_main() -> None:
+    """Console entry point `bench-latency`: the same command as `rsd bench-latency`."""
+    run_standalone(bench_latency_command)

@@ -17,3 +17,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is false on this machine"))
         if "tensorrt" in item.keywords and not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs CUDA and torch-tensorrt (pip install .[gpu]); not present here"))
+
+
+def make_tiny_main(seed: int = 0):
+    """A tiny MainModel with seeded random weights (real components; for runtime logic, not for accuracy)."""
+    import numpy as np
+
+    from rsd.config import get_preset
+    from rsd.data.stats import ActionStats, DatasetStatistics
+    from rsd.models.heads import RFSQHead
+    from rsd.models.policy import MainModel
+    from rsd.models.vla import PrismaticVLA
+    from rsd.tokenizer import ActionTokenizer
+
+    torch.manual_seed(seed)
+    spec = get_preset("tiny")
+    rng = np.random.default_rng(seed)
+    actions = rng.uniform(-1.0, 1.0, size=(256, spec.tokenizer.action_dim))
+    proprio = rng.uniform(-0.5, 0.5, size=(256, spec.model.proprio_dim))
+    stats = DatasetStatistics(action=ActionStats.from_actions(actions), proprio=ActionStats.from_actions(proprio))
+    tokenizer = ActionTokenizer(spec.tokenizer, stats.action)
+    main = MainModel(PrismaticVLA(spec.model), RFSQHead(spec.model.llm.hidden_size, spec.tokenizer), tokenizer, stats, "test")
+    return main.eval()
+
+
+def make_observation(seed: int = 0, instruction: str = "pick up the red block and place it on the plate") -> dict:
+    """A valid tiny-preset observation with a random image and proprio."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8),
+        "instruction": instruction,
+        "proprio": rng.uniform(-0.5, 0.5, size=8).astype(np.float32),
+    }
+
+
+@pytest.fixture()
+def tiny_main():
+    """A fresh tiny MainModel with seeded random weights."""
+    return make_tiny_main()

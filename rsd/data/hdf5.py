@@ -1,0 +1,176 @@
+"""Demonstration files in the robomimic/LIBERO HDF5 layout, so LIBERO's own datasets load unchanged.
+
+Layout (LIBERO's `scripts/create_dataset.py`): group `data` with attrs `env_name`, `env_args` (JSON with
+`env_name`, `env_kwargs`), `problem_info` (JSON with `language_instruction`), `bddl_file_name`, `num_demos`,
+`total`; one group `data/demo_<i>` per episode with attr `num_samples`, datasets `actions [T, A]`, `dones [T]`
+(last = 1), `rewards [T]`, `obs/<camera>_rgb [T, H, W, 3]` uint8 and proprio `obs/ee_pos [T, 3]`,
+`obs/ee_ori [T, 3]`, `obs/gripper_states [T, 2]` (`obs/joint_states` when present).
+
+LIBERO stores one instruction per file (its files hold one task); tabletop files mix tasks, so each demo group
+also carries an attr `language_instruction`, which the reader prefers. Files written by robosuite/LIBERO say
+`macros_image_convention = "opengl"` (frames upside down): the reader rotates those frames by 180°, as the
+simulator adapters (`rsd.envs.sim_common`) and OpenVLA's LIBERO datasets do, so training matches evaluation.
+
+Usage:
+    write_demos("runs/demo/demos.hdf5", episodes, env_name="tabletop")
+    episodes = read_demos("runs/demo/demos.hdf5")             # list[Episode], ordered by demo index
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from rsd.data.dataset import Episode
+from rsd.errors import DataError
+
+PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # LIBERO's proprio, 3 + 3 + 2 = 8 dims
+PROPRIO_SPLIT = {"ee_pos": slice(0, 3), "ee_ori": slice(3, 6), "gripper_states": slice(6, 8)}
+DEMO_NAME = re.compile(r"demo_(\d+)")
+
+
+def write_demos(
+    path: str | Path,
+    episodes: Sequence[Episode],
+    env_name: str,
+    env_kwargs: dict[str, Any] | None = None,
+    compression: str | None = None,
+) -> None:
+    """Write `episodes` as `data/demo_<episode_id>`; proprio `[T, 8]` is split into LIBERO's three keys."""
+    if not episodes:
+        raise DataError(f"{path}: expected at least one episode to write, got none.")
+    ids = [e.episode_id for e in episodes]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: expected unique episode ids (they name the demo groups), got {ids}.")
+    instructions = sorted({e.instruction for e in episodes})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as file:
+        data = file.create_group("data")
+        data.attrs["env_name"] = env_name
+        data.attrs["env_args"] = json.dumps({"type": 1, "env_name": env_name, "env_kwargs": env_kwargs or {}})
+        data.attrs["problem_info"] = json.dumps({
+            "problem_name": env_name,
+            "domain_name": env_name.split(":")[0],
+            "language_instruction": instructions[0] if len(instructions) == 1 else "",  # mixed: see the demo attrs
+        })
+        data.attrs["bddl_file_name"] = ""  # no BDDL task file outside LIBERO
+        data.attrs["macros_image_convention"] = "opencv"  # frames stored upright
+        data.attrs["num_demos"] = len(episodes)
+        data.attrs["total"] = sum(len(e) for e in episodes)
+        for episode in episodes:
+            steps = len(episode)
+            demo = data.create_group(f"demo_{episode.episode_id}")
+            demo.attrs["num_samples"] = steps
+            demo.attrs["language_instruction"] = episode.instruction
+            demo.create_dataset("actions", data=episode.actions.astype(np.float64), compression=compression)
+            dones = np.zeros(steps, dtype=np.uint8)
+            dones[-1] = 1
+            demo.create_dataset("dones", data=dones)
+            demo.create_dataset("rewards", data=dones.copy())
+            obs = demo.create_group("obs")
+            for camera, frames in episode.images.items():
+                obs.create_dataset(f"{camera}_rgb", data=frames, compression=compression, chunks=(1, *frames.shape[1:]))
+            if episode.proprio is not None:
+                if episode.proprio.shape[1] != 8:
+                    raise DataError(
+                        f"{path}: episode {episode.episode_id}: expected proprio [T, 8] (ee_pos 3 + ee_ori 3 + gripper_states 2), "
+                        f"got {episode.proprio.shape}."
+                    )
+                for key, part in PROPRIO_SPLIT.items():
+                    obs.create_dataset(key, data=episode.proprio[:, part].astype(np.float64))
+
+
+def _text(value: Any) -> str:
+    """An HDF5 string attribute as `str` (h5py returns `bytes` for fixed-length strings)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _demo_names(path: Path, data: h5py.Group) -> list[str]:
+    """The `demo_<i>` group names in numeric order (demo_10 after demo_9)."""
+    names = [name for name in data if DEMO_NAME.fullmatch(name)]
+    if not names:
+        raise DataError(f"{path}: expected groups 'data/demo_<i>', got keys {sorted(data)}.")
+    return sorted(names, key=lambda name: int(DEMO_NAME.fullmatch(name).group(1)))
+
+
+def _instruction(path: Path, data: h5py.Group, demo: h5py.Group) -> str:
+    """The demo's `language_instruction` attr, else the file's `problem_info["language_instruction"]`."""
+    if demo.attrs.get("language_instruction"):
+        return _text(demo.attrs["language_instruction"])
+    if "problem_info" in data.attrs:
+        instruction = json.loads(_text(data.attrs["problem_info"])).get("language_instruction", "")
+        if instruction:
+            return instruction
+    raise DataError(
+        f"{path}: {demo.name}: expected an attr 'language_instruction' or data.attrs['problem_info'] JSON with "
+        "'language_instruction', got neither."
+    )
+
+
+def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str] | None, proprio_keys: Sequence[str] | None, rotate: bool) -> Episode:
+    """One `data/demo_<i>` group as an Episode, checking every shape against the actions' length T."""
+    demo = data[name]
+    key = f"data/{name}"
+    if "actions" not in demo:
+        raise DataError(f"{path}: expected dataset '{key}/actions' [T, A], got keys {sorted(demo)}.")
+    actions = demo["actions"][()]
+    if actions.ndim != 2 or actions.shape[0] == 0:
+        raise DataError(f"{path}: expected '{key}/actions' of shape [T, A] with T > 0, got {actions.shape}.")
+    steps = actions.shape[0]
+    if "obs" not in demo:
+        raise DataError(f"{path}: expected group '{key}/obs', got keys {sorted(demo)}.")
+    obs = demo["obs"]
+    available = sorted(k[: -len("_rgb")] for k in obs if k.endswith("_rgb"))
+    wanted = list(cameras) if cameras is not None else available
+    if not wanted:
+        raise DataError(f"{path}: expected at least one camera '{key}/obs/<camera>_rgb' [T, H, W, 3], got keys {sorted(obs)}.")
+    images = {}
+    for camera in wanted:
+        if camera not in available:
+            raise DataError(f"{path}: expected camera dataset '{key}/obs/{camera}_rgb', got cameras {available}.")
+        frames = obs[f"{camera}_rgb"][()]
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != steps or frames.shape[3] != 3:
+            raise DataError(f"{path}: expected '{key}/obs/{camera}_rgb' uint8 [{steps}, H, W, 3], got {frames.dtype} {frames.shape}.")
+        images[camera] = np.ascontiguousarray(frames[:, ::-1, ::-1]) if rotate else frames
+    keys = list(proprio_keys) if proprio_keys is not None else list(PROPRIO_KEYS)
+    proprio = None
+    if keys and (proprio_keys is not None or all(k in obs for k in keys)):
+        parts = []
+        for k in keys:
+            if k not in obs:
+                raise DataError(f"{path}: expected proprio dataset '{key}/obs/{k}' [{steps}, D], got keys {sorted(obs)}.")
+            part = obs[k][()].reshape(obs[k].shape[0], -1)
+            if part.shape[0] != steps:
+                raise DataError(f"{path}: expected '{key}/obs/{k}' of shape [{steps}, D], got {obs[k].shape}.")
+            parts.append(part)
+        proprio = np.concatenate(parts, axis=1).astype(np.float32)
+    episode_id = int(DEMO_NAME.fullmatch(name).group(1))
+    return Episode(episode_id, _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
+
+
+def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None) -> list[Episode]:
+    """Read every `data/demo_<i>` of a robomimic/LIBERO file as Episodes, in numeric demo order.
+
+    `cameras`: camera names to load (`agentview` for `obs/agentview_rgb`; default all). `proprio_keys`: obs
+    datasets concatenated into proprio (default ee_pos + ee_ori + gripper_states when all exist, else None;
+    `[]` for none).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: expected an HDF5 demonstration file, got no such file.")
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise DataError(f"{path}: expected an HDF5 file, got one h5py cannot open ({error}).") from error
+    with file:
+        if "data" not in file:
+            raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
+        data = file["data"]
+        rotate = _text(data.attrs.get("macros_image_convention", "")) == "opengl"
+        return [_read_episode(path, data, name, cameras, proprio_keys, rotate) for name in _demo_names(path, data)]

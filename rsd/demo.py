@@ -1,0 +1,181 @@
+"""rsd demo: the whole pipeline on the CPU with built-in data, ending in `report.md`.
+
+generate demonstrations (tabletop world) → train the RFSQ tokenizer → train the tiny policy → collect
+exit-layer features → train the draft → calibrate tau → export ONNX + TorchScript engines → bench-latency
+→ closed-loop evaluation of SpeculativePolicy against MainOnlyPolicy on the same seeds → report.
+
+Usage:
+    rsd demo                      # about 15 minutes on 2 cores
+    rsd demo --quick --out runs/quick    # about 3 minutes, smaller everything (used by the tests)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rsd.config import get_preset, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of every demo step."""
+
+    episodes: int = 200  # demonstrations generated
+    tokenizer_epochs: int = 30  # tokenizer training epochs
+    policy_epochs: int = 12  # policy training epochs
+    draft_epochs: int = 40  # draft training epochs
+    extra_exit_layers: tuple[int, ...] = (2, 4)  # other exit layers whose drafts are reported
+    eval_episodes: int = 50  # closed-loop episodes per policy
+    bench_iters: int = 50  # timed iterations per stage
+    bench_warmup: int = 10  # untimed warm-up iterations per stage
+    seed: int = 0  # seeds everything
+
+
+QUICK = DemoConfig(episodes=40, tokenizer_epochs=8, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), eval_episodes=4,
+                   bench_iters=10, bench_warmup=3)
+
+
+def _step(name: str, timings: dict[str, float]) -> Any:
+    """Print and time one pipeline step (a context manager)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def timed() -> Any:
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+        print(f"=== {name}: {timings[name]:.1f} s ===", flush=True)
+
+    return timed()
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "tiny") -> dict[str, Any]:
+    """Run every step into `out` and write `out/report.md` and `out/report.json`; return the report."""
+    from rsd.bench.latency import run_bench_latency
+    from rsd.data.demos import generate_demos
+    from rsd.data.hdf5 import read_demos
+    from rsd.envs.evaluate import evaluate
+    from rsd.export import export_draft
+    from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy, load_main
+    from rsd.training.calibrate import calibrate
+    from rsd.training.draft import train_draft
+    from rsd.training.features import collect_features
+    from rsd.training.policy import train_policy
+    from rsd.training.tokenizer import train_tokenizer
+
+    config = QUICK if quick else DemoConfig()
+    spec = get_preset(preset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    report: dict[str, Any] = {"config": to_dict(config), "preset": preset, "quick": quick}
+    data = out / "demos.hdf5"
+    k = spec.model.default_exit_layer
+
+    with _step("generate demonstrations", timings):
+        report["demos"] = generate_demos("tabletop", episodes=config.episodes, out=data, seed=config.seed)
+    with _step("train tokenizer", timings):
+        episodes = read_demos(data)
+        tok_train = dataclasses.replace(spec.tokenizer_train, epochs=config.tokenizer_epochs, seed=config.seed)
+        report["tokenizer"] = train_tokenizer([e.actions for e in episodes], spec.tokenizer, tok_train, out / "tokenizer",
+                                              episode_ids=[e.episode_id for e in episodes])
+    with _step("train policy", timings):
+        pol_train = dataclasses.replace(spec.policy_train, epochs=config.policy_epochs, seed=config.seed)
+        report["policy"] = train_policy(data, out / "tokenizer", out / "policy", preset, pol_train)
+    drafts: dict[int, dict[str, Any]] = {}
+    for layer in (k, *config.extra_exit_layers):
+        with _step(f"features, draft and calibration at exit layer {layer}", timings):
+            features = out / f"features_k{layer}"
+            collect_features(out / "policy", data, layer, features)
+            draft_train = dataclasses.replace(spec.draft_train, epochs=config.draft_epochs, seed=config.seed)
+            trained = train_draft(features, out / f"draft_k{layer}", preset, draft_train)
+            calibration = calibrate(out / f"draft_k{layer}", features, out / f"draft_k{layer}" / "calibration.json")
+            drafts[layer] = {"draft": trained["best"], "parameters": trained["parameters"], "calibration": _calibration_summary(calibration)}
+    report["drafts"] = drafts
+    with _step("export bundle (onnx, torchscript)", timings):
+        report["export"] = export_draft(out / f"draft_k{k}", out / "tokenizer", out / "bundle", formats=("onnx", "torchscript"),
+                                        calibration=out / f"draft_k{k}" / "calibration.json", features=out / f"features_k{k}")
+    with _step("bench-latency", timings):
+        bench = run_bench_latency(bundle=out / "bundle", main=out / "policy", device="cpu", iters=config.bench_iters,
+                                  warmup=config.bench_warmup, observations=data, replay=32, json_path=out / "bench.json",
+                                  plot_path=out / "bench.png", markdown_path=out / "bench.md")
+        report["bench"] = {k2: bench[k2] for k2 in ("baseline_p50", "acceptance", "speedup", "replay")}
+        report["bench_markdown"] = bench["markdown"]
+    with _step("closed-loop evaluation", timings):
+        main = load_main(out / "policy", "cpu", None)
+        seeds = list(range(10_000 + config.seed, 10_000 + config.seed + config.eval_episodes))
+        baseline = evaluate(MainOnlyPolicy(main), "tabletop", seeds)
+        speculative = evaluate(SpeculativePolicy.from_bundle(out / "bundle", main=main), "tabletop", seeds)
+        report["eval"] = {"baseline": baseline.to_json(), "speculative": speculative.to_json()}
+        report["eval_markdown"] = {"baseline": baseline.to_markdown(), "speculative": speculative.to_markdown()}
+    report["timings_s"] = timings
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
+    (out / "report.md").write_text(format_demo_report(report))
+    print(f"\nreport: {out / 'report.md'}")
+    return report
+
+
+def _calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a calibration worth reporting."""
+    return {
+        "tau": calibration["tau"],
+        "gate_statistic": calibration["gate_statistic"],
+        "calibration_coverage": calibration["calibration"]["coverage"],
+        "test_coverage": calibration["test"]["coverage"],
+        "test_risk": calibration["test"]["risk"],
+        "test_agreement": calibration["test"]["agreement"],
+        "token_agreement_all": calibration["token_agreement_all"],
+    }
+
+
+def format_demo_report(report: dict[str, Any]) -> str:
+    """The demo's markdown report: times, tokenizer error, draft agreement, acceptance, speed-up, success."""
+    lines = ["# rsd demo report", "", f"Preset `{report['preset']}`{' (quick)' if report['quick'] else ''}.", "", "## Time per step", "",
+             "| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in report["timings_s"].items()]
+    lines.append(f"| total | {sum(report['timings_s'].values()):.1f} |")
+    tok = report["tokenizer"]
+    lines += ["", "## Tokenizer: validation MSE (normalised) by layers used", "", "| layers c | val MSE |", "|---|---|"]
+    lines += [f"| {c} | {mse:.2e} |" for c, mse in _mse_by_layers(tok)]
+    pol = report["policy"]["best"]
+    lines += ["", "## Policy (validation episodes)", "", f"- decoded-action L1 (normalised): {pol['val_action_l1']:.4f}",
+              "- token accuracy per layer: " + ", ".join(f"{a:.3f}" for a in pol["val_layer_accuracy"]),
+              f"- training time: {report['policy']['seconds']:.1f} s"]
+    lines += ["", "## Drafts by exit layer", "",
+              "| exit layer | params | val token agreement | val chunk agreement | tau | statistic | test acceptance | test risk |",
+              "|---|---|---|---|---|---|---|---|"]
+    for layer, entry in report["drafts"].items():
+        d, c = entry["draft"], entry["calibration"]
+        lines.append(f"| {layer} | {entry['parameters']:,} | {d['val_agreement']:.3f} | {d['val_chunk_agreement']:.3f} | {c['tau']:.4f} | "
+                     f"{c['gate_statistic']} | {c['test_coverage']:.3f} | {c['test_risk']:.3f} |")
+    lines += ["", "## Latency (CPU)", "", report["bench_markdown"]]
+    ev = report["eval"]
+    lines += ["", "## Closed-loop evaluation (same seeds)", "", "| policy | success | mean length | acceptance |", "|---|---|---|---|"]
+    for name in ("baseline", "speculative"):
+        e = ev[name]
+        acc = e.get("acceptance_rate")
+        lines.append(f"| {name} | {e['success_rate']:.3f} | {e['mean_length']:.1f} | {'-' if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f'{acc:.3f}'} |")
+    for name, md in report["eval_markdown"].items():
+        lines += ["", f"### {name}", "", md]
+    return "\n".join(lines) + "\n"
+
+
+def _mse_by_layers(tokenizer_report: dict[str, Any]) -> list[tuple[int, float]]:
+    """(c, val MSE) pairs from the tokenizer's report."""
+    values = tokenizer_report["val_mse_by_layers"]
+    if isinstance(values, dict):
+        return sorted((int(c), float(v)) for c, v in values.items())
+    return [(c + 1, float(v)) for c, v in enumerate(values)]
+
+
+__all__ = ["DemoConfig", "QUICK", "run_demo"]

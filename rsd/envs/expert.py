@@ -1,0 +1,88 @@
+"""The scripted expert that writes the tabletop demonstrations: waypoints plus a saturated proportional law.
+
+The RFSQ tokenizer learns 8-step chunks of these actions, so they are smooth on purpose: the xyz command is
+`clip(gain * error / step, -1, 1)` toward the current waypoint (full speed far away, exponential approach
+near it), horizontal motion fades in with height (lift first, then carry), and the gripper command is exactly
+±1. Waypoints come from the env's state each step (the expert may read it): above the block → descend → close
+→ lift → above the goal → descend → open. A missed grasp or a drop re-enters the script at the right phase.
+
+Usage:
+    env = TabletopEnv(); obs = env.reset(seed=0); expert = ScriptedExpert(env, seed=0)
+    obs, reward, done, info = env.step(expert.act(obs))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from rsd.envs.tabletop import BLOCK_HALF, XY_STEP, Z_STEP, TabletopEnv
+
+HOVER_Z = 0.35  # travel height
+GRASP_Z = 0.04  # height at which the gripper closes or opens
+XY_TOLERANCE = 0.02  # how close above a waypoint before descending
+GAIN = 0.6  # proportional gain (fraction of the error removed per step when not saturated)
+NEXT_TO_GAP = 2.5 * BLOCK_HALF  # centre distance the expert places a block at for "next to"
+
+
+class ScriptedExpert:
+    """Waypoint controller for `TabletopEnv`; `act(obs)` returns a float32 action `[7]`."""
+
+    def __init__(self, env: TabletopEnv, noise: float = 0.02, seed: int = 0) -> None:
+        self.env = env
+        self.noise = noise
+        self.reset(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode; a `seed` reseeds the action noise."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+
+    def goal(self) -> np.ndarray:
+        """Where the target block should be released `[2]`: the plate's centre, or a free side of the anchor."""
+        env = self.env
+        if env.anchor is None:
+            return env.plate.copy()
+        anchor = env.blocks[env.anchor]
+        others = [b for i, b in enumerate(env.blocks) if i not in (env.target, env.anchor)]
+        best, best_clearance = anchor, -np.inf
+        for direction in ((1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)):
+            spot = anchor + NEXT_TO_GAP * np.array(direction)
+            if np.abs(spot).max() > 0.9:
+                continue
+            clearance = min((np.linalg.norm(spot - b) for b in others), default=np.inf)
+            if clearance > best_clearance:
+                best, best_clearance = spot, clearance
+        return best
+
+    def act(self, obs: dict[str, Any] | None = None) -> np.ndarray:
+        """The next action `[7]` float32 (xyz from the waypoint law plus noise, rotation 0, gripper ±1)."""
+        env = self.env
+        position = env.gripper
+        holding = env.held == env.target
+        if env.held is not None and not holding:  # holding the wrong block: let go
+            waypoint, grip = position, -1.0
+        elif not holding:
+            block = env.blocks[env.target]
+            if np.linalg.norm(position[:2] - block) > XY_TOLERANCE or env.opening == 0.0:  # travel (or reopen after a miss)
+                waypoint, grip = np.array([*block, HOVER_Z]), -1.0
+            elif position[2] > GRASP_Z + 0.04 and env.opening == 1.0:  # descend
+                waypoint, grip = np.array([*block, GRASP_Z]), -1.0
+            else:  # close until the fingers meet
+                waypoint, grip = np.array([*block, GRASP_Z]), 1.0
+        else:
+            goal = self.goal()
+            if np.linalg.norm(position[:2] - goal) > XY_TOLERANCE:  # lift and carry
+                waypoint, grip = np.array([*goal, HOVER_Z]), 1.0
+            elif position[2] > GRASP_Z + 0.04:  # lower
+                waypoint, grip = np.array([*goal, GRASP_Z]), 1.0
+            else:  # release
+                waypoint, grip = position, -1.0
+        error = waypoint - position
+        action = np.zeros(7)
+        action[:3] = np.clip(GAIN * error / (XY_STEP, XY_STEP, Z_STEP), -1.0, 1.0)
+        action[:2] *= np.clip((position[2] - GRASP_Z) / (0.5 * (HOVER_Z - GRASP_Z)), 0.2, 1.0)  # lift before moving sideways
+        action[:3] = np.clip(action[:3] + self._rng.normal(0.0, self.noise, size=3), -1.0, 1.0)
+        action[6] = grip
+        return action.astype(np.float32)

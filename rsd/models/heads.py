@@ -1,0 +1,41 @@
+"""The main model's RFSQ head: final hidden state at the action query → logits for all L residual layers.
+
+All L layers are predicted in parallel from the hidden state alone (no layer is conditioned on ground-truth
+tokens of another; REFERENCES.md pitfall 4). Per step of the chunk a projection gives a `width` feature, and one
+shared output layer maps it to `L * d * V` logits.
+
+Usage:
+    head = RFSQHead(hidden_size=4096, tokenizer=TokenizerConfig())
+    logits = head(hidden)                      # hidden [B, D] -> [B, L, H*d, V]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rsd.config import TokenizerConfig
+from rsd.errors import ShapeError
+
+
+class RFSQHead(nn.Module):
+    """Query hidden `[B, D]` → RFSQ logits `[B, L, H*d, V]`."""
+
+    def __init__(self, hidden_size: int, tokenizer: TokenizerConfig, width: int = 256) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.tokenizer = tokenizer
+        self.width = width
+        self.step_projection = nn.Linear(hidden_size, tokenizer.chunk_len * width)
+        self.step_norm = nn.LayerNorm(width)
+        self.activation = nn.GELU()
+        self.output = nn.Linear(width, tokenizer.num_layers * tokenizer.latent_dim * tokenizer.levels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, L, H*d, V]` for final query hidden states `[B, D]`."""
+        tok = self.tokenizer
+        if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
+            raise ShapeError(f"RFSQHead: expected hidden [B, {self.hidden_size}], got {tuple(hidden.shape)}.")
+        steps = self.activation(self.step_norm(self.step_projection(hidden).reshape(-1, tok.chunk_len, self.width)))
+        logits = self.output(steps).reshape(-1, tok.chunk_len, tok.num_layers, tok.latent_dim, tok.levels)
+        return logits.permute(0, 2, 1, 3, 4).reshape(-1, tok.num_layers, tok.tokens_per_layer, tok.levels)

@@ -1,0 +1,407 @@
+"""PrismaticVLA: vision backbone(s) → fused MLP projector → Llama, with a segmented (early-exit) forward.
+
+DESIGN.md §1 and §3. The module layout follows OpenVLA's checkpoint (`vision_backbone.featurizer`,
+`vision_backbone.fused_featurizer`, `projector.fc1/2/3`, `language_model.model.*`, `language_model.lm_head`) so
+real weights map onto it by name; `lm_head` is unused by the action heads but kept so the layout and the
+parameter count are OpenVLA's. rsd adds an `action_query` embedding (the position whose hidden state the
+draft and the RFSQ head read) and, when the config has proprio, OFT's `proprio_projector`.
+
+Sequence per row: `BOS, patches of camera 0 (, camera 1 ...), [proprio token], prompt tokens, action query`.
+Prompts of different lengths are right-padded before the query; padding is masked out as keys and position
+ids count only real tokens, so a batched row equals the same row run alone.
+
+Segmented forward: `embed(inputs)` → `PrefixState` at layer 0; `advance(state, k)` runs layers up to k;
+`resume(state)` runs the remaining layers and the final norm and returns the query hidden `[B, D]`.
+`resume(prefix(x, k)) == forward(x)` for every k in 0..N.
+
+Usage:
+    vla = PrismaticVLA(get_preset("tiny").model)
+    inputs = vla.encode_inputs(images, ["pick up the red block"], proprio)   # images uint8 [B, N, H, W, 3]
+    state = vla.prefix(inputs, exit_layer=3)       # state.query_hidden [B, D] feeds the draft
+    hidden = vla.resume(state)                      # [B, D] feeds the RFSQ head
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from rsd.config import ViTConfig, VLAConfig, from_dict, to_dict
+from rsd.errors import ConfigError, ShapeError
+from rsd.io import load_artifact, load_strict, save_artifact
+from rsd.models.text import TextTokenizer, load_text_tokenizer
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Resolve the device (CUDA when present) and dtype (fp32 on the CPU, fp16 on CUDA) once, logging why."""
+    if device is None:
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        reason = "default: CUDA is available" if resolved.type == "cuda" else "default: no CUDA on this machine"
+    else:
+        resolved = torch.device(device)
+        reason = "as requested"
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: expected a usable device, got {str(device)!r} but torch.cuda.is_available() is false.")
+    if dtype is None:
+        torch_dtype = torch.float16 if resolved.type == "cuda" else torch.float32
+        dtype_reason = "default for " + resolved.type
+    elif isinstance(dtype, torch.dtype):
+        torch_dtype, dtype_reason = dtype, "as requested"
+    else:
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}.")
+        torch_dtype, dtype_reason = DTYPES[dtype], "as requested"
+    if resolved.type == "cpu" and torch_dtype == torch.float16:
+        log.warning("fp16 on the CPU is slow and less exact; fp32 is the CPU default")
+    log.info("device %s (%s), dtype %s (%s)", resolved, reason, str(torch_dtype).removeprefix("torch."), dtype_reason)
+    return resolved, torch_dtype
+
+
+@dataclass
+class VLAInputs:
+    """Model inputs for a batch of observations (what `PrismaticVLA.encode_inputs` builds)."""
+
+    pixel_values: torch.Tensor  # [B, N, 3 * backbones, S, S] float, normalised per backbone (OpenVLA's 6-channel input)
+    input_ids: torch.Tensor  # [B, T] int64 prompt ids, right-padded
+    text_mask: torch.Tensor  # [B, T] bool, true at real prompt tokens
+    proprio: torch.Tensor | None = None  # [B, P] normalised proprio, or None
+
+    @property
+    def batch_size(self) -> int:
+        """B."""
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> VLAInputs:
+        """The same inputs on `device`."""
+        return VLAInputs(
+            pixel_values=self.pixel_values.to(device),
+            input_ids=self.input_ids.to(device),
+            text_mask=self.text_mask.to(device),
+            proprio=None if self.proprio is None else self.proprio.to(device),
+        )
+
+
+@dataclass
+class PrefixState:
+    """Every position's hidden state after `layer` LLM layers, with what the remaining layers need."""
+
+    hidden: torch.Tensor  # [B, S, D] residual stream after `layer` layers
+    attention_mask: torch.Tensor  # [B, 1, S, S] additive mask (causal, padding masked as keys)
+    position_ids: torch.Tensor  # [B, S] positions counting real tokens only
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each [B, S, head_dim]
+    layer: int  # layers already run (0 .. N)
+
+    @property
+    def query_hidden(self) -> torch.Tensor:
+        """Hidden state at the action query position `[B, D]` (the last position)."""
+        return self.hidden[:, -1]
+
+    def select(self, rows: torch.Tensor) -> PrefixState:
+        """The state of batch rows `rows` only (for resuming rejected rows)."""
+        cos, sin = self.position_embeddings
+        return replace(self, hidden=self.hidden[rows], attention_mask=self.attention_mask[rows], position_ids=self.position_ids[rows],
+                       position_embeddings=(cos[rows], sin[rows]))
+
+
+def build_vit(config: ViTConfig) -> nn.Module:
+    """A timm ViT from its config (no pretrained download; weights come from rsd or OpenVLA checkpoints)."""
+    overrides = {k: v for k, v in (("patch_size", config.patch_size), ("embed_dim", config.embed_dim), ("depth", config.depth),
+                                   ("num_heads", config.num_heads)) if v is not None}
+    return timm.create_model(config.timm_name, pretrained=False, num_classes=0, img_size=config.img_size, **overrides)
+
+
+class VisionBackbone(nn.Module):
+    """One or two ViTs whose patch features of one block are concatenated per patch (OpenVLA's fused backbone)."""
+
+    def __init__(self, configs: tuple[ViTConfig, ...]) -> None:
+        super().__init__()
+        if len(configs) > 2:
+            raise ConfigError(f"VLAConfig.vision: expected one or two backbones (OpenVLA fuses two), got {len(configs)}.")
+        self.configs = configs
+        self.featurizer = build_vit(configs[0])
+        self.fused_featurizer = build_vit(configs[1]) if len(configs) == 2 else None
+        self.embed_dim = sum(m.embed_dim for m in self.featurizers())
+        patches = {m.patch_embed.num_patches for m in self.featurizers()}
+        if len(patches) != 1:
+            raise ConfigError(f"VLAConfig.vision: expected backbones with one patch count, got {sorted(patches)}.")
+        self.num_patches = patches.pop()
+
+    def featurizers(self) -> list[nn.Module]:
+        """The ViTs in channel order."""
+        return [self.featurizer] + ([self.fused_featurizer] if self.fused_featurizer is not None else [])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features `[B, P, Dv]` for pixel values `[B, 3 * backbones, S, S]`."""
+        features = []
+        for index, (vit, config) in enumerate(zip(self.featurizers(), self.configs)):
+            block = config.feature_layer % len(vit.blocks)
+            images = pixel_values[:, 3 * index : 3 * index + 3]
+            features.append(vit.forward_intermediates(images, indices=[block], norm=False, output_fmt="NLC",
+                                                      intermediates_only=True, stop_early=True)[0])
+        return torch.cat(features, dim=-1)
+
+
+class FusedProjector(nn.Module):
+    """OpenVLA's fused projector: Linear(Dv, 4 Dv) → GELU → Linear(4 Dv, D) → GELU → Linear(D, D)."""
+
+    def __init__(self, vision_dim: int, llm_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+        self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+        self.fc3 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`[..., Dv]` → `[..., D]`."""
+        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(features)))))
+
+
+class ProprioProjector(nn.Module):
+    """OpenVLA-OFT's proprio projector: Linear(P, D) → GELU → Linear(D, D)."""
+
+    def __init__(self, proprio_dim: int, llm_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(proprio_dim, llm_dim)
+        self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, proprio: torch.Tensor) -> torch.Tensor:
+        """`[B, P]` → `[B, D]`."""
+        return self.fc2(F.gelu(self.fc1(proprio)))
+
+
+def llama_config(config: VLAConfig) -> LlamaConfig:
+    """transformers' LlamaConfig for the LLM part, with SDPA attention."""
+    llm = config.llm
+    llama = LlamaConfig(
+        vocab_size=llm.vocab_size,
+        hidden_size=llm.hidden_size,
+        intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_heads,
+        num_key_value_heads=llm.num_kv_heads,
+        rms_norm_eps=llm.rms_norm_eps,
+        rope_theta=llm.rope_theta,
+        max_position_embeddings=llm.max_position_embeddings,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    return llama
+
+
+class PrismaticVLA(nn.Module):
+    """The main model with an early-exit forward: images + instruction (+ proprio) → query hidden `[B, D]`."""
+
+    def __init__(self, config: VLAConfig, text_tokenizer: TextTokenizer | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_backbone = VisionBackbone(config.vision)
+        self.projector = FusedProjector(self.vision_backbone.embed_dim, config.llm.hidden_size)
+        self.language_model = LlamaForCausalLM(llama_config(config))
+        self.action_query = nn.Parameter(torch.randn(config.llm.hidden_size) * 0.02)
+        self.proprio_projector = ProprioProjector(config.proprio_dim, config.llm.hidden_size) if config.proprio_dim else None
+        self._text_tokenizer = text_tokenizer
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The N Llama decoder layers."""
+        return self.language_model.model.layers
+
+    @property
+    def text_tokenizer(self) -> TextTokenizer:
+        """The prompt tokenizer named by the config (built on first use)."""
+        if self._text_tokenizer is None:
+            self._text_tokenizer = load_text_tokenizer(self.config.text_tokenizer)
+        return self._text_tokenizer
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        parameter = self.projector.fc1.weight
+        return parameter.device, parameter.dtype
+
+    def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 `[B, N, H, W, 3]` (or float `[B, N, 3, S, S]` in [0, 1]) → normalised `[B, N, 3 * backbones, S, S]`."""
+        config = self.config
+        size = config.image_size
+        tensor = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        if tensor.ndim != 5 or tensor.shape[1] != config.num_images:
+            raise ShapeError(f"PrismaticVLA: expected images [B, {config.num_images}, H, W, 3] (uint8) or [B, {config.num_images}, 3, S, S] "
+                             f"(float), got {tuple(tensor.shape)}.")
+        if tensor.dtype == torch.uint8:
+            if tensor.shape[-1] != 3:
+                raise ShapeError(f"PrismaticVLA: expected uint8 images [B, N, H, W, 3], got {tuple(tensor.shape)}.")
+            tensor = tensor.permute(0, 1, 4, 2, 3).float() / 255.0
+        elif not tensor.dtype.is_floating_point or tensor.shape[2] != 3:
+            raise ShapeError(f"PrismaticVLA: expected uint8 [B, N, H, W, 3] or float [B, N, 3, S, S] images, got {tensor.dtype} {tuple(tensor.shape)}.")
+        batch, cams, _, height, width = tensor.shape
+        if (height, width) != (size, size):
+            if not config.resize_images:
+                raise ShapeError(f"PrismaticVLA: expected {size}×{size} images, got {height}×{width}; resize them or set resize_images.")
+            tensor = F.interpolate(tensor.flatten(0, 1).float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            tensor = tensor.reshape(batch, cams, 3, size, size)
+        channels = []
+        for vit in config.vision:
+            mean = torch.tensor(vit.mean).view(1, 1, 3, 1, 1)
+            std = torch.tensor(vit.std).view(1, 1, 3, 1, 1)
+            channels.append((tensor.float() - mean) / std)
+        return torch.cat(channels, dim=2)
+
+    def encode_inputs(self, images: np.ndarray | torch.Tensor, instructions: list[str], proprio: torch.Tensor | None = None) -> VLAInputs:
+        """Model inputs on the model's device from images `[B, N, H, W, 3]`, B instructions and normalised proprio `[B, P]`."""
+        pixel_values = self.preprocess_images(images)
+        batch = pixel_values.shape[0]
+        if not isinstance(instructions, (list, tuple)) or len(instructions) != batch:
+            raise ShapeError(f"PrismaticVLA: expected {batch} instructions (one per image row), got {instructions!r}.")
+        for instruction in instructions:
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise ShapeError(f"PrismaticVLA: expected non-empty instruction strings, got {instruction!r}.")
+        prompts = [self.text_tokenizer.encode(self.config.prompt_template.format(instruction=i.strip().lower())) for i in instructions]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, length), self.text_tokenizer.pad_id, dtype=torch.int64)
+        text_mask = torch.zeros(batch, length, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+            text_mask[row, : len(prompt)] = True
+        device, _ = self._device_dtype()
+        return VLAInputs(pixel_values, input_ids, text_mask, self._check_proprio(proprio, batch)).to(device)
+
+    def _check_proprio(self, proprio: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        dim = self.config.proprio_dim
+        if dim == 0:
+            if proprio is not None:
+                raise ShapeError("PrismaticVLA: this model takes no proprio (proprio_dim 0), got a proprio tensor.")
+            return None
+        if proprio is None or tuple(proprio.shape) != (batch, dim) or not torch.isfinite(proprio).all():
+            got = None if proprio is None else tuple(proprio.shape)
+            raise ShapeError(f"PrismaticVLA: expected finite normalised proprio [{batch}, {dim}], got {got}.")
+        return proprio.float()
+
+    def random_inputs(self, batch: int = 1, prompt_len: int = 24, seed: int = 0) -> VLAInputs:
+        """Random images and prompt ids of the model's shapes (latency work without a text tokenizer)."""
+        generator = torch.Generator().manual_seed(seed)
+        size, cams = self.config.image_size, self.config.num_images
+        images = torch.randint(0, 256, (batch, cams, size, size, 3), generator=generator, dtype=torch.uint8)
+        ids = torch.randint(3, self.config.llm.vocab_size, (batch, prompt_len), generator=generator)
+        proprio = torch.zeros(batch, self.config.proprio_dim) if self.config.proprio_dim else None
+        device, _ = self._device_dtype()
+        return VLAInputs(self.preprocess_images(images), ids, torch.ones(batch, prompt_len, dtype=torch.bool), proprio).to(device)
+
+    def embed(self, inputs: VLAInputs) -> PrefixState:
+        """Vision, projector and embeddings: the state at layer 0 with masks and rotary embeddings."""
+        device, dtype = self._device_dtype()
+        batch = inputs.batch_size
+        pixels = inputs.pixel_values.to(device, dtype)
+        cams = pixels.shape[1]
+        patches = self.projector(self.vision_backbone(pixels.flatten(0, 1)))  # [B*N, P, D]
+        patches = patches.reshape(batch, cams * patches.shape[1], -1)
+        embed_tokens = self.language_model.model.embed_tokens
+        bos = embed_tokens(torch.full((batch, 1), self.text_tokenizer_bos(), dtype=torch.int64, device=device))
+        parts = [bos, patches]
+        if self.proprio_projector is not None:
+            parts.append(self.proprio_projector(inputs.proprio.to(device, dtype)).unsqueeze(1))
+        parts += [embed_tokens(inputs.input_ids.to(device)), self.action_query.to(dtype).expand(batch, 1, -1)]
+        hidden = torch.cat(parts, dim=1)
+        fixed = hidden.shape[1] - inputs.input_ids.shape[1] - 1
+        valid = torch.cat([torch.ones(batch, fixed, dtype=torch.bool, device=device), inputs.text_mask.to(device),
+                           torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        position_ids = (valid.cumsum(dim=1) - 1).clamp_min(0)
+        length = hidden.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)
+        allowed = allowed | torch.eye(length, dtype=torch.bool, device=device).unsqueeze(0)  # padded rows see themselves
+        mask = torch.zeros(batch, 1, length, length, dtype=dtype, device=device).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+        rotary = self.language_model.model.rotary_emb(hidden, position_ids=position_ids)
+        return PrefixState(hidden=hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary, layer=0)
+
+    def text_tokenizer_bos(self) -> int:
+        """The BOS id (1 for both the byte tokenizer and Llama's) without loading a tokenizer when none is set."""
+        return 1 if not self.config.text_tokenizer else self.text_tokenizer.bos_id
+
+    def advance(self, state: PrefixState, exit_layer: int) -> PrefixState:
+        """Run LLM layers `state.layer .. exit_layer-1` on a state; return the state after `exit_layer` layers."""
+        num_layers = self.config.llm.num_layers
+        if not isinstance(exit_layer, int) or not state.layer <= exit_layer <= num_layers:
+            raise ConfigError(f"exit_layer: expected an int in {state.layer}..{num_layers}, got {exit_layer!r}.")
+        hidden = state.hidden
+        for layer in self.layers[state.layer : exit_layer]:
+            hidden = layer(hidden, attention_mask=state.attention_mask, position_ids=state.position_ids,
+                           position_embeddings=state.position_embeddings)
+        return replace(state, hidden=hidden, layer=exit_layer)
+
+    def prefix(self, inputs: VLAInputs, exit_layer: int) -> PrefixState:
+        """Vision, projector and LLM layers `0 .. exit_layer-1`: the early-exit state."""
+        return self.advance(self.embed(inputs), exit_layer)
+
+    def resume(self, state: PrefixState) -> torch.Tensor:
+        """Run the remaining layers `state.layer .. N-1` and the final norm; return the query hidden `[B, D]`."""
+        final = self.advance(state, self.config.llm.num_layers)
+        return self.language_model.model.norm(final.hidden[:, -1])
+
+    def forward(self, inputs: VLAInputs) -> torch.Tensor:
+        """The plain full forward: final query hidden `[B, D]`."""
+        return self.resume(self.embed(inputs))
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` + `model.json` (config, format version, sha256)."""
+        return save_artifact(directory, MODEL_FILE, self.state_dict(), {"config": to_dict(self.config)}, kind="vla")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PrismaticVLA:
+        """Rebuild from `model.json` on the meta device and assign the weights (missing or unexpected keys are errors)."""
+        tensors, meta = load_artifact(directory, MODEL_FILE, kind="vla")
+        config = from_dict(VLAConfig, meta["config"])
+        with torch.device("meta"):
+            model = cls(config)
+        load_strict(model, tensors, Path(directory) / f"{MODEL_FILE}.safetensors")
+        return model.finish_loading(device or "cpu", dtype or torch.float32)
+
+    def finish_loading(self, device: torch.device | str, dtype: torch.dtype) -> PrismaticVLA:
+        """Move to `device`/`dtype` and rebuild the rotary tables (non-persistent buffers) there."""
+        self.to(device=device, dtype=dtype)
+        self.language_model.model.rotary_emb = LlamaRotaryEmbedding(self.language_model.config, device=torch.device(device))
+        return self.eval()
+
+    @classmethod
+    def random(cls, config: VLAConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> PrismaticVLA:
+        """The model with seeded random weights (N(0, 0.02), norms at 1), built directly on `device` (latency work)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.ndim == 1 and ("norm" in name or name.endswith(".gamma")):
+                    parameter.fill_(1.0)
+                elif name.endswith("bias"):
+                    parameter.zero_()
+                else:
+                    parameter.normal_(0.0, 0.02, generator=generator)
+            for _, buffer in model.named_buffers():
+                buffer.zero_()
+        return model.finish_loading(device, dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """Parameter counts per part (JSON-ready)."""
+        def count(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+        return {
+            "vision_backbone": count(self.vision_backbone),
+            "projector": count(self.projector),
+            "language_model": count(self.language_model),
+            "proprio_projector": count(self.proprio_projector),
+            "total": count(self),
+        }

@@ -1,0 +1,203 @@
+"""Policies for the control loop: observation dict → action chunk → one action per step.
+
+`SpeculativePolicy` pairs the frozen main model with a bundle's draft and decoder engines
+(`rsd.runtime.speculative.SpeculativeEngine`); `MainOnlyPolicy` is the baseline with the same interface.
+Both validate observations, keep an action queue (all H actions of a chunk are executed unless
+`replan_every` says otherwise; REFERENCES.md pitfall 7), and return their own timing.
+
+Neither policy is thread-safe: the action queue and the statistics are per instance, so give each
+control loop (thread) its own policy object; the model weights may be shared read-only.
+
+Usage:
+    policy = SpeculativePolicy.from_bundle("runs/demo/bundle", main="runs/demo/policy")
+    policy.reset()
+    action = policy.act({"image": rgb_uint8_hw3, "instruction": "pick up the red block", "proprio": p})
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsd.errors import ConfigError, DataError
+from rsd.models.policy import MainModel
+from rsd.runtime.engines import TorchDecoderEngine
+from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine, Verify
+from rsd.runtime.timing import RollingStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActionChunk:
+    """One predicted chunk and how it was produced."""
+
+    actions: np.ndarray  # [H, A] un-normalised actions
+    accepted: bool  # the draft's chunk was returned
+    confidence: float  # the draft's gate statistic (nan for the main-only policy)
+    tokens: np.ndarray  # [H, d, L] the decoded tokens (layers past C are the zero level when accepted)
+    timings: dict[str, float]  # ms per stage: vision, prefix, draft, gate, suffix, head, decode (or llm)
+    agreement: float | None = None  # share of coarse tokens where draft == main (verify="always")
+
+    @property
+    def total_ms(self) -> float:
+        """Sum of the stage times."""
+        return float(sum(self.timings.values()))
+
+
+def validate_observation(obs: dict[str, Any], num_images: int, image_size: int, proprio_dim: int) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """Check an observation dict; return images uint8 `[N_cam, S, S, 3]`, the instruction and proprio `[P]`."""
+    if not isinstance(obs, dict):
+        raise DataError(f"observation: expected a dict with 'image' and 'instruction', got {type(obs).__name__}.")
+    missing = [k for k in ("image", "instruction") if k not in obs]
+    if missing:
+        raise DataError(f"observation: expected keys 'image' and 'instruction', missing {missing}.")
+    raw = obs["image"]
+    frames = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    if len(frames) != num_images:
+        raise DataError(f"observation['image']: expected {num_images} camera image(s), got {len(frames)}.")
+    arrays = []
+    for index, frame in enumerate(frames):
+        array = frame.cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise DataError(f"observation['image'][{index}]: expected uint8 [H, W, 3], got {array.dtype} {array.shape}.")
+        arrays.append(array)
+    if len({a.shape for a in arrays}) != 1:
+        raise DataError(f"observation['image']: expected cameras of one size, got {[a.shape for a in arrays]}.")
+    instruction = obs["instruction"]
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"observation['instruction']: expected a non-empty string, got {instruction!r}.")
+    proprio = None
+    if proprio_dim > 0:
+        if obs.get("proprio") is None:
+            raise DataError(f"observation['proprio']: expected float [{proprio_dim}], got None.")
+        proprio = np.asarray(obs["proprio"], dtype=np.float32)
+        if proprio.shape != (proprio_dim,) or not np.isfinite(proprio).all():
+            raise DataError(f"observation['proprio']: expected finite float [{proprio_dim}], got shape {proprio.shape}.")
+    return np.stack(arrays), instruction, proprio
+
+
+class _ChunkPolicy:
+    """Shared control-loop behaviour: observation checks, the action queue, per-stage statistics."""
+
+    def __init__(self, main: MainModel, engine: MainOnlyEngine | SpeculativeEngine, replan_every: int | None) -> None:
+        chunk_len = main.tokenizer.config.chunk_len
+        replan = chunk_len if replan_every is None else replan_every
+        if not 1 <= replan <= chunk_len:
+            raise ConfigError(f"replan_every: expected an int in 1..{chunk_len}, got {replan_every}.")
+        self.main = main
+        self.engine = engine
+        self.replan_every = replan
+        self._queue: deque[np.ndarray] = deque()
+        self._since_plan = 0
+        self._stats = RollingStats()
+        self._calls = 0
+        self._accepted = 0
+        self._agreements: deque[float] = deque(maxlen=2000)
+
+    def predict_chunk(self, obs: dict[str, Any]) -> ActionChunk:
+        """Validate one observation and predict its action chunk `[H, A]`."""
+        config = self.main.vla.config
+        images, instruction, proprio = validate_observation(obs, config.num_images, config.image_size, config.proprio_dim)
+        inputs = self.main.prepare(images[None], [instruction], None if proprio is None else proprio[None])
+        result = self.engine.run(inputs)
+        chunk = ActionChunk(
+            actions=result.actions[0].float().cpu().numpy(),
+            accepted=bool(result.accepted[0]),
+            confidence=float(result.confidence[0]),
+            tokens=result.tokens[0].cpu().numpy(),
+            timings=result.timings,
+            agreement=None if result.agreement is None else float(result.agreement[0]),
+        )
+        self._record(chunk)
+        return chunk
+
+    def _record(self, chunk: ActionChunk) -> None:
+        self._calls += 1
+        self._accepted += int(chunk.accepted)
+        if chunk.agreement is not None:
+            self._agreements.append(chunk.agreement)
+        self._stats.add({**chunk.timings, "total": chunk.total_ms})
+
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """One action `[A]`: from the queue, replanning when it is empty or every `replan_every` steps."""
+        if not self._queue or self._since_plan >= self.replan_every:
+            chunk = self.predict_chunk(obs)
+            self._queue = deque(chunk.actions[: self.replan_every])
+            self._since_plan = 0
+        self._since_plan += 1
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Forget queued actions (start of an episode); statistics are kept."""
+        self._queue.clear()
+        self._since_plan = 0
+
+    def stats(self) -> dict[str, Any]:
+        """Calls, acceptance rate, agreement (verify="always") and per-stage mean/p50/p90/p99 in ms."""
+        return {
+            "calls": self._calls,
+            "acceptance_rate": self._accepted / self._calls if self._calls else math.nan,
+            "agreement": float(np.mean(self._agreements)) if self._agreements else None,
+            "stages": self._stats.summary(),
+        }
+
+
+class MainOnlyPolicy(_ChunkPolicy):
+    """The baseline policy: the whole main model for every chunk (no draft)."""
+
+    def __init__(self, main: MainModel, replan_every: int | None = None, decoder: Any = None) -> None:
+        tok = main.tokenizer.config
+        full_decoder = decoder or TorchDecoderEngine(main.tokenizer.decoder_module(), tok.num_layers)
+        super().__init__(main, MainOnlyEngine(main, full_decoder), replan_every)
+
+    @classmethod
+    def from_pretrained(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None, replan_every: int | None = None) -> MainOnlyPolicy:
+        """Load a policy folder and wrap it as the baseline policy."""
+        return cls(load_main(policy_dir, device, dtype), replan_every)
+
+
+
+class SpeculativePolicy(_ChunkPolicy):
+    """The main model with an early-exit draft: accepted chunks skip the main model's upper layers."""
+
+    def __init__(self, main: MainModel, engine: SpeculativeEngine, replan_every: int | None = None) -> None:
+        super().__init__(main, engine, replan_every)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: str | Path,
+        main: str | Path | MainModel,
+        device: str | None = None,
+        dtype: str | None = None,
+        engine: str = "auto",
+        verify: Verify = "never",
+        tau: float | None = None,
+        replan_every: int | None = None,
+    ) -> SpeculativePolicy:
+        """Pair a bundle's engines with the main model it was made for (checked by fingerprint and shapes)."""
+        from rsd.export.loaders import load_bundle_engines
+
+        main_model = main if isinstance(main, MainModel) else load_main(main, device, dtype)
+        loaded = load_bundle_engines(bundle, main_model, engine=engine)
+        threshold = loaded.tau if tau is None else float(tau)
+        log.info("speculative policy: exit layer %d, tau %.4f (%s), draft engine %s, verify=%s",
+                 loaded.exit_layer, threshold, "given" if tau is not None else "from the bundle", loaded.draft.name, verify)
+        spec = SpeculativeEngine(main_model, loaded.draft, loaded.decoders, loaded.exit_layer, threshold, verify, loaded.gate_statistic)
+        return cls(main_model, spec, replan_every)
+
+
+def load_main(policy_dir: str | Path, device: str | None, dtype: str | None) -> MainModel:
+    """Load a policy folder on the resolved device and dtype (resolved once and logged)."""
+    from rsd.models.vla import resolve_device_dtype
+
+    torch_device, torch_dtype = resolve_device_dtype(device, dtype)
+    return MainModel.load(policy_dir, device=torch_device, dtype=torch_dtype)

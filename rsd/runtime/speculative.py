@@ -1,0 +1,174 @@
+"""The speculative engine: prefix → draft → gate → (accept: decode coarse | reject: resume, head, decode).
+
+DESIGN.md §1. This module knows nothing about observations, cameras or robots: it takes model inputs
+(`VLAInputs`) and returns action chunks with the per-stage timing. `rsd.runtime.policy` wraps it for the
+control loop.
+
+Expected latency: `t_vision + t_prefix(k) + t_draft + (1 - p_accept) * (t_suffix(k) + t_head)` plus decode.
+
+Usage:
+    engine = SpeculativeEngine(main, draft_engine, {3: coarse_decoder, 8: full_decoder}, exit_layer=3, tau=0.9)
+    result = engine.run(main.prepare(images, instructions, proprio))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from rsd.errors import ConfigError, ShapeError
+from rsd.models.policy import MainModel
+from rsd.models.vla import VLAInputs
+from rsd.runtime.engines import DecoderEngine, DraftEngine
+from rsd.runtime.timing import StageTimer
+from rsd.tokenizer import layers_to_tokens, tokens_to_layers
+
+Verify = Literal["never", "always"]
+
+
+@dataclass
+class EngineResult:
+    """One batch's chunks and what produced them."""
+
+    actions: torch.Tensor  # [B, H, A] un-normalised actions
+    accepted: torch.Tensor  # [B] bool: the draft's chunk was returned
+    confidence: torch.Tensor  # [B] the draft's gate statistic (nan for main-only)
+    tokens: torch.Tensor  # [B, H, d, c] the tokens decoded (c = C when accepted, L otherwise)
+    timings: dict[str, float] = field(default_factory=dict)  # ms per stage
+    agreement: torch.Tensor | None = None  # [B] share of coarse tokens where draft == main (verify="always")
+
+
+class MainOnlyEngine:
+    """The baseline: full forward, main RFSQ head, decoder on all L layers (no draft)."""
+
+    def __init__(self, main: MainModel, full_decoder: DecoderEngine) -> None:
+        self.main = main
+        self.full_decoder = full_decoder
+        self.device = next(main.vla.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, inputs: VLAInputs) -> EngineResult:
+        """Chunks `[B, H, A]` for a batch of model inputs through the whole main model."""
+        timer = StageTimer(self.device)
+        vla = self.main.vla
+        with timer("vision"):
+            state = vla.embed(inputs)
+        with timer("llm"):
+            hidden = vla.resume(state)
+        with timer("head"):
+            logits = self.main.head(hidden)
+            tokens = self.main.tokens_from_logits(logits)
+        with timer("decode"):
+            actions = self.full_decoder(tokens)
+        batch = actions.shape[0]
+        return EngineResult(
+            actions=actions,
+            accepted=torch.zeros(batch, dtype=torch.bool),
+            confidence=torch.full((batch,), math.nan),
+            tokens=tokens,
+            timings=timer.timings,
+        )
+
+
+class SpeculativeEngine:
+    """Early-exit speculative decoding of action chunks around a frozen main model."""
+
+    def __init__(
+        self,
+        main: MainModel,
+        draft: DraftEngine,
+        decoders: dict[int, DecoderEngine],
+        exit_layer: int,
+        tau: float,
+        verify: Verify = "never",
+        gate_statistic: Literal["mean", "min"] = "mean",
+    ) -> None:
+        tok = main.tokenizer.config
+        if not 0 <= exit_layer <= main.num_layers:
+            raise ConfigError(f"SpeculativeEngine.exit_layer: expected an int in 0..{main.num_layers}, got {exit_layer}.")
+        if set(decoders) != {tok.coarse_layers, tok.num_layers}:
+            raise ConfigError(
+                f"SpeculativeEngine.decoders: expected decoders for c = {tok.coarse_layers} and c = {tok.num_layers}, "
+                f"got {sorted(decoders)}."
+            )
+        if verify not in ("never", "always"):
+            raise ConfigError(f"SpeculativeEngine.verify: expected 'never' or 'always', got {verify!r}.")
+        if gate_statistic not in ("mean", "min"):
+            raise ConfigError(f"SpeculativeEngine.gate_statistic: expected 'mean' or 'min', got {gate_statistic!r}.")
+        if math.isnan(tau):
+            raise ConfigError("SpeculativeEngine.tau: expected a number, got nan.")
+        self.main = main
+        self.draft = draft
+        self.decoders = decoders
+        self.exit_layer = exit_layer
+        self.tau = float(tau)
+        self.verify = verify
+        self.gate_statistic = gate_statistic
+        self.device = next(main.vla.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, inputs: VLAInputs) -> EngineResult:
+        """Chunks `[B, H, A]` for a batch, skipping layers `exit_layer..N-1` for rows the gate accepts."""
+        tok = self.main.tokenizer.config
+        vla = self.main.vla
+        timer = StageTimer(self.device)
+        with timer("vision"):
+            state = vla.embed(inputs)
+        with timer("prefix"):
+            state = vla.advance(state, self.exit_layer)
+        with timer("draft"):
+            _, draft_layers, confidence, confidence_min = self.draft(state.query_hidden)
+        with timer("gate"):
+            statistic = confidence if self.gate_statistic == "mean" else confidence_min
+            # The acceptance rule: the draft's chunk is returned when its calibrated confidence reaches tau
+            # (confidence >= tau; tau = 0 always accepts, tau = inf never does). Rejected rows resume the
+            # main model from the stored layer-k states, so no layer below exit_layer runs twice.
+            accepted = (statistic >= self.tau).cpu()
+            rejected_rows = torch.nonzero(~accepted).flatten()
+            need_main = rejected_rows if self.verify == "never" else torch.arange(accepted.shape[0])
+        draft_tokens = layers_to_tokens(draft_layers.to(torch.int64), tok.chunk_len, tok.latent_dim)
+        batch = accepted.shape[0]
+        actions = torch.empty(batch, tok.chunk_len, tok.action_dim, device=self.device)
+        tokens = torch.empty(batch, tok.chunk_len, tok.latent_dim, tok.num_layers, dtype=torch.int64, device=self.device)
+        agreement = None
+        if bool(accepted.any()):
+            rows = torch.nonzero(accepted).flatten()
+            with timer("decode"):
+                actions[rows.to(self.device)] = self.decoders[tok.coarse_layers](draft_tokens[rows.to(self.device)]).float()
+            tokens[rows.to(self.device)] = _pad_layers(draft_tokens[rows.to(self.device)], tok.num_layers, tok.zero_level)
+        if need_main.numel():
+            index = need_main.to(self.device)
+            sub = state.select(index) if need_main.numel() != batch else state
+            with timer("suffix"):
+                hidden = vla.resume(sub)
+            with timer("head"):
+                main_tokens = self.main.tokens_from_logits(self.main.head(hidden))
+            if self.verify == "always":
+                coarse = tokens_to_layers(main_tokens)[:, : tok.coarse_layers]
+                agreement = (coarse == draft_layers[index].to(torch.int64)).float().flatten(1).mean(dim=1).cpu()
+            use = ~accepted[need_main]
+            if bool(use.any()):
+                with timer("decode"):
+                    main_actions = self.decoders[tok.num_layers](main_tokens[use.to(self.device)]).float()
+                target = index[use.to(self.device)]
+                actions[target] = main_actions
+                tokens[target] = main_tokens[use.to(self.device)]
+        return EngineResult(
+            actions=actions,
+            accepted=accepted,
+            confidence=statistic.float().cpu(),
+            tokens=tokens,
+            timings=timer.timings,
+            agreement=agreement,
+        )
+
+
+def _pad_layers(tokens: torch.Tensor, num_layers: int, zero_level: int) -> torch.Tensor:
+    """Extend tokens `[B, H, d, c]` to `[B, H, d, L]` with the zero level (what decoding c layers means)."""
+    if tokens.ndim != 4:
+        raise ShapeError(f"_pad_layers: expected tokens [B, H, d, c], got {tuple(tokens.shape)}.")
+    pad = torch.full((*tokens.shape[:3], num_layers - tokens.shape[3]), zero_level, dtype=tokens.dtype, device=tokens.device)
+    return torch.cat([tokens, pad], dim=3)

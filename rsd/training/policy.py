@@ -1,0 +1,142 @@
+"""train-policy: behaviour cloning of PrismaticVLA + RFSQ head on the RFSQ tokens of demonstration chunks.
+
+Each frame's target is the tokenizer's tokens of the H-step action chunk starting at that frame (all L
+residual layers); the loss is the mean cross-entropy over layers and tokens. The tokenizer is frozen and
+its action statistics are the policy's, so un-normalisation at run time is exactly the inverse of what
+training saw; proprio statistics come from the training episodes. The validation split is by episode and
+reports per-layer token accuracy and the decoded-action error against the demonstrated chunk.
+`freeze_backbone=True` trains only the head (for big frozen backbones).
+
+Usage:
+    rsd train-policy --data runs/demo/demos.hdf5 --tokenizer runs/demo/tokenizer --preset tiny --out runs/demo/policy
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rsd.config import TrainConfig, get_preset, to_dict
+from rsd.data.chunks import split_episodes
+from rsd.data.dataset import FrameDataset, compute_statistics
+from rsd.data.hdf5 import read_demos
+from rsd.data.stats import DatasetStatistics
+from rsd.errors import ConfigError, DataError
+from rsd.models.heads import RFSQHead
+from rsd.models.policy import MainModel
+from rsd.models.vla import PrismaticVLA
+from rsd.tokenizer import ActionTokenizer, tokens_to_layers
+
+
+def train_policy(
+    data: str | Path,
+    tokenizer: str | Path,
+    out: str | Path,
+    preset: str = "tiny",
+    train: TrainConfig | None = None,
+    freeze_backbone: bool = False,
+    dataset_key: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the main policy on the demonstrations in `data` and save the best epoch to `out`."""
+    spec = get_preset(preset)
+    train = train or spec.policy_train
+    torch.manual_seed(train.seed)
+    action_tokenizer = ActionTokenizer.load(tokenizer)
+    if action_tokenizer.config != spec.model.tokenizer:
+        raise ConfigError(f"train-policy: the tokenizer's shape {action_tokenizer.config} differs from preset {preset!r}'s {spec.model.tokenizer}.")
+    episodes = read_demos(data)
+    if len(episodes) < 2:
+        raise DataError(f"{data}: expected at least 2 episodes to split into training and validation, got {len(episodes)}.")
+    dataset = FrameDataset(episodes, action_tokenizer.config.chunk_len)
+    train_eps, val_eps = split_episodes([e.episode_id for e in episodes], train.val_fraction, train.seed)
+    train_stats = compute_statistics([e for e in episodes if e.episode_id in set(train_eps)])
+    statistics = DatasetStatistics(
+        action=action_tokenizer.stats,
+        proprio=train_stats.proprio,
+        num_transitions=train_stats.num_transitions,
+        num_trajectories=train_stats.num_trajectories,
+    )
+    vla = PrismaticVLA(spec.model)
+    head = RFSQHead(spec.model.llm.hidden_size, spec.model.tokenizer)
+    main = MainModel(vla, head, action_tokenizer, statistics, dataset_key or Path(data).stem)
+    main.tokenizer.requires_grad_(False)
+    if freeze_backbone:
+        vla.requires_grad_(False)
+    trainable = [p for p in main.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    train_rows = np.flatnonzero(np.isin(dataset.episode_ids, train_eps))
+    val_rows = np.flatnonzero(np.isin(dataset.episode_ids, val_eps))
+    with torch.no_grad():
+        targets = tokens_to_layers(action_tokenizer.encode(torch.as_tensor(dataset.all_actions(), dtype=torch.float32)))
+    steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos")
+    rng = np.random.default_rng(train.seed)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    started = time.perf_counter()
+    for epoch in range(train.epochs):
+        main.train()
+        main.tokenizer.eval()
+        order = rng.permutation(train_rows)
+        losses = []
+        bar = tqdm(range(0, len(order), train.batch_size), desc=f"train-policy epoch {epoch + 1}/{train.epochs}", unit="batch", disable=not progress)
+        for start in bar:
+            rows = order[start : start + train.batch_size]
+            batch = dataset.batch(rows)
+            logits = main.head(main.vla(main.prepare(batch.images, batch.instructions, batch.proprio)))
+            loss = F.cross_entropy(logits.flatten(0, 2), targets[rows].flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate_policy(main, dataset, val_rows, targets), "seconds": time.perf_counter() - started}
+        history.append(metrics)
+        if best is None or metrics["val_action_l1"] < best["val_action_l1"]:
+            best = metrics
+            main.eval()
+            main.save(out)
+    summary = {
+        "best": best,
+        "history": history,
+        "train_episodes": [int(e) for e in train_eps],
+        "val_episodes": [int(e) for e in val_eps],
+        "train": to_dict(train),
+        "preset": preset,
+        "freeze_backbone": freeze_backbone,
+        "seconds": time.perf_counter() - started,
+        "fingerprint": main.fingerprint,
+    }
+    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@torch.inference_mode()
+def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, targets: torch.Tensor, batch_size: int = 128) -> dict[str, Any]:
+    """Per-layer token accuracy and decoded-action L1 (normalised units) of `main` on frames `rows`."""
+    main.eval()
+    correct = torch.zeros(main.tokenizer.config.num_layers)
+    action_error, count = 0.0, 0
+    low, high, mask = main.tokenizer.stats.tensors()
+    scale = torch.where(mask, 2.0 / (high - low).clamp_min(1e-8), torch.ones_like(low))
+    for start in range(0, len(rows), batch_size):
+        index = rows[start : start + batch_size]
+        batch = dataset.batch(index)
+        logits = main.head(main.vla(main.prepare(batch.images, batch.instructions, batch.proprio)))
+        correct += (logits.argmax(-1) == targets[index]).float().mean(dim=2).sum(dim=0)
+        predicted = main.decode_logits(logits)
+        truth = torch.as_tensor(batch.actions, dtype=torch.float32)
+        action_error += float(((predicted - truth).abs() * scale).mean(dim=(1, 2)).sum())
+        count += len(index)
+    return {"val_layer_accuracy": [float(c) / count for c in correct], "val_action_l1": action_error / count}
