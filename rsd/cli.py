@@ -17,7 +17,10 @@ from typing import Any
 import click
 
 from rsd.config import TrainConfig, get_preset, to_dict
+from rsd.envs.cli_commands import eval_command, generate_demos_command
 from rsd.errors import RsdError
+from rsd.export.cli_commands import export_draft_command, inspect_command
+from rsd.models.cli_commands import inspect_main_command
 
 
 class RsdGroup(click.Group):
@@ -66,6 +69,32 @@ def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
     ):
         function = option(function)
     return function
+
+
+@main.command("synthetic-actions")
+@click.option("--episodes", default=200, show_default=True, help="Episodes to generate.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the generator.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="NPZ file to write (actions, episode_ends, episode_ids).")
+def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
+    """Write the documented smooth synthetic action set (for checking the tokenizer)."""
+    from rsd.data.actions import write_action_episodes
+    from rsd.data.synthetic import synthetic_action_episodes
+
+    write_action_episodes(out, synthetic_action_episodes(episodes, seed=seed))
+    click.echo(json.dumps({"episodes": episodes, "out": out}))
+
+
+@main.command("train-tokenizer")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Actions: LIBERO-layout HDF5 or NPZ.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer folder to write.")
+@_train_options
+def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
+                            seed: int | None) -> None:
+    """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
+    from rsd.training.tokenizer import train_tokenizer_from_file
+
+    report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed))
+    click.echo(json.dumps({"val_mse_by_layers": report["val_mse_by_layers"], "train_seconds": report["train_seconds"]}))
 
 
 @main.command("train-policy")
@@ -166,35 +195,6 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
     click.echo(json_line(report))
 
 
-@main.command("eval")
-@click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (main model).")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None, help="Bundle: also run SpeculativePolicy.")
-@click.option("--env", "env_name", default="tabletop", show_default=True, help="Environment, e.g. tabletop or robosuite:Lift.")
-@click.option("--episodes", default=50, show_default=True, help="Episodes per policy (seeds seed .. seed+episodes-1).")
-@click.option("--seed", default=10_000, show_default=True, help="First seed.")
-@click.option("--device", default=None, help="cpu or cuda.")
-@click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
-@click.option("--tau", type=float, default=None, help="Gate threshold (default: the bundle's).")
-@click.option("--video", type=click.Path(file_okay=False), default=None, help="Folder for one GIF per episode.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write both reports as JSON.")
-def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, device: str | None, engine: str,
-                 tau: float | None, video: str | None, json_path: str | None) -> None:
-    """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
-    from rsd.envs.evaluate import evaluate
-    from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy, load_main
-
-    main_model = load_main(policy, device, None)
-    seeds = list(range(seed, seed + episodes))
-    reports = {"baseline": evaluate(MainOnlyPolicy(main_model), env_name, seeds, video_dir=video and str(Path(video) / "baseline"))}
-    if bundle:
-        speculative = SpeculativePolicy.from_bundle(bundle, main=main_model, engine=engine, tau=tau)
-        reports["speculative"] = evaluate(speculative, env_name, seeds, video_dir=video and str(Path(video) / "speculative"))
-    for name, report in reports.items():
-        click.echo(f"## {name}\n\n{report.to_markdown()}")
-    if json_path:
-        Path(json_path).write_text(json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
-
-
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
 @click.option("--quick", is_flag=True, help="A smaller run (about 3 minutes) that exercises every step.")
@@ -203,6 +203,13 @@ def demo(out: str, quick: bool) -> None:
     from rsd.demo import run_demo
 
     run_demo(out, quick)
+
+
+main.add_command(generate_demos_command)
+main.add_command(eval_command)
+main.add_command(export_draft_command)
+main.add_command(inspect_command)
+main.add_command(inspect_main_command)
 
 
 def run_standalone(command: click.Command) -> None:
@@ -223,3 +230,8 @@ def run_standalone(command: click.Command) -> None:
 def bench_latency_main() -> None:
     """Console entry point `bench-latency`: the same command as `rsd bench-latency`."""
     run_standalone(bench_latency_command)
+
+
+def export_draft_main() -> None:
+    """Console entry point `export-draft`: the same command as `rsd export-draft`."""
+    run_standalone(export_draft_command)

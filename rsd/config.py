@@ -117,6 +117,10 @@ class LLMConfig:
         )
 
 
+LAYOUTS = ("rsd", "openvla", "oft")
+OFT_ATTENTION = ("full", "action_block")
+
+
 @dataclass(frozen=True)
 class VLAConfig:
     """The main model: vision backbones -> projector -> Llama, with the RFSQ head's token shape."""
@@ -126,10 +130,16 @@ class VLAConfig:
     tokenizer: TokenizerConfig  # action token shape the RFSQ head predicts
     num_images: int = 1  # cameras per observation
     proprio_dim: int = 0  # proprioceptive input size (0: no proprio token)
-    text_tokenizer: str = "byte"  # "byte" (built in, offline) or a local path to a Llama tokenizer
+    text_tokenizer: str = "word"  # "word" or "byte" (built in, offline), or a local path to a Llama tokenizer
     prompt_template: str = "In: What action should the robot take to {instruction}?\nOut:"  # OpenVLA prompt
     resize_images: bool = False  # resize images of another size to the backbone size (else an error)
     exit_layer: int | None = None  # default early-exit layer k (None: num_layers // 2)
+    layout: str = "rsd"  # sequence layout: "rsd" (learned query token), "openvla" (last prompt position), "oft" (action block)
+    num_action_tokens: int = 56  # oft: zero-embedding placeholder tokens (OFT: chunk 8 x 7 dims), all read by the L1 head
+    oft_attention: str = "full"  # oft: "full" (every real token sees every other, OFT's released code) or "action_block"
+    prompt_end_id: int = 29871  # openvla/oft: id appended after the prompt (Llama-2's empty "▁" token, as OpenVLA does)
+    stop_id: int = 2  # oft: the `</s>` id that closes the sequence after the action block
+    center_crop: bool = False  # crop the central 90 % of the image area and resize back (models trained with crop augmentation)
 
     def __post_init__(self) -> None:
         _check(len(self.vision) >= 1, "VLAConfig", "vision", "at least one ViTConfig", self.vision)
@@ -138,6 +148,15 @@ class VLAConfig:
         _positive(self, "num_images")
         _check(self.proprio_dim >= 0, "VLAConfig", "proprio_dim", "an int >= 0", self.proprio_dim)
         _check("{instruction}" in self.prompt_template, "VLAConfig", "prompt_template", "a '{instruction}' field", self.prompt_template)
+        _check(self.layout in LAYOUTS, "VLAConfig", "layout", f"one of {list(LAYOUTS)}", self.layout)
+        _positive(self, "num_action_tokens")
+        _check(self.oft_attention in OFT_ATTENTION, "VLAConfig", "oft_attention", f"one of {list(OFT_ATTENTION)}", self.oft_attention)
+        if self.layout != "rsd":
+            vocab = self.llm.vocab_size
+            _check(0 <= self.prompt_end_id < vocab, "VLAConfig", "prompt_end_id", f"a token id in 0..{vocab - 1}", self.prompt_end_id)
+            _check(0 <= self.stop_id < vocab, "VLAConfig", "stop_id", f"a token id in 0..{vocab - 1}", self.stop_id)
+        if self.layout == "openvla":
+            _check(self.proprio_dim == 0, "VLAConfig", "proprio_dim", "0 for the openvla layout (OpenVLA takes no proprio)", self.proprio_dim)
         if self.exit_layer is not None:
             _check(
                 0 <= self.exit_layer <= self.llm.num_layers,
@@ -251,7 +270,7 @@ def _tiny() -> Preset:
             num_heads=4,
             num_kv_heads=4,
             intermediate_size=344,
-            vocab_size=260,
+            vocab_size=1024,
             max_position_embeddings=512,
         ),
         tokenizer=tokenizer,
@@ -272,9 +291,9 @@ def _tiny() -> Preset:
 def _openvla_7b() -> Preset:
     tokenizer = TokenizerConfig()
     model = VLAConfig(
-        vision=(
-            ViTConfig(timm_name="vit_so400m_patch14_siglip_224", img_size=224),
+        vision=(  # OpenVLA's order ("dinosiglip"): DINOv2 is `featurizer`, SigLIP is `fused_featurizer`
             ViTConfig(timm_name="vit_large_patch14_reg4_dinov2", img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            ViTConfig(timm_name="vit_so400m_patch14_siglip_224", img_size=224),
         ),
         llm=LLMConfig(),
         tokenizer=tokenizer,

@@ -153,16 +153,15 @@ def evaluate(
         obs = world.reset(seed)
         policy.reset()
         instruction = obs["instruction"]
-        family = str(getattr(world, "task_family", getattr(world, "task_name", "default")))
+        family = str(world.task_family)
         frames = [world.render()] if video_dir is not None else None
-        success, length = False, 0
-        for length in range(1, world.max_steps + 1):  # the env ends the episode by max_steps at the latest
+        success, done, length = False, False, 0
+        while not done and length < world.max_steps:  # the env ends the episode by max_steps at the latest
             obs, _, done, info = world.step(policy.act(obs))
+            length += 1
+            success = bool(info["success"])
             if frames is not None:
                 frames.append(world.render())
-            success = bool(info["success"])
-            if done:
-                break
         results.append(EpisodeResult(int(seed), instruction, family, success, length))
         if frames is not None:
             _write_video(Path(video_dir) / f"seed{seed}_{'success' if success else 'failure'}.{video_format}", frames, video_format)

@@ -5,7 +5,8 @@ contract's observation dict through the same plumbing as the LIBERO adapter (`rs
 rotated 180°, proprio = eef pos + axis-angle + gripper qpos (8). Actions are robosuite's OSC_POSE deltas in the
 controller's own units (xyz and axis-angle in [-1, 1], gripper -1 open / +1 close), so demonstrations recorded
 here are replayed unchanged. `RobosuiteExpert` is a waypoint script on the object poses read from the simulator
-state; it succeeds on every seed we tried (see tests/test_envs_robosuite.py).
+state; it solved 10 of 10 seeds on each task (tests/test_sim.py checks Lift). `generate_robosuite_demos` records
+its successful episodes as a demonstration file (`rsd.data.hdf5` layout) for training.
 
 Rendering needs an OpenGL backend without a display: `MUJOCO_GL=egl` (the default set here when the variable is
 unset; Mesa's EGL renders on the CPU) or `MUJOCO_GL=osmesa` (Debian: `apt-get install libosmesa6`).
@@ -15,19 +16,27 @@ Usage:
     expert = RobosuiteExpert(env)
     obs = env.reset(seed=0); expert.reset()
     obs, reward, done, info = env.step(expert.act(obs))     # info["success"]
+    summary = generate_robosuite_demos("Lift", episodes=50, out="runs/lift/demos.hdf5")
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from rsd.data.dataset import Episode
+from rsd.data.hdf5 import write_demos
 from rsd.envs.sim_common import (
     EEF_POS_KEY,
     EEF_QUAT_KEY,
@@ -35,9 +44,10 @@ from rsd.envs.sim_common import (
     build_observation,
     camera_key,
     check_action,
+    numpy_seed,
     proprio_from_obs,
 )
-from rsd.errors import ConfigError, RsdError
+from rsd.errors import ConfigError, DataError, RsdError
 
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 
@@ -61,16 +71,24 @@ TASKS: dict[str, RobosuiteTask] = {
 }
 
 
+SIM_INSTALL_HINT = "pip install -e '.[sim]' (robosuite==1.4.0, mujoco>=3.3.7,<3.10, termcolor)"
+
+
 def import_robosuite() -> ModuleType:
-    """Import robosuite with a headless OpenGL backend (MUJOCO_GL=egl unless already set); clear error if missing."""
+    """Import robosuite with a headless OpenGL backend (MUJOCO_GL=egl unless already set); clear error if unusable."""
     os.environ.setdefault("MUJOCO_GL", "egl")
+    # libtriton and Mesa's llvmpipe each carry their own LLVM: loading triton after mujoco has loaded Mesa segfaults
+    # (seen with EGL and OSMesa), and torch loads it lazily (torchvision, torch.compile), so load it first.
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("triton")
     try:
-        return importlib.import_module("robosuite")
-    except ModuleNotFoundError as error:
-        raise RsdError(
-            f"robosuite adapter: expected robosuite 1.4 to be importable, got {error}. Install the simulator extra: "
-            "pip install -e '.[sim]' (robosuite==1.4.0, mujoco>=3.3.7,<3.10, termcolor)."
-        ) from error
+        mujoco_version = importlib.metadata.version("mujoco")
+        robosuite = importlib.import_module("robosuite")
+    except (ModuleNotFoundError, importlib.metadata.PackageNotFoundError) as error:
+        raise RsdError(f"robosuite adapter: expected robosuite 1.4 and mujoco to be importable, got {error}. Install: {SIM_INSTALL_HINT}.") from error
+    if not (3, 3, 7) <= tuple(int(part) for part in mujoco_version.split(".")[:3]) < (3, 10):
+        raise RsdError(f"robosuite adapter: expected mujoco >=3.3.7,<3.10 (robosuite 1.4 breaks on 3.10+), got {mujoco_version}. Install: {SIM_INSTALL_HINT}.")
+    return robosuite
 
 
 def get_task(name: str) -> RobosuiteTask:
@@ -107,28 +125,30 @@ class RobosuiteEnv:
         self.image_size = image_size
         self.max_steps = max_steps if max_steps is not None else self.task.max_steps
         self.instruction = self.task.instruction
+        self.task_family = task
         # Frames are rendered at the policy's size, so the pipeline only rotates them (no JPEG, no resize).
         self.pipeline = ImagePipeline(size=image_size, rotate=True, jpeg=False)
         suite = import_robosuite()
         controllers = importlib.import_module("robosuite.controllers")
         render = bool(self.cameras)
-        self._env = suite.make(
-            self.task.env_name,
-            robots=robot,
-            controller_configs=controllers.load_controller_config(default_controller="OSC_POSE"),
-            has_renderer=False,
-            has_offscreen_renderer=render,
-            use_camera_obs=render,
-            camera_names=list(self.cameras) or "agentview",
-            camera_heights=image_size,
-            camera_widths=image_size,
-            control_freq=control_freq,
-            horizon=self.max_steps + 1,
-            ignore_done=True,
-            hard_reset=False,
-            reward_shaping=False,
-            **dict(self.task.env_kwargs),
-        )
+        with numpy_seed(0):  # construction samples too (Lift's cube size): the same env in every process
+            self._env = suite.make(
+                self.task.env_name,
+                robots=robot,
+                controller_configs=controllers.load_controller_config(default_controller="OSC_POSE"),
+                has_renderer=False,
+                has_offscreen_renderer=render,
+                use_camera_obs=render,
+                camera_names=list(self.cameras) or "agentview",
+                camera_heights=image_size,
+                camera_widths=image_size,
+                control_freq=control_freq,
+                horizon=self.max_steps + 1,
+                ignore_done=True,
+                hard_reset=False,
+                reward_shaping=False,
+                **dict(self.task.env_kwargs),
+            )
         self._raw: dict[str, Any] | None = None
         self._steps = 0
 
@@ -137,18 +157,13 @@ class RobosuiteEnv:
         """The underlying robosuite environment (for experts and inspection)."""
         return self._env
 
-    def reset(self, seed: int | None = None) -> dict[str, Any]:
+    def reset(self, seed: int) -> dict[str, Any]:
         """Start an episode; `seed` fixes object placement (robosuite samples from numpy's global RNG).
 
         The global numpy RNG state is restored afterwards, so callers' random streams are not disturbed.
         """
-        state = np.random.get_state()
-        try:
-            if seed is not None:
-                np.random.seed(seed)
+        with numpy_seed(seed):
             self._raw = self._env.reset()
-        finally:
-            np.random.set_state(state)
         self._steps = 0
         return self._observation()
 
@@ -360,3 +375,53 @@ def make_robosuite_env(task: str, **kwargs: Any) -> RobosuiteEnv:
     if unknown:
         raise ConfigError(f"robosuite:{task}: expected options from {sorted(known)}, got unknown {unknown}.")
     return RobosuiteEnv(task, **kwargs)
+
+
+def generate_robosuite_demos(
+    task: str,
+    episodes: int,
+    out: str | Path,
+    seed: int = 0,
+    image_size: int = 128,
+    progress: bool = True,
+    cameras: Sequence[str] = ("agentview",),
+) -> dict[str, Any]:
+    """Run the scripted expert on seeds `seed .. seed + episodes - 1`, write the successful episodes to `out`.
+
+    Each kept episode holds the frames `[T, S, S, 3]` per camera, proprio `[T, 8]` and actions `[T, 7]` seen before
+    each step. Returns counts and speed; `steps` counts every simulated step, failed episodes included.
+    """
+    if episodes <= 0:
+        raise ConfigError(f"generate_robosuite_demos.episodes: expected an int > 0, got {episodes}.")
+    if not cameras:
+        raise ConfigError("generate_robosuite_demos.cameras: expected at least one camera (demos store frames), got none.")
+    env = RobosuiteEnv(task, cameras=cameras, image_size=image_size)
+    expert = RobosuiteExpert(env)
+    started = time.perf_counter()
+    kept: list[Episode] = []
+    failed = steps = 0
+    bar = tqdm(range(seed, seed + episodes), desc=f"robosuite:{task} demos", unit="episode", disable=not progress)
+    for episode_seed in bar:
+        obs, done, info = env.reset(episode_seed), False, {}
+        expert.reset()
+        frames: list[list[np.ndarray]] = []
+        proprio, actions = [], []
+        while not done:
+            action = expert.act(obs).astype(np.float32)
+            frames.append(obs["image"] if len(env.cameras) > 1 else [obs["image"]])
+            proprio.append(obs["proprio"])
+            actions.append(action)
+            obs, _, done, info = env.step(action)
+        steps += len(actions)
+        if info["success"]:
+            images = {camera: np.stack([f[i] for f in frames]) for i, camera in enumerate(env.cameras)}
+            kept.append(Episode(len(kept), env.instruction, np.stack(actions), images, np.stack(proprio)))
+        else:
+            failed += 1
+        bar.set_postfix(kept=len(kept), failed=failed)
+    env.close()
+    if not kept:
+        raise DataError(f"generate_robosuite_demos({task!r}): expected at least one successful episode, got {failed} failures of {episodes}.")
+    write_demos(out, kept, env_name=f"robosuite:{task}", env_kwargs={"cameras": list(env.cameras), "image_size": image_size})
+    seconds = time.perf_counter() - started
+    return {"episodes": len(kept), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds, "out": str(out)}

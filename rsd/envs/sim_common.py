@@ -1,7 +1,8 @@
 """Observation and action plumbing shared by the robosuite and LIBERO adapters (pure numpy; no simulator import).
 
 LIBERO's environments are robosuite environments, so both adapters turn a raw robosuite observation into the
-contract's observation dict the same way: camera frames rotated 180° (robosuite renders them upside down),
+contract's observation dict the same way: camera frames rotated 180° (`img[::-1, ::-1]`, which turns robosuite's
+OpenGL-convention frames upright, as OpenVLA-OFT does for LIBERO; a robosuite-trained policy sees the same view),
 brought to the policy's size, proprio = end-effector position (3) + axis-angle from the quaternion (3) + gripper
 finger positions (2). On the action side LIBERO's evaluation protocol (OpenVLA-OFT) maps the policy's gripper
 value from [0, 1] to [-1, 1], binarises it and flips its sign for LIBERO's controller (-1 open, +1 close).
@@ -20,10 +21,11 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,17 @@ OFT_CROP_SCALE = 0.9  # area of OpenVLA-OFT's center crop (side = sqrt(0.9))
 EEF_POS_KEY = "robot0_eef_pos"
 EEF_QUAT_KEY = "robot0_eef_quat"
 GRIPPER_QPOS_KEY = "robot0_gripper_qpos"
+
+
+@contextlib.contextmanager
+def numpy_seed(seed: int) -> Iterator[None]:
+    """Seed numpy's global RNG (robosuite and LIBERO sample from it) inside the block; restore the caller's state after."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def camera_key(camera: str) -> str:

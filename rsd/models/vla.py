@@ -3,16 +3,27 @@
 DESIGN.md §1 and §3. The module layout follows OpenVLA's checkpoint (`vision_backbone.featurizer`,
 `vision_backbone.fused_featurizer`, `projector.fc1/2/3`, `language_model.model.*`, `language_model.lm_head`) so
 real weights map onto it by name; `lm_head` is unused by the action heads but kept so the layout and the
-parameter count are OpenVLA's. rsd adds an `action_query` embedding (the position whose hidden state the
-draft and the RFSQ head read) and, when the config has proprio, OFT's `proprio_projector`.
+parameter count are OpenVLA's. When the config has proprio, OFT's `proprio_projector` is added.
 
-Sequence per row: `BOS, patches of camera 0 (, camera 1 ...), [proprio token], prompt tokens, action query`.
-Prompts of different lengths are right-padded before the query; padding is masked out as keys and position
-ids count only real tokens, so a batched row equals the same row run alone.
+Sequence layouts (`VLAConfig.layout`); the *readout* positions are those whose hidden states the draft and the
+heads read, and the query hidden `[B, D]` is their mean:
+- "rsd" (default): `BOS, patches of camera 0 (, camera 1 ...), [proprio token], prompt, action query` with a
+  learned `action_query` embedding; causal attention; readout = the query position.
+- "openvla": `BOS, patches, prompt, 29871` (the token OpenVLA's `predict_action` appends); causal; readout = the
+  last prompt position, i.e. the hidden state from which OpenVLA's `lm_head` predicts the first action token.
+  No `action_query` parameter (OpenVLA has none).
+- "oft": `BOS, patches, [proprio token], prompt, 29871, 56 zero-embedding placeholders, </s>`; attention over
+  the whole sequence is bidirectional (`oft_attention="full"`, what OFT's transformers fork does at inference) or
+  causal with the 56 placeholders attending to each other (`"action_block"`); readout = OFT's 56 action positions
+  `P .. P+55` with `P = num_patches (+1 proprio) + prompt_len - 1` (the last prompt token and the first 55
+  placeholders: OFT's one-position shift from next-token alignment). The L1 head reads all 56
+  (`action_hidden`); the query hidden for the draft and the RFSQ head is their mean. No `action_query`.
+Prompts of different lengths are right-padded; padding is masked out as keys and position ids count only real
+tokens, so a batched row equals the same row run alone (the readout positions are gathered per row).
 
 Segmented forward: `embed(inputs)` → `PrefixState` at layer 0; `advance(state, k)` runs layers up to k;
 `resume(state)` runs the remaining layers and the final norm and returns the query hidden `[B, D]`.
-`resume(prefix(x, k)) == forward(x)` for every k in 0..N.
+`resume(prefix(x, k)) == forward(x)` for every k in 0..N and every layout.
 
 Usage:
     vla = PrismaticVLA(get_preset("tiny").model)
@@ -24,6 +35,7 @@ Usage:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -106,17 +118,23 @@ class PrefixState:
     position_ids: torch.Tensor  # [B, S] positions counting real tokens only
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each [B, S, head_dim]
     layer: int  # layers already run (0 .. N)
+    readout: torch.Tensor  # [B, R] int64 positions the heads read (R = 1, or 56 for the oft layout)
+
+    def readout_hidden(self) -> torch.Tensor:
+        """Residual stream at the readout positions `[B, R, D]` (before the final norm)."""
+        index = self.readout.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1])
+        return self.hidden.gather(1, index)
 
     @property
     def query_hidden(self) -> torch.Tensor:
-        """Hidden state at the action query position `[B, D]` (the last position)."""
-        return self.hidden[:, -1]
+        """Query hidden `[B, D]`: the mean over the readout positions (the one position for rsd/openvla)."""
+        return self.readout_hidden().mean(dim=1)
 
     def select(self, rows: torch.Tensor) -> PrefixState:
         """The state of batch rows `rows` only (for resuming rejected rows)."""
         cos, sin = self.position_embeddings
         return replace(self, hidden=self.hidden[rows], attention_mask=self.attention_mask[rows], position_ids=self.position_ids[rows],
-                       position_embeddings=(cos[rows], sin[rows]))
+                       position_embeddings=(cos[rows], sin[rows]), readout=self.readout[rows])
 
 
 def build_vit(config: ViTConfig) -> nn.Module:
@@ -149,7 +167,7 @@ class VisionBackbone(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch features `[B, P, Dv]` for pixel values `[B, 3 * backbones, S, S]`."""
         features = []
-        for index, (vit, config) in enumerate(zip(self.featurizers(), self.configs)):
+        for index, (vit, config) in enumerate(zip(self.featurizers(), self.configs, strict=True)):
             block = config.feature_layer % len(vit.blocks)
             images = pixel_values[:, 3 * index : 3 * index + 3]
             features.append(vit.forward_intermediates(images, indices=[block], norm=False, output_fmt="NLC",
@@ -184,6 +202,29 @@ class ProprioProjector(nn.Module):
         return self.fc2(F.gelu(self.fc1(proprio)))
 
 
+CROP_AREA = 0.9  # OpenVLA/OFT's center crop keeps 90 % of the image area
+
+
+def center_crop(images: torch.Tensor, requantize: bool) -> torch.Tensor:
+    """OpenVLA/OFT's center crop of `[N, 3, S, S]` images in [0, 1]: the central 90 % of the area, resized back to S.
+
+    Reproduces `tf.image.crop_and_resize` (bilinear, corner-aligned sampling of the box) as OFT's evaluation uses it;
+    with `requantize` the result goes back to uint8 the way TensorFlow converts (`x * 255.5`, truncated), as the
+    reference pipeline hands a uint8 image to the processor.
+    """
+    size = images.shape[-1]
+    side = math.sqrt(CROP_AREA)
+    offset = (1.0 - side) / 2.0
+    steps = torch.arange(size, dtype=torch.float32, device=images.device)
+    coords = 2.0 * (offset + steps * side / (size - 1)) - 1.0  # align_corners=True grid of the box
+    grid_y, grid_x = torch.meshgrid(coords, coords, indexing="ij")
+    grid = torch.stack([grid_x, grid_y], dim=-1).expand(images.shape[0], -1, -1, -1)
+    cropped = F.grid_sample(images, grid, mode="bilinear", align_corners=True)
+    if requantize:
+        cropped = torch.floor((cropped.clamp(0.0, 1.0) * 255.5).clamp(max=255.0)) / 255.0
+    return cropped
+
+
 def llama_config(config: VLAConfig) -> LlamaConfig:
     """transformers' LlamaConfig for the LLM part, with SDPA attention."""
     llm = config.llm
@@ -212,7 +253,8 @@ class PrismaticVLA(nn.Module):
         self.vision_backbone = VisionBackbone(config.vision)
         self.projector = FusedProjector(self.vision_backbone.embed_dim, config.llm.hidden_size)
         self.language_model = LlamaForCausalLM(llama_config(config))
-        self.action_query = nn.Parameter(torch.randn(config.llm.hidden_size) * 0.02)
+        # Only rsd's own layout has a learned query; openvla/oft read positions of OpenVLA's own sequence.
+        self.action_query = nn.Parameter(torch.randn(config.llm.hidden_size) * 0.02) if config.layout == "rsd" else None
         self.proprio_projector = ProprioProjector(config.proprio_dim, config.llm.hidden_size) if config.proprio_dim else None
         self._text_tokenizer = text_tokenizer
 
@@ -225,7 +267,7 @@ class PrismaticVLA(nn.Module):
     def text_tokenizer(self) -> TextTokenizer:
         """The prompt tokenizer named by the config (built on first use)."""
         if self._text_tokenizer is None:
-            self._text_tokenizer = load_text_tokenizer(self.config.text_tokenizer)
+            self._text_tokenizer = load_text_tokenizer(self.config.text_tokenizer, self.config.llm.vocab_size)
         return self._text_tokenizer
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
@@ -240,7 +282,8 @@ class PrismaticVLA(nn.Module):
         if tensor.ndim != 5 or tensor.shape[1] != config.num_images:
             raise ShapeError(f"PrismaticVLA: expected images [B, {config.num_images}, H, W, 3] (uint8) or [B, {config.num_images}, 3, S, S] "
                              f"(float), got {tuple(tensor.shape)}.")
-        if tensor.dtype == torch.uint8:
+        from_uint8 = tensor.dtype == torch.uint8
+        if from_uint8:
             if tensor.shape[-1] != 3:
                 raise ShapeError(f"PrismaticVLA: expected uint8 images [B, N, H, W, 3], got {tuple(tensor.shape)}.")
             tensor = tensor.permute(0, 1, 4, 2, 3).float() / 255.0
@@ -252,6 +295,8 @@ class PrismaticVLA(nn.Module):
                 raise ShapeError(f"PrismaticVLA: expected {size}×{size} images, got {height}×{width}; resize them or set resize_images.")
             tensor = F.interpolate(tensor.flatten(0, 1).float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             tensor = tensor.reshape(batch, cams, 3, size, size)
+        if config.center_crop:
+            tensor = center_crop(tensor.flatten(0, 1).float(), requantize=from_uint8).reshape(batch, cams, 3, size, size)
         channels = []
         for vit in config.vision:
             mean = torch.tensor(vit.mean).view(1, 1, 3, 1, 1)
@@ -269,6 +314,9 @@ class PrismaticVLA(nn.Module):
             if not isinstance(instruction, str) or not instruction.strip():
                 raise ShapeError(f"PrismaticVLA: expected non-empty instruction strings, got {instruction!r}.")
         prompts = [self.text_tokenizer.encode(self.config.prompt_template.format(instruction=i.strip().lower())) for i in instructions]
+        if self.config.layout != "rsd":  # OpenVLA's predict_action appends 29871 unless the prompt already ends with it
+            end = self.config.prompt_end_id
+            prompts = [p if p and p[-1] == end else [*p, end] for p in prompts]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((batch, length), self.text_tokenizer.pad_id, dtype=torch.int64)
         text_mask = torch.zeros(batch, length, dtype=torch.bool)
@@ -295,6 +343,8 @@ class PrismaticVLA(nn.Module):
         size, cams = self.config.image_size, self.config.num_images
         images = torch.randint(0, 256, (batch, cams, size, size, 3), generator=generator, dtype=torch.uint8)
         ids = torch.randint(3, self.config.llm.vocab_size, (batch, prompt_len), generator=generator)
+        if self.config.layout != "rsd":
+            ids[:, -1] = self.config.prompt_end_id
         proprio = torch.zeros(batch, self.config.proprio_dim) if self.config.proprio_dim else None
         device, _ = self._device_dtype()
         return VLAInputs(self.preprocess_images(images), ids, torch.ones(batch, prompt_len, dtype=torch.bool), proprio).to(device)
@@ -312,22 +362,58 @@ class PrismaticVLA(nn.Module):
         parts = [bos, patches]
         if self.proprio_projector is not None:
             parts.append(self.proprio_projector(inputs.proprio.to(device, dtype)).unsqueeze(1))
-        parts += [embed_tokens(inputs.input_ids.to(device)), self.action_query.to(dtype).expand(batch, 1, -1)]
+        fixed = sum(part.shape[1] for part in parts)  # BOS, patches, proprio: never padded
+        text_mask = inputs.text_mask.to(device)
+        prompt_end = fixed + inputs.input_ids.shape[1]  # first position after the (padded) prompt
+        parts += [embed_tokens(inputs.input_ids.to(device)), self._tail(batch, device, dtype)]
         hidden = torch.cat(parts, dim=1)
-        fixed = hidden.shape[1] - inputs.input_ids.shape[1] - 1
-        valid = torch.cat([torch.ones(batch, fixed, dtype=torch.bool, device=device), inputs.text_mask.to(device),
-                           torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
-        position_ids = (valid.cumsum(dim=1) - 1).clamp_min(0)
         length = hidden.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)
+        valid = torch.cat([torch.ones(batch, fixed, dtype=torch.bool, device=device), text_mask,
+                           torch.ones(batch, length - prompt_end, dtype=torch.bool, device=device)], dim=1)
+        position_ids = (valid.cumsum(dim=1) - 1).clamp_min(0)
+        allowed = self._attention_pattern(length, prompt_end, device).unsqueeze(0) & valid.unsqueeze(1)
         allowed = allowed | torch.eye(length, dtype=torch.bool, device=device).unsqueeze(0)  # padded rows see themselves
         mask = torch.zeros(batch, 1, length, length, dtype=dtype, device=device).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
         rotary = self.language_model.model.rotary_emb(hidden, position_ids=position_ids)
-        return PrefixState(hidden=hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary, layer=0)
+        last_prompt = (fixed + text_mask.sum(dim=1) - 1).unsqueeze(1)  # [B, 1] last real prompt token of each row
+        return PrefixState(hidden=hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary, layer=0,
+                           readout=self._readout(last_prompt, prompt_end, length))
+
+    def _tail(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Embeddings after the prompt `[B, T, D]`: the query (rsd), nothing (openvla), or 56 zeros + `</s>` (oft)."""
+        config = self.config
+        width = config.llm.hidden_size
+        if config.layout == "rsd":
+            return self.action_query.to(dtype).expand(batch, 1, -1)
+        if config.layout == "openvla":
+            return torch.zeros(batch, 0, width, dtype=dtype, device=device)
+        stop = self.language_model.model.embed_tokens(torch.full((batch, 1), config.stop_id, dtype=torch.int64, device=device))
+        return torch.cat([torch.zeros(batch, config.num_action_tokens, width, dtype=dtype, device=device), stop], dim=1)
+
+    def _attention_pattern(self, length: int, prompt_end: int, device: torch.device) -> torch.Tensor:
+        """Which position may attend to which `[S, S]` bool, before padding is masked."""
+        config = self.config
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        if config.layout != "oft":
+            return causal
+        if config.oft_attention == "full":
+            return torch.ones(length, length, dtype=torch.bool, device=device)
+        block = torch.zeros(length, dtype=torch.bool, device=device)
+        block[prompt_end : prompt_end + config.num_action_tokens] = True
+        return causal | (block.unsqueeze(0) & block.unsqueeze(1))
+
+    def _readout(self, last_prompt: torch.Tensor, prompt_end: int, length: int) -> torch.Tensor:
+        """Readout positions `[B, R]` for the layout, from each row's last prompt position `[B, 1]`."""
+        if self.config.layout == "rsd":
+            return torch.full_like(last_prompt, length - 1)
+        if self.config.layout == "openvla":
+            return last_prompt
+        # OFT's shift: the last prompt token, then the first 55 placeholders (the hidden state at i predicts token i+1).
+        block = prompt_end + torch.arange(self.config.num_action_tokens - 1, device=last_prompt.device)
+        return torch.cat([last_prompt, block.unsqueeze(0).expand(last_prompt.shape[0], -1)], dim=1)
 
     def text_tokenizer_bos(self) -> int:
-        """The BOS id (1 for both the byte tokenizer and Llama's) without loading a tokenizer when none is set."""
+        """The BOS id (1 for the built-in tokenizers and Llama's) without loading a tokenizer when none is set."""
         return 1 if not self.config.text_tokenizer else self.text_tokenizer.bos_id
 
     def advance(self, state: PrefixState, exit_layer: int) -> PrefixState:
@@ -345,10 +431,20 @@ class PrismaticVLA(nn.Module):
         """Vision, projector and LLM layers `0 .. exit_layer-1`: the early-exit state."""
         return self.advance(self.embed(inputs), exit_layer)
 
-    def resume(self, state: PrefixState) -> torch.Tensor:
-        """Run the remaining layers `state.layer .. N-1` and the final norm; return the query hidden `[B, D]`."""
+    def final_readout(self, state: PrefixState) -> torch.Tensor:
+        """Run the remaining layers `state.layer .. N-1`; the final-norm hidden states at the readout `[B, R, D]`."""
         final = self.advance(state, self.config.llm.num_layers)
-        return self.language_model.model.norm(final.hidden[:, -1])
+        return self.language_model.model.norm(final.readout_hidden())
+
+    def resume(self, state: PrefixState) -> torch.Tensor:
+        """Run the remaining layers and the final norm; return the query hidden `[B, D]` (mean over the readout)."""
+        return self.final_readout(state).mean(dim=1)
+
+    def action_hidden(self, state: PrefixState) -> torch.Tensor:
+        """OFT's action hidden states `[B, 56, D]` (`last_hidden[:, P : P + 56]`), what the L1 head reads."""
+        if self.config.layout != "oft":
+            raise ConfigError(f"VLAConfig.layout: expected 'oft' for action hidden states, got {self.config.layout!r}.")
+        return self.final_readout(state)
 
     def forward(self, inputs: VLAInputs) -> torch.Tensor:
         """The plain full forward: final query hidden `[B, D]`."""
@@ -368,10 +464,21 @@ class PrismaticVLA(nn.Module):
         load_strict(model, tensors, Path(directory) / f"{MODEL_FILE}.safetensors")
         return model.finish_loading(device or "cpu", dtype or torch.float32)
 
+    @classmethod
+    def from_openvla(cls, path: str | Path, variant: str = "openvla", dtype: str | torch.dtype | None = None,
+                     device: str | torch.device | None = None, **options: Any) -> PrismaticVLA:
+        """Load a local OpenVLA / OpenVLA-OFT folder by key mapping (`rsd.models.openvla.load_openvla`, its options)."""
+        from rsd.models.openvla import load_openvla
+
+        return load_openvla(path, variant, device=device, dtype=dtype, **options)
+
     def finish_loading(self, device: torch.device | str, dtype: torch.dtype) -> PrismaticVLA:
-        """Move to `device`/`dtype` and rebuild the rotary tables (non-persistent buffers) there."""
-        self.to(device=device, dtype=dtype)
-        self.language_model.model.rotary_emb = LlamaRotaryEmbedding(self.language_model.config, device=torch.device(device))
+        """Move to `device`/`dtype`; rebuild the rotary tables (the only non-persistent buffers) there, kept in fp32."""
+        model = self.language_model.model
+        with torch.device(device):
+            model.rotary_emb = LlamaRotaryEmbedding(self.language_model.config)
+            self.to(device=device, dtype=dtype)
+            model.rotary_emb = LlamaRotaryEmbedding(self.language_model.config)
         return self.eval()
 
     @classmethod

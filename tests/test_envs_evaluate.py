@@ -1,0 +1,76 @@
+"""Closed-loop evaluation with a scripted policy: success, videos and the report's JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from rsd.envs.evaluate import evaluate
+from rsd.envs.expert import ScriptedExpert
+from rsd.envs.tabletop import TabletopEnv
+from rsd.errors import ConfigError
+
+
+class ExpertPolicy:
+    """The scripted expert behind the policy interface (reset / act / stats), with fake chunk counters."""
+
+    def __init__(self, env: TabletopEnv) -> None:
+        self.expert = ScriptedExpert(env, seed=0)
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.expert.reset()
+
+    def act(self, obs: dict) -> np.ndarray:
+        self.calls += 1
+        return self.expert.act(obs)
+
+    def stats(self) -> dict:
+        accepted = sum(1 for i in range(self.calls) if i % 4)  # 3 of every 4 "chunks" accepted
+        return {"calls": self.calls, "acceptance_rate": accepted / self.calls if self.calls else math.nan, "agreement": None,
+                "stages": {"total": {"n": self.calls, "p50": 2.0, "mean": 2.5}} if self.calls else {}}
+
+
+def test_evaluate_scripted_policy_succeeds_and_reports(tmp_path):
+    env = TabletopEnv()
+    report = evaluate(ExpertPolicy(env), env, seeds=[100, 101, 102, 103, 104], video_dir=tmp_path, progress=False)
+    assert report.success_rate >= 0.9
+    assert [e.seed for e in report.episodes] == [100, 101, 102, 103, 104]
+    assert all(0 < e.length <= env.max_steps for e in report.episodes)
+    videos = sorted(tmp_path.glob("*.gif"))
+    assert len(videos) == 5 and videos[0].read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+    data = json.loads(json.dumps(report.to_json()))
+    assert {"success_rate", "mean_length", "acceptance_rate", "latency_ms", "per_task", "episodes"} <= set(data)
+    assert 0.0 <= data["success_rate"] <= 1.0 and data["mean_length"] > 0
+    assert 0.7 <= data["acceptance_rate"] <= 0.8 and data["latency_ms"] == {"p50": 2.0, "mean": 2.5}
+    assert sum(row["episodes"] for row in data["per_task"].values()) == 5
+    assert set(data["per_task"]) <= {"pick_place", "next_to"}
+    markdown = report.to_markdown()
+    assert markdown.startswith("| task |") and "ExpertPolicy" in markdown and "acceptance" in markdown
+
+
+def test_acceptance_covers_only_this_call_and_main_only_has_none():
+    env = TabletopEnv()
+    policy = ExpertPolicy(env)
+    evaluate(policy, env, seeds=[0], progress=False)
+    calls_before = policy.calls
+    second = evaluate(policy, env, seeds=[1], progress=False)
+
+    def accepted(calls: int) -> int:
+        return calls - math.ceil(calls / 4)
+
+    expected = (accepted(policy.calls) - accepted(calls_before)) / (policy.calls - calls_before)
+    assert second.acceptance_rate == pytest.approx(expected)
+    MainOnlyPolicy = type("MainOnlyPolicy", (ExpertPolicy,), {})
+    assert evaluate(MainOnlyPolicy(env), env, seeds=[0], progress=False).acceptance_rate is None
+
+
+def test_bad_arguments_raise(tmp_path):
+    env = TabletopEnv()
+    with pytest.raises(ConfigError, match="seed"):
+        evaluate(ExpertPolicy(env), env, seeds=[], progress=False)
+    with pytest.raises(ConfigError, match="gif"):
+        evaluate(ExpertPolicy(env), env, seeds=[0], video_dir=tmp_path, video_format="avi", progress=False)
