@@ -255,7 +255,7 @@ def _tiny() -> Preset:
             ViTConfig(
                 timm_name="vit_tiny_patch16_224",
                 img_size=64,
-                patch_size=8,
+                patch_size=16,
                 embed_dim=96,
                 depth=2,
                 num_heads=3,

@@ -91,6 +91,9 @@ def hardware_card(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return card
 
 
+RANDOM_PROMPT_TOKENS = 34  # Llama tokens of a typical LIBERO prompt ("In: What action should the robot take to ...?\nOut:")
+
+
 @dataclass
 class BenchSetup:
     """What one benchmark run times: the main model, inputs, and the draft/decoder engines by name."""
@@ -122,7 +125,7 @@ def random_setup(preset: str, device: torch.device, dtype: torch.dtype, exit_lay
     decoders = {c: TorchDecoderEngine(tokenizer.decoder_module(), c) for c in (tok.coarse_layers, tok.num_layers)}
     return BenchSetup(
         main=main,
-        inputs=example_inputs(main, device),
+        inputs=vla.random_inputs(batch=1, prompt_len=RANDOM_PROMPT_TOKENS, seed=seed),
         drafts={"torch": TorchDraftEngine(draft)},
         decoders={"torch": decoders},
         exit_layers=exit_layers,
@@ -215,10 +218,10 @@ def bench_latency(setup: BenchSetup, iters: int = 50, warmup: int = 10, acceptan
             record("draft", name, lambda d=draft, s=state_k: d(s.query_hidden), k)
         draft_name = next(iter(setup.drafts))
         decoders = setup.decoders[draft_name]
-        accept = record("speculative, accept path (tau=0)", draft_name,
-                        lambda k=k: SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, 0.0).run(inputs), k)
-        reject = record("speculative, reject path (tau=inf)", draft_name,
-                        lambda k=k: SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, math.inf).run(inputs), k)
+        always = SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, 0.0)
+        never = SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, math.inf)
+        accept = record("speculative, accept path (tau=0)", draft_name, lambda e=always: e.run(inputs), k)
+        reject = record("speculative, reject path (tau=inf)", draft_name, lambda e=never: e.run(inputs), k)
         curve = [{"acceptance": p, "latency_ms": p * accept["p50"] + (1 - p) * reject["p50"]} for p in ACCEPTANCE_GRID]
         per_layer[k] = {"prefix_p50": prefix["p50"], "suffix_p50": suffix["p50"], "accept_p50": accept["p50"],
                         "reject_p50": reject["p50"], "curve": curve}

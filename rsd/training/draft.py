@@ -50,7 +50,7 @@ def distillation_loss(
     kl = (p * (log_p - log_q)).sum(-1).mean()
     accept = (1.0 - torch.minimum(p, log_q.exp()).sum(-1)).mean()
     loss = ce + kl_weight * kl + accept_weight * accept
-    return loss, {"ce": float(ce), "kl": float(kl), "accept": float(accept)}
+    return loss, {"ce": ce.detach().item(), "kl": kl.detach().item(), "accept": accept.detach().item()}
 
 
 def train_draft(
@@ -105,7 +105,7 @@ def train_draft(
             torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **evaluate_draft(draft, feats, val_rows, target_tokens, kl_weight, accept_weight)}
         history.append(metrics)
         bar.set_postfix(val_agree=f"{metrics['val_agreement']:.3f}", loss=f"{metrics['train_loss']:.3f}")

@@ -1,10 +1,11 @@
 """train-policy: behaviour cloning of PrismaticVLA + RFSQ head on the RFSQ tokens of demonstration chunks.
 
 Each frame's target is the tokenizer's tokens of the H-step action chunk starting at that frame (all L
-residual layers); the loss is the mean cross-entropy over layers and tokens. The tokenizer is frozen and
+residual layers); the loss is the cross-entropy over tokens, weighted per layer. The tokenizer is frozen and
 its action statistics are the policy's, so un-normalisation at run time is exactly the inverse of what
 training saw; proprio statistics come from the training episodes. The validation split is by episode and
-reports per-layer token accuracy and the decoded-action error against the demonstrated chunk.
+reports per-layer token accuracy and the decoded-action error against the demonstrated chunk. The per-layer
+cross-entropies are weighted by `policy_layer_weights` (coarse layers count more).
 `freeze_backbone=True` trains only the head (for big frozen backbones).
 
 Usage:
@@ -77,6 +78,7 @@ def train_policy(
     val_rows = np.flatnonzero(np.isin(dataset.episode_ids, val_eps))
     with torch.no_grad():
         targets = tokens_to_layers(action_tokenizer.encode(torch.as_tensor(dataset.all_actions(), dtype=torch.float32)))
+    layer_weights = policy_layer_weights(action_tokenizer)
     steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos")
     rng = np.random.default_rng(train.seed)
@@ -93,13 +95,13 @@ def train_policy(
             rows = order[start : start + train.batch_size]
             batch = dataset.batch(rows)
             logits = main.head(main.vla(main.prepare(batch.images, batch.instructions, batch.proprio)))
-            loss = F.cross_entropy(logits.flatten(0, 2), targets[rows].flatten())
+            loss = token_loss(logits, targets[rows], layer_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate_policy(main, dataset, val_rows, targets), "seconds": time.perf_counter() - started}
         history.append(metrics)
@@ -120,6 +122,24 @@ def train_policy(
     }
     (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def policy_layer_weights(tokenizer: ActionTokenizer) -> torch.Tensor:
+    """Per-layer loss weights `[L]` ∝ sqrt(s_l / s_0), normalised to sum to 1.
+
+    Layer l moves the latent by at most s_l, so its tokens matter less for the decoded chunk the finer it is;
+    the square root keeps the coarse layers the draft predicts (l < C) well weighted while the near-noise finest
+    layers no longer dominate the gradient.
+    """
+    scales = tokenizer.current_scales().detach().float()
+    weights = torch.sqrt(scales / scales[0])
+    return weights / weights.sum()
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, layer_weights: torch.Tensor) -> torch.Tensor:
+    """Layer-weighted cross-entropy of logits `[B, L, T, V]` against tokens `[B, L, T]`."""
+    per_token = F.cross_entropy(logits.permute(0, 3, 1, 2), targets, reduction="none")  # [B, L, T]
+    return (per_token.mean(dim=(0, 2)) * layer_weights.to(per_token.device)).sum()
 
 
 @torch.inference_mode()
