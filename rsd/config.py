@@ -282,7 +282,7 @@ def _tiny() -> Preset:
         draft_width=128,
         draft_heads=4,
         draft_ffn=256,
-        tokenizer_train=TrainConfig(epochs=30, batch_size=256, lr=3e-3),
+        tokenizer_train=TrainConfig(epochs=30, batch_size=64, lr=3e-3),
         policy_train=TrainConfig(epochs=15, batch_size=32, lr=1e-3),
         draft_train=TrainConfig(epochs=40, batch_size=128, lr=1e-3),
     )

@@ -40,7 +40,7 @@ class DemoConfig:
     seed: int = 0  # seeds everything
 
 
-QUICK = DemoConfig(episodes=40, tokenizer_epochs=8, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), eval_episodes=4,
+QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), eval_episodes=4,
                    bench_iters=10, bench_warmup=3)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_observation, make_tiny_main
 from safetensors.torch import save_file
 
 from rsd.config import get_preset
@@ -30,7 +31,6 @@ from rsd.io import FORMAT_VERSION, sha256_file
 from rsd.models.draft import DraftHead
 from rsd.runtime.policy import SpeculativePolicy
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
-from tests.conftest import make_observation, make_tiny_main
 
 FINGERPRINT = "test-fp"
 

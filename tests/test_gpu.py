@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_observation, make_tiny_main
 
 from rsd.config import get_preset
 from rsd.models.draft import DraftHead
 from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 from rsd.runtime.speculative import SpeculativeEngine
-from tests.conftest import make_observation, make_tiny_main
 
 pytestmark = pytest.mark.gpu
 

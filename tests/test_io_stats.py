@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from rsd.data.stats import ActionStats, DatasetStatistics, normalize, read_dataset_statistics, unnormalize, write_dataset_statistics
+from rsd.data.stats import (
+    ActionStats,
+    DatasetStatistics,
+    normalize,
+    read_dataset_statistics,
+    unnormalize,
+    write_dataset_statistics,
+)
 from rsd.errors import CheckpointError, DataError, ShapeError
 from rsd.io import load_artifact, load_strict, save_artifact
 

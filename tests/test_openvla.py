@@ -331,7 +331,7 @@ def test_center_crop_is_tf_crop_and_resize() -> None:
 
 
 def test_inspect_main_reports_variant_dims_dtype_and_statistics(oft_folder: Path, openvla_folder: Path, tmp_path: Path) -> None:
-    from tests.conftest import make_tiny_main
+    from conftest import make_tiny_main
 
     torch.save(_head_state(), oft_folder / "action_head--150000_checkpoint.pt")
     runner = CliRunner()

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_observation
 
 from rsd.errors import ConfigError, DataError
 from rsd.models.draft import DraftHead
@@ -15,7 +16,6 @@ from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 from rsd.runtime.speculative import SpeculativeEngine
 from rsd.tokenizer import layers_to_tokens
-from tests.conftest import make_observation
 
 EXIT = 3
 

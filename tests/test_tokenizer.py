@@ -16,7 +16,14 @@ from rsd.data.actions import load_action_episodes, write_action_episodes
 from rsd.data.stats import ActionStats
 from rsd.data.synthetic import synthetic_action_episodes
 from rsd.errors import CheckpointError, DataError, ShapeError
-from rsd.tokenizer import ActionTokenizer, dequantize, geometric_scales, layers_to_tokens, residual_quantize, tokens_to_layers
+from rsd.tokenizer import (
+    ActionTokenizer,
+    dequantize,
+    geometric_scales,
+    layers_to_tokens,
+    residual_quantize,
+    tokens_to_layers,
+)
 from rsd.training.tokenizer import train_tokenizer
 
 CONFIG = TokenizerConfig()
@@ -98,7 +105,7 @@ def test_trained_tokenizer_error_falls_with_layers(trained) -> None:
     mse = report["val_mse_by_layers"]
     assert len(mse) == CONFIG.num_layers
     assert mse[-1] < mse[0] / 3
-    for coarse, fine in zip(mse, mse[1:]):
+    for coarse, fine in zip(mse, mse[1:], strict=False):
         assert fine <= coarse * (1 + 1e-3) + 1e-9, mse
     assert len(report["token_usage"]) == CONFIG.num_layers and len(report["val_max_error_per_dim"]) == CONFIG.action_dim
     assert set(report["val_episodes"]).isdisjoint(report["train_episodes"])
@@ -163,7 +170,7 @@ def test_action_file_formats(tmp_path) -> None:
     episodes = synthetic_action_episodes(3, seed=2)
     write_action_episodes(tmp_path / "a.npz", episodes, [5, 6, 7])
     loaded, ids = load_action_episodes(tmp_path / "a.npz")
-    assert ids == [5, 6, 7] and all(np.array_equal(a, b) for a, b in zip(loaded, episodes))
+    assert ids == [5, 6, 7] and all(np.array_equal(a, b) for a, b in zip(loaded, episodes, strict=False))
     np.savez(tmp_path / "bad.npz", actions=np.zeros((10, 7)), episode_ends=np.array([4, 9]))
     with pytest.raises(DataError, match="episode_ends"):
         load_action_episodes(tmp_path / "bad.npz")

@@ -302,7 +302,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["| exit layer | " + " | ".join(f"p={p:.1f}" for p in grid) + " |", "|---|" + "---|" * len(grid)]
     for k, entry in report["exit_layers"].items():
         lines.append(f"| {k} | " + " | ".join(f"{c['latency_ms']:.2f}" for c in entry["curve"]) + " |")
-    lines.append(f"| baseline | " + " | ".join(f"{report['baseline_p50']:.2f}" for _ in grid) + " |")
+    lines.append("| baseline | " + " | ".join(f"{report['baseline_p50']:.2f}" for _ in grid) + " |")
     if report["speedup"]:
         lines += ["", f"## Speed-up over the baseline at acceptance {report['acceptance']:.3f}", "",
                   "| exit layer | expected ms | baseline ms | speed-up |", "|---|---|---|---|"]

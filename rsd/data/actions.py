@@ -44,7 +44,7 @@ def load_action_episodes(path: str | Path) -> tuple[list[np.ndarray], list[int]]
     dims = {e.shape[1] for e in episodes}
     if len(dims) != 1:
         raise DataError(f"{path}: expected one action size in every episode, got {sorted(dims)}.")
-    for episode_id, actions in zip(ids, episodes):
+    for episode_id, actions in zip(ids, episodes, strict=False):
         if not np.isfinite(actions).all():
             raise DataError(f"{path}: episode {episode_id} holds NaN or inf actions.")
     return episodes, ids
@@ -64,7 +64,7 @@ def _read_npz(path: Path) -> tuple[list[np.ndarray], list[int]]:
     if len(ids) != len(ends):
         raise DataError(f"{path}: expected {len(ends)} 'episode_ids', got {len(ids)}.")
     starts = np.concatenate([[0], ends[:-1]])
-    return [actions[s:e].astype(np.float32) for s, e in zip(starts, ends)], [int(i) for i in ids]
+    return [actions[s:e].astype(np.float32) for s, e in zip(starts, ends, strict=False)], [int(i) for i in ids]
 
 
 def _read_hdf5(path: Path) -> tuple[list[np.ndarray], list[int]]:

@@ -107,15 +107,15 @@ class FrameDataset:
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise DataError(f"FrameDataset.batch: expected rows in 0..{len(self) - 1}, got {rows.min()}..{rows.max()}.")
         owners, frames = self._owner[rows], self._frame[rows]
-        images = np.stack([np.stack([self.episodes[o].images[c][f] for c in self.cameras]) for o, f in zip(owners, frames)])
+        images = np.stack([np.stack([self.episodes[o].images[c][f] for c in self.cameras]) for o, f in zip(owners, frames, strict=False)])
         proprio = None
         if self.episodes[0].proprio is not None:
-            proprio = np.stack([self.episodes[o].proprio[f] for o, f in zip(owners, frames)]).astype(np.float32)
+            proprio = np.stack([self.episodes[o].proprio[f] for o, f in zip(owners, frames, strict=False)]).astype(np.float32)
         return FrameBatch(
             images=images,
             instructions=[self.episodes[o].instruction for o in owners],
             proprio=proprio,
-            actions=np.stack([self._chunks[o][f] for o, f in zip(owners, frames)]),
+            actions=np.stack([self._chunks[o][f] for o, f in zip(owners, frames, strict=False)]),
             episode_ids=self.episode_ids[rows],
             frame_indices=frames,
         )

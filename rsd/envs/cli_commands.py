@@ -46,12 +46,19 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
 @click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
 @click.option("--tau", type=float, default=None, help="Gate threshold (default: the bundle's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the reports as JSON.")
+@click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
+@click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
+              help="LIBERO scene assets folder (libero:* environments; default: LIBERO's config).")
 def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
-                 device: str | None, engine: str, tau: float | None, json_path: str | None) -> None:
+                 device: str | None, engine: str, tau: float | None, json_path: str | None, image_size: int | None,
+                 libero_assets: str | None) -> None:
     """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
     from rsd.envs.evaluate import evaluate
     from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy, load_main
 
+    env_kwargs = {k: v for k, v in {"image_size": image_size, "assets": libero_assets}.items() if v is not None}
+    if libero_assets and not env_name.startswith("libero:"):
+        raise click.BadParameter(f"--libero-assets applies to libero:* environments, got --env {env_name}.")
     main_model = load_main(policy, device, None)
     seeds = list(range(seed, seed + episodes))
     policies = {"baseline": MainOnlyPolicy(main_model)}
@@ -60,7 +67,7 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
     reports = {}
     for name, candidate in policies.items():
         videos = None if video is None else Path(video) / name
-        reports[name] = evaluate(candidate, env_name, seeds, video_dir=videos, video_format=video_format)
+        reports[name] = evaluate(candidate, env_name, seeds, video_dir=videos, video_format=video_format, env_kwargs=env_kwargs)
         click.echo(f"## {name}\n\n{reports[name].to_markdown()}")
     if "speculative" in reports:
         base, spec = reports["baseline"], reports["speculative"]

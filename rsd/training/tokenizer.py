@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from rsd.config import TokenizerConfig, TrainConfig, get_preset, to_dict
@@ -46,12 +45,12 @@ def train_tokenizer(
     ids = list(range(len(episodes))) if episode_ids is None else [int(i) for i in episode_ids]
     if len(ids) != len(episodes):
         raise DataError(f"train-tokenizer: expected one episode id per episode ({len(episodes)}), got {len(ids)}.")
-    for episode_id, actions in zip(ids, episodes):
+    for episode_id, actions in zip(ids, episodes, strict=False):
         if actions.ndim != 2 or actions.shape[1] != config.action_dim:
             raise DataError(f"train-tokenizer: episode {episode_id} expected actions [T, {config.action_dim}], got {actions.shape}.")
     torch.manual_seed(train.seed)
     train_ids, val_ids = split_episodes(ids, train.val_fraction, train.seed)
-    by_id = dict(zip(ids, episodes))
+    by_id = dict(zip(ids, episodes, strict=False))
     stats = ActionStats.from_actions(np.concatenate([by_id[i] for i in train_ids]))
     train_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in train_ids]), dtype=torch.float32)
     val_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in val_ids]), dtype=torch.float32)
