@@ -40,6 +40,8 @@ class DemoConfig:
     seed: int = 0  # seeds everything
 
 
+EXPLORE_COVERAGE = 0.5  # coverage of the extra, uncalibrated speculative evaluation (shows what acceptance costs)
+
 QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), eval_episodes=4,
                    bench_iters=10, bench_warmup=3)
 
@@ -100,7 +102,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "
             draft_train = dataclasses.replace(spec.draft_train, epochs=config.draft_epochs, seed=config.seed)
             trained = train_draft(features, out / f"draft_k{layer}", preset, draft_train)
             calibration = calibrate(out / f"draft_k{layer}", features, out / f"draft_k{layer}" / "calibration.json")
-            drafts[layer] = {"draft": trained["best"], "parameters": trained["parameters"], "calibration": _calibration_summary(calibration)}
+            drafts[layer] = {"draft": trained["best"], "parameters": trained["parameters"], "calibration": _calibration_summary(calibration),
+                             "calibration_curve": calibration["calibration"]["curve"]}
     report["drafts"] = drafts
     with _step("export bundle (onnx, torchscript)", timings):
         report["export"] = export_draft(out / f"draft_k{k}", out / "tokenizer", out / "bundle", formats=("onnx", "torchscript"),
@@ -114,15 +117,25 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "
     with _step("closed-loop evaluation", timings):
         main = load_main(out / "policy", "cpu", None)
         seeds = list(range(10_000 + config.seed, 10_000 + config.seed + config.eval_episodes))
-        baseline = evaluate(MainOnlyPolicy(main), "tabletop", seeds)
-        speculative = evaluate(SpeculativePolicy.from_bundle(out / "bundle", main=main), "tabletop", seeds)
-        report["eval"] = {"baseline": baseline.to_json(), "speculative": speculative.to_json()}
-        report["eval_markdown"] = {"baseline": baseline.to_markdown(), "speculative": speculative.to_markdown()}
+        policies = {"baseline": MainOnlyPolicy(main), "speculative": SpeculativePolicy.from_bundle(out / "bundle", main=main)}
+        explore_tau = tau_at_coverage(drafts[k]["calibration_curve"], EXPLORE_COVERAGE)
+        if explore_tau != drafts[k]["calibration"]["tau"]:
+            policies[f"speculative, tau {explore_tau:.3f} (coverage {EXPLORE_COVERAGE:.0%}, above the risk target)"] = (
+                SpeculativePolicy.from_bundle(out / "bundle", main=main, tau=explore_tau))
+        reports = {name: evaluate(policy, "tabletop", seeds) for name, policy in policies.items()}
+        report["eval"] = {name: r.to_json() for name, r in reports.items()}
+        report["eval_markdown"] = {name: r.to_markdown() for name, r in reports.items()}
     report["timings_s"] = timings
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
     (out / "report.md").write_text(format_demo_report(report))
     print(f"\nreport: {out / 'report.md'}")
     return report
+
+
+def tau_at_coverage(curve: list[dict[str, Any]], coverage: float) -> float:
+    """The threshold of a calibration curve whose coverage is closest to `coverage` (for an exploratory run)."""
+    finite = [p for p in curve if math.isfinite(p["tau"])]
+    return min(finite, key=lambda p: abs(p["coverage"] - coverage))["tau"]
 
 
 def _calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
@@ -160,11 +173,16 @@ def format_demo_report(report: dict[str, Any]) -> str:
                      f"{c['gate_statistic']} | {c['test_coverage']:.3f} | {c['test_risk']:.3f} |")
     lines += ["", "## Latency (CPU)", "", report["bench_markdown"]]
     ev = report["eval"]
-    lines += ["", "## Closed-loop evaluation (same seeds)", "", "| policy | success | mean length | acceptance |", "|---|---|---|---|"]
-    for name in ("baseline", "speculative"):
-        e = ev[name]
+    lines += ["", "## Closed-loop evaluation (same seeds)", "",
+              "The calibrated speculative policy uses the bundle's tau; the third row, when present, gates at the tau whose "
+              f"calibration coverage is {EXPLORE_COVERAGE:.0%}, above the risk target, to show what accepting drafts costs.", "",
+              "| policy | success | mean length | acceptance | chunk p50 ms |", "|---|---|---|---|---|"]
+    for name, e in ev.items():
         acc = e.get("acceptance_rate")
-        lines.append(f"| {name} | {e['success_rate']:.3f} | {e['mean_length']:.1f} | {'-' if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f'{acc:.3f}'} |")
+        latency = e.get("latency_ms") or {}
+        lines.append(f"| {name} | {e['success_rate']:.3f} | {e['mean_length']:.1f} | "
+                     f"{'-' if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f'{acc:.3f}'} | "
+                     f"{latency.get('p50', math.nan):.2f} |")
     for name, md in report["eval_markdown"].items():
         lines += ["", f"### {name}", "", md]
     return "\n".join(lines) + "\n"
