@@ -108,9 +108,11 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # rotary base
     max_position_embeddings: int = 2048  # longest sequence
+    initializer_range: float = 0.02  # std of the normal init of new weights (Llama's 0.02 suits widths near 4096)
 
     def __post_init__(self) -> None:
         _positive(self, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+        _check(self.initializer_range > 0, "LLMConfig", "initializer_range", "a positive float", self.initializer_range)
         _check(self.hidden_size % self.num_heads == 0, "LLMConfig", "num_heads", "a divisor of hidden_size", self.num_heads)
         _check(
             self.num_heads % self.num_kv_heads == 0, "LLMConfig", "num_kv_heads", "a divisor of num_heads", self.num_kv_heads
@@ -272,6 +274,7 @@ def _tiny() -> Preset:
             intermediate_size=344,
             vocab_size=1024,
             max_position_embeddings=512,
+            initializer_range=0.1,  # about 1/sqrt(128): with 0.02 attention starts uniform and the query learns to read the image far slower
         ),
         tokenizer=tokenizer,
         proprio_dim=8,

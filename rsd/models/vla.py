@@ -239,6 +239,7 @@ def llama_config(config: VLAConfig) -> LlamaConfig:
         rope_theta=llm.rope_theta,
         max_position_embeddings=llm.max_position_embeddings,
         tie_word_embeddings=False,
+        initializer_range=llm.initializer_range,
         attn_implementation="sdpa",
     )
     return llama
@@ -254,7 +255,7 @@ class PrismaticVLA(nn.Module):
         self.projector = FusedProjector(self.vision_backbone.embed_dim, config.llm.hidden_size)
         self.language_model = LlamaForCausalLM(llama_config(config))
         # Only rsd's own layout has a learned query; openvla/oft read positions of OpenVLA's own sequence.
-        self.action_query = nn.Parameter(torch.randn(config.llm.hidden_size) * 0.02) if config.layout == "rsd" else None
+        self.action_query = nn.Parameter(torch.randn(config.llm.hidden_size) * config.llm.initializer_range) if config.layout == "rsd" else None
         self.proprio_projector = ProprioProjector(config.proprio_dim, config.llm.hidden_size) if config.proprio_dim else None
         self._text_tokenizer = text_tokenizer
 
