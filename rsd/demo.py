@@ -110,6 +110,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "
                                         calibration=out / f"draft_k{k}" / "calibration.json", features=out / f"features_k{k}")
     with _step("bench-latency", timings):
         bench = run_bench_latency(bundle=out / "bundle", main=out / "policy", device="cpu", iters=config.bench_iters,
+                                  exit_layers=sorted({k, *config.extra_exit_layers}),
                                   warmup=config.bench_warmup, observations=data, replay=32, json_path=out / "bench.json",
                                   plot_path=out / "bench.png", markdown_path=out / "bench.md")
         report["bench"] = {k2: bench[k2] for k2 in ("baseline_p50", "acceptance", "speedup", "replay")}
