@@ -12,8 +12,9 @@ Usage:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -25,19 +26,58 @@ from rsd.envs.tabletop import TabletopEnv
 from rsd.errors import ConfigError, DataError
 
 
-def _rollout(env: TabletopEnv, expert: ScriptedExpert, seed: int, episode_id: int) -> tuple[Episode, bool]:
-    """Run one expert episode; return it (frames `[T, H, W, 3]`, proprio `[T, 8]`, actions `[T, 7]`) and its success."""
+class Expert(Protocol):
+    """A scripted expert: `reset(seed)` at the start of an episode, then `act(obs)` each step."""
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start an episode's script (`seed` reseeds any action noise)."""
+        ...
+
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """The expert's action `[7]` for an observation."""
+        ...
+
+
+def rollout(env: Any, expert: Expert, seed: int, episode_id: int, cameras: Sequence[str]) -> tuple[Episode, bool]:
+    """Run one expert episode; return it (frames `[T, H, W, 3]` per camera, proprio `[T, 8]`, actions `[T, 7]`) and its success."""
     obs = env.reset(seed)
-    frames, proprio, actions = [], [], []
+    expert.reset(seed)
+    frames: list[list[np.ndarray]] = []
+    proprio, actions = [], []
     done, info = False, {}
     while not done:
         action = np.asarray(expert.act(obs), dtype=np.float32)
-        frames.append(obs["image"])
+        frames.append(obs["image"] if len(cameras) > 1 else [obs["image"]])
         proprio.append(obs["proprio"])
         actions.append(action)
         obs, _, done, info = env.step(action)
-    episode = Episode(episode_id, obs["instruction"], np.stack(actions), {"agentview": np.stack(frames)}, np.stack(proprio).astype(np.float32))
-    return episode, bool(info["success"])
+    images = {camera: np.stack([f[i] for f in frames]) for i, camera in enumerate(cameras)}
+    return Episode(episode_id, obs["instruction"], np.stack(actions), images, np.stack(proprio)), bool(info["success"])
+
+
+def record_demos(env: Any, expert: Expert, seeds: Sequence[int], out: str | Path, env_name: str, env_kwargs: dict[str, Any],
+                 cameras: Sequence[str], progress: bool = True) -> dict[str, Any]:
+    """Run `expert` on every seed, write the successful episodes to `out` (LIBERO layout); return counts and speed.
+
+    `steps` counts every simulated step (failed episodes included); `steps_per_second` is over the whole call.
+    """
+    started = time.perf_counter()
+    kept: list[Episode] = []
+    failed = steps = 0
+    bar = tqdm(seeds, desc=f"generate-demos {env_name}", unit="episode", disable=not progress)
+    for episode_seed in bar:
+        episode, success = rollout(env, expert, episode_seed, len(kept), cameras)
+        steps += len(episode)
+        if success:
+            kept.append(episode)
+        else:
+            failed += 1
+        bar.set_postfix(kept=len(kept), failed=failed)
+    if not kept:
+        raise DataError(f"generate-demos {env_name}: expected at least one successful episode, got {failed} failures out of {len(seeds)}.")
+    write_demos(out, kept, env_name=env_name, env_kwargs=env_kwargs)
+    seconds = time.perf_counter() - started
+    return {"episodes": len(kept), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds, "out": str(out)}
 
 
 def generate_demos(
@@ -49,10 +89,7 @@ def generate_demos(
     task_family: str = "any",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the expert for `episodes` seeds and write the successful ones to `out`; return counts and speed.
-
-    `steps` counts every simulated step (failed episodes included); `steps_per_second` is over the whole call.
-    """
+    """Run the expert for `episodes` seeds and write the successful ones to `out`; return counts and speed (`record_demos`)."""
     if episodes <= 0:
         raise ConfigError(f"generate-demos --episodes: expected an int > 0, got {episodes}.")
     if env.startswith("robosuite:"):
@@ -63,20 +100,4 @@ def generate_demos(
         raise ConfigError(f"generate-demos --env: expected 'tabletop' or 'robosuite:<Task>', got {env!r}.")
     env_kwargs: dict[str, Any] = {"image_size": image_size, "task_family": task_family}
     world = TabletopEnv(**env_kwargs)
-    started = time.perf_counter()
-    kept: list[Episode] = []
-    failed = steps = 0
-    bar = tqdm(range(seed, seed + episodes), desc=f"generate-demos {env}", unit="episode", disable=not progress)
-    for episode_seed in bar:
-        episode, success = _rollout(world, ScriptedExpert(world, seed=episode_seed), episode_seed, len(kept))
-        steps += len(episode)
-        if success:
-            kept.append(episode)
-        else:
-            failed += 1
-        bar.set_postfix(kept=len(kept), failed=failed)
-    if not kept:
-        raise DataError(f"generate-demos: expected at least one successful episode, got {failed} failures out of {episodes}.")
-    write_demos(out, kept, env_name=env, env_kwargs=env_kwargs)
-    seconds = time.perf_counter() - started
-    return {"episodes": len(kept), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds, "out": str(out)}
+    return record_demos(world, ScriptedExpert(world), range(seed, seed + episodes), out, env, env_kwargs, ("agentview",), progress)

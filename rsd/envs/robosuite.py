@@ -25,7 +25,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from rsd.data.dataset import Episode
-from rsd.data.hdf5 import write_demos
 from rsd.envs.sim_common import (
     EEF_POS_KEY,
     EEF_QUAT_KEY,
@@ -47,7 +43,7 @@ from rsd.envs.sim_common import (
     numpy_seed,
     proprio_from_obs,
 )
-from rsd.errors import ConfigError, DataError, RsdError
+from rsd.errors import ConfigError, RsdError
 
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 
@@ -272,8 +268,8 @@ class RobosuiteExpert:
         self.rotation_gain = rotation_gain
         self.reset()
 
-    def reset(self) -> None:
-        """Start a new episode's script."""
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode's script (`seed` is unused: the script adds no noise; the env's reset fixes the scene)."""
         self._phase = "align"
         self._in_phase = 0
         self._target_quat: np.ndarray | None = None
@@ -395,33 +391,10 @@ def generate_robosuite_demos(
         raise ConfigError(f"generate_robosuite_demos.episodes: expected an int > 0, got {episodes}.")
     if not cameras:
         raise ConfigError("generate_robosuite_demos.cameras: expected at least one camera (demos store frames), got none.")
+    from rsd.data.demos import record_demos
+
     env = RobosuiteEnv(task, cameras=cameras, image_size=image_size)
-    expert = RobosuiteExpert(env)
-    started = time.perf_counter()
-    kept: list[Episode] = []
-    failed = steps = 0
-    bar = tqdm(range(seed, seed + episodes), desc=f"robosuite:{task} demos", unit="episode", disable=not progress)
-    for episode_seed in bar:
-        obs, done, info = env.reset(episode_seed), False, {}
-        expert.reset()
-        frames: list[list[np.ndarray]] = []
-        proprio, actions = [], []
-        while not done:
-            action = expert.act(obs).astype(np.float32)
-            frames.append(obs["image"] if len(env.cameras) > 1 else [obs["image"]])
-            proprio.append(obs["proprio"])
-            actions.append(action)
-            obs, _, done, info = env.step(action)
-        steps += len(actions)
-        if info["success"]:
-            images = {camera: np.stack([f[i] for f in frames]) for i, camera in enumerate(env.cameras)}
-            kept.append(Episode(len(kept), env.instruction, np.stack(actions), images, np.stack(proprio)))
-        else:
-            failed += 1
-        bar.set_postfix(kept=len(kept), failed=failed)
+    summary = record_demos(env, RobosuiteExpert(env), range(seed, seed + episodes), out, f"robosuite:{task}",
+                           {"cameras": list(env.cameras), "image_size": image_size}, env.cameras, progress)
     env.close()
-    if not kept:
-        raise DataError(f"generate_robosuite_demos({task!r}): expected at least one successful episode, got {failed} failures of {episodes}.")
-    write_demos(out, kept, env_name=f"robosuite:{task}", env_kwargs={"cameras": list(env.cameras), "image_size": image_size})
-    seconds = time.perf_counter() - started
-    return {"episodes": len(kept), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds, "out": str(out)}
+    return summary
