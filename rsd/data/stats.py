@@ -93,6 +93,11 @@ class ActionStats:
             mask=tuple(bool(v) for v in data.get("mask", [True] * dims)),
         )
 
+    def normalized_scale(self) -> torch.Tensor:
+        """Per-dimension factor `[A]` turning a difference in dataset units into normalised units (1 where unmasked)."""
+        low, high, mask = self.tensors()
+        return torch.where(mask, 2.0 / (high - low).clamp_min(EPS), torch.ones_like(low))
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(low, high, mask)` as float32/bool tensors `[A]` for normalisation modules."""
         return (

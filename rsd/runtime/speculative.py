@@ -135,10 +135,11 @@ class SpeculativeEngine:
         tokens = torch.empty(batch, tok.chunk_len, tok.latent_dim, tok.num_layers, dtype=torch.int64, device=self.device)
         agreement = None
         if bool(accepted.any()):
-            rows = torch.nonzero(accepted).flatten()
+            rows = torch.nonzero(accepted).flatten().to(self.device)
+            accepted_tokens = draft_tokens[rows]
             with timer("decode"):
-                actions[rows.to(self.device)] = self.decoders[tok.coarse_layers](draft_tokens[rows.to(self.device)]).float()
-            tokens[rows.to(self.device)] = _pad_layers(draft_tokens[rows.to(self.device)], tok.num_layers, tok.zero_level)
+                actions[rows] = self.decoders[tok.coarse_layers](accepted_tokens).float()
+            tokens[rows] = _pad_layers(accepted_tokens, tok.num_layers, tok.zero_level)
         if need_main.numel():
             index = need_main.to(self.device)
             sub = state.select(index) if need_main.numel() != batch else state

@@ -42,9 +42,7 @@ def chunk_error(tokenizer: ActionTokenizer, draft_layers: torch.Tensor, main_lay
     tok = tokenizer.config
     draft_actions = tokenizer.decode(layers_to_tokens(draft_layers, tok.chunk_len, tok.latent_dim))
     main_actions = tokenizer.decode(layers_to_tokens(main_layers, tok.chunk_len, tok.latent_dim))
-    low, high, mask = tokenizer.stats.tensors()
-    scale = torch.where(mask, 2.0 / (high - low).clamp_min(1e-8), torch.ones_like(low))
-    return ((draft_actions - main_actions).abs() * scale).amax(dim=(1, 2))
+    return ((draft_actions - main_actions).abs() * tokenizer.stats.normalized_scale()).amax(dim=(1, 2))
 
 
 def risk_curve(confidence: np.ndarray, agreement: np.ndarray, bad: np.ndarray, taus: np.ndarray) -> list[dict[str, float]]:

@@ -148,8 +148,7 @@ def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, ta
     main.eval()
     correct = torch.zeros(main.tokenizer.config.num_layers)
     action_error, count = 0.0, 0
-    low, high, mask = main.tokenizer.stats.tensors()
-    scale = torch.where(mask, 2.0 / (high - low).clamp_min(1e-8), torch.ones_like(low))
+    scale = main.tokenizer.stats.normalized_scale()
     for start in range(0, len(rows), batch_size):
         index = rows[start : start + batch_size]
         batch = dataset.batch(index)
