@@ -119,6 +119,41 @@ class LLMConfig:
         )
 
 
+CONV_TOKENS = ("keypoints", "grid")
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """A small GroupNorm conv backbone trained from scratch (robomimic-style), an alternative to a timm ViT.
+
+    It emits either spatial-softmax keypoint tokens (one per keypoint map: expected x, y, their Fourier features,
+    the expected activation and a learned identity) or the tokens of a pooled feature grid with their coordinates.
+    """
+
+    img_size: int = 64  # input side in pixels
+    channels: tuple[int, ...] = (16, 32, 32, 64)  # conv widths of the four 3×3 stages, strides 2, 2, 1, 1
+    tokens: str = "keypoints"  # "keypoints" (spatial softmax) or "grid" (pooled feature map)
+    num_keypoints: int = 16  # keypoint tokens (tokens="keypoints")
+    grid_size: int = 8  # side of the pooled grid (tokens="grid")
+    fourier_bands: int = 6  # sin/cos frequencies of the coordinate features
+    film: bool = True  # FiLM: every conv stage scaled and shifted by a linear map of the mean instruction embedding
+    groups: int = 8  # GroupNorm groups
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation std
+
+    def __post_init__(self) -> None:
+        _positive(self, "img_size", "num_keypoints", "grid_size", "fourier_bands", "groups")
+        _check(len(self.channels) == 4 and all(isinstance(c, int) and c > 0 and c % self.groups == 0 for c in self.channels),
+               "ConvConfig", "channels", f"4 positive widths divisible by groups={self.groups}", self.channels)
+        _check(self.tokens in CONV_TOKENS, "ConvConfig", "tokens", f"one of {list(CONV_TOKENS)}", self.tokens)
+        _check(self.img_size % 4 == 0, "ConvConfig", "img_size", "a multiple of 4 (two stride-2 stages)", self.img_size)
+        _check(len(self.mean) == 3 and len(self.std) == 3, "ConvConfig", "mean/std", "3 values each", (self.mean, self.std))
+        _check(all(s > 0 for s in self.std), "ConvConfig", "std", "positive values", self.std)
+
+
+VisionConfig = ViTConfig | ConvConfig
+
+
 LAYOUTS = ("rsd", "openvla", "oft")
 OFT_ATTENTION = ("full", "action_block")
 
@@ -127,7 +162,7 @@ OFT_ATTENTION = ("full", "action_block")
 class VLAConfig:
     """The main model: vision backbones -> projector -> Llama, with the RFSQ head's token shape."""
 
-    vision: tuple[ViTConfig, ...]  # backbones whose patch features are concatenated per patch
+    vision: tuple[ViTConfig | ConvConfig, ...]  # backbones whose per-token features are concatenated per token
     llm: LLMConfig  # the language model
     tokenizer: TokenizerConfig  # action token shape the RFSQ head predicts
     num_images: int = 1  # cameras per observation
@@ -141,10 +176,13 @@ class VLAConfig:
     oft_attention: str = "full"  # oft: "full" (every real token sees every other, OFT's released code) or "action_block"
     prompt_end_id: int = 29871  # openvla/oft: id appended after the prompt (Llama-2's empty "▁" token, as OpenVLA does)
     stop_id: int = 2  # oft: the `</s>` id that closes the sequence after the action block
+    query_summary: bool = False  # rsd layout: the action query starts from a linear summary of all visual tokens (small models learn far faster)
     center_crop: bool = False  # crop the central 90 % of the image area and resize back (models trained with crop augmentation)
 
     def __post_init__(self) -> None:
-        _check(len(self.vision) >= 1, "VLAConfig", "vision", "at least one ViTConfig", self.vision)
+        _check(len(self.vision) >= 1, "VLAConfig", "vision", "at least one ViTConfig or ConvConfig", self.vision)
+        convs = [v for v in self.vision if isinstance(v, ConvConfig)]
+        _check(not convs or len(self.vision) == 1, "VLAConfig", "vision", "a ConvConfig alone (it is not fused with a ViT)", self.vision)
         sizes = {v.img_size for v in self.vision}
         _check(len(sizes) == 1, "VLAConfig", "vision", "backbones of one image size", sorted(sizes))
         _positive(self, "num_images")
@@ -157,6 +195,7 @@ class VLAConfig:
             vocab = self.llm.vocab_size
             _check(0 <= self.prompt_end_id < vocab, "VLAConfig", "prompt_end_id", f"a token id in 0..{vocab - 1}", self.prompt_end_id)
             _check(0 <= self.stop_id < vocab, "VLAConfig", "stop_id", f"a token id in 0..{vocab - 1}", self.stop_id)
+        _check(not self.query_summary or self.layout == "rsd", "VLAConfig", "query_summary", "False unless layout is 'rsd'", self.query_summary)
         if self.layout == "openvla":
             _check(self.proprio_dim == 0, "VLAConfig", "proprio_dim", "0 for the openvla layout (OpenVLA takes no proprio)", self.proprio_dim)
         if self.exit_layer is not None:
@@ -215,6 +254,26 @@ class TrainConfig:
         _check(0.0 < self.val_fraction < 1.0, "TrainConfig", "val_fraction", "a float in (0, 1)", self.val_fraction)
 
 
+SELECT_BY = ("rollouts", "val_l1")
+
+
+@dataclass(frozen=True)
+class PolicyTrainConfig:
+    """What train-policy does besides optimisation: image augmentation and how the kept epoch is chosen."""
+
+    shift: int = 4  # DrQ random-shift augmentation: frames shifted by up to this many pixels (0: off)
+    select_by: str = "rollouts"  # keep the epoch with the best closed-loop success ("rollouts") or validation L1 ("val_l1")
+    rollout_every: int = 1  # epochs between closed-loop evaluations (the last epoch is always evaluated)
+    rollout_episodes: int = 20  # episodes per closed-loop evaluation
+    rollout_seed: int = 5000  # first seed of the selection episodes (demonstrations use 0.., `rsd eval` 10000..)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.shift, int) and self.shift >= 0, "PolicyTrainConfig", "shift", "an int >= 0", self.shift)
+        _check(self.select_by in SELECT_BY, "PolicyTrainConfig", "select_by", f"one of {list(SELECT_BY)}", self.select_by)
+        _positive(self, "rollout_every", "rollout_episodes")
+        _check(isinstance(self.rollout_seed, int) and self.rollout_seed >= 0, "PolicyTrainConfig", "rollout_seed", "an int >= 0", self.rollout_seed)
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named set of configs that fit together: tokenizer, main model, draft and training defaults."""
@@ -227,6 +286,7 @@ class Preset:
     tokenizer_train: TrainConfig  # defaults of train-tokenizer
     policy_train: TrainConfig  # defaults of train-policy
     draft_train: TrainConfig  # defaults of train-draft
+    policy_options: PolicyTrainConfig = PolicyTrainConfig()  # augmentation and epoch selection of train-policy
 
     @property
     def tokenizer(self) -> TokenizerConfig:
@@ -250,10 +310,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _tiny() -> Preset:
+def _tiny(vision: str = "keypoints") -> Preset:
     tokenizer = TokenizerConfig()
+    conv = ConvConfig(img_size=64, tokens=vision, mean=IMAGENET_MEAN, std=IMAGENET_STD) if vision != "vit" else None
     model = VLAConfig(
-        vision=(
+        vision=(conv,) if conv else (
             ViTConfig(
                 timm_name="vit_tiny_patch16_224",
                 img_size=64,
@@ -278,6 +339,8 @@ def _tiny() -> Preset:
         ),
         tokenizer=tokenizer,
         proprio_dim=8,
+        prompt_template="{instruction}",
+        query_summary=True,
     )
     return Preset(
         name="tiny",
@@ -315,7 +378,7 @@ def _openvla_7b() -> Preset:
     )
 
 
-PRESETS = {"tiny": _tiny, "openvla-7b": _openvla_7b}
+PRESETS = {"tiny": _tiny, "tiny-grid": lambda: _tiny("grid"), "tiny-vit": lambda: _tiny("vit"), "openvla-7b": _openvla_7b}
 
 
 def get_preset(name: str) -> Preset:
@@ -367,6 +430,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        if len(classes) > 1:
+            return from_dict(_union_member(classes, value, where), value)
         return _convert(args[0], value, where)
     if origin is tuple:
         args = typing.get_args(hint)
@@ -376,6 +442,21 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             return tuple(_convert(args[0], v, where) for v in value)
         return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
     return value
+
+
+def _union_member(classes: list[type], value: Any, where: str) -> type:
+    """The one dataclass of a union whose fields hold every key of `value` and whose required fields are present."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {value!r}.")
+    fits = []
+    for cls in classes:
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if set(value) <= {f.name for f in fields} and required <= set(value):
+            fits.append(cls)
+    if len(fits) != 1:
+        raise ConfigError(f"{where}: expected the keys of exactly one of {[c.__name__ for c in classes]}, got keys {sorted(value)}.")
+    return fits[0]
 
 
 def save_json(config: Any, path: str | Path) -> None:
@@ -389,9 +470,11 @@ def load_json(cls: type[T], path: str | Path) -> T:
 
 
 __all__ = [
+    "ConvConfig",
     "DraftConfig",
     "LLMConfig",
     "PRESETS",
+    "PolicyTrainConfig",
     "Preset",
     "TokenizerConfig",
     "TrainConfig",

@@ -18,7 +18,7 @@ class ExpertPolicy:
     """The scripted expert behind the policy interface (reset / act / stats), with fake chunk counters."""
 
     def __init__(self, env: TabletopEnv) -> None:
-        self.expert = ScriptedExpert(env, seed=0)
+        self.expert = ScriptedExpert(env)
         self.calls = 0
 
     def reset(self) -> None:

@@ -38,10 +38,16 @@ class Expert(Protocol):
         ...
 
 
-def rollout(env: Any, expert: Expert, seed: int, episode_id: int, cameras: Sequence[str]) -> tuple[Episode, bool]:
-    """Run one expert episode; return it (frames `[T, H, W, 3]` per camera, proprio `[T, 8]`, actions `[T, 7]`) and its success."""
+def rollout(env: Any, expert: Expert, seed: int, episode_id: int, cameras: Sequence[str], noise: float = 0.0) -> tuple[Episode, bool]:
+    """Run one expert episode; return it (frames `[T, H, W, 3]` per camera, proprio `[T, 8]`, actions `[T, 7]`) and its success.
+
+    With `noise > 0` the episode is DART-style: the env executes the expert's action plus Gaussian noise of std
+    `noise` on the xyz dimensions (clipped to [-1, 1]) while the episode records the expert's clean action, so the
+    demonstrations visit perturbed states together with the expert's correction from them.
+    """
     obs = env.reset(seed)
     expert.reset(seed)
+    rng = np.random.default_rng([seed, 1])
     frames: list[list[np.ndarray]] = []
     proprio, actions = [], []
     done, info = False, {}
@@ -50,14 +56,18 @@ def rollout(env: Any, expert: Expert, seed: int, episode_id: int, cameras: Seque
         frames.append(obs["image"] if len(cameras) > 1 else [obs["image"]])
         proprio.append(obs["proprio"])
         actions.append(action)
-        obs, _, done, info = env.step(action)
+        executed = action.copy()
+        if noise > 0:
+            executed[:3] = np.clip(executed[:3] + rng.normal(0.0, noise, size=3), -1.0, 1.0)
+        obs, _, done, info = env.step(executed)
     images = {camera: np.stack([f[i] for f in frames]) for i, camera in enumerate(cameras)}
     return Episode(episode_id, obs["instruction"], np.stack(actions), images, np.stack(proprio)), bool(info["success"])
 
 
 def record_demos(env: Any, expert: Expert, seeds: Sequence[int], out: str | Path, env_name: str, env_kwargs: dict[str, Any],
-                 cameras: Sequence[str], progress: bool = True) -> dict[str, Any]:
-    """Run `expert` on every seed, write the successful episodes to `out` (LIBERO layout); return counts and speed.
+                 cameras: Sequence[str], progress: bool = True, noise: float = 0.0) -> dict[str, Any]:
+    """Run `expert` on every seed (with DART execution `noise`, see `rollout`), write the successful episodes to `out`
+    (LIBERO layout); return counts and speed.
 
     `steps` counts every simulated step (failed episodes included); `steps_per_second` is over the whole call.
     """
@@ -66,7 +76,7 @@ def record_demos(env: Any, expert: Expert, seeds: Sequence[int], out: str | Path
     failed = steps = 0
     bar = tqdm(seeds, desc=f"generate-demos {env_name}", unit="episode", disable=not progress)
     for episode_seed in bar:
-        episode, success = rollout(env, expert, episode_seed, len(kept), cameras)
+        episode, success = rollout(env, expert, episode_seed, len(kept), cameras, noise)
         steps += len(episode)
         if success:
             kept.append(episode)
@@ -77,7 +87,8 @@ def record_demos(env: Any, expert: Expert, seeds: Sequence[int], out: str | Path
         raise DataError(f"generate-demos {env_name}: expected at least one successful episode, got {failed} failures out of {len(seeds)}.")
     write_demos(out, kept, env_name=env_name, env_kwargs=env_kwargs)
     seconds = time.perf_counter() - started
-    return {"episodes": len(kept), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds, "out": str(out)}
+    return {"episodes": len(kept), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds,
+            "noise": noise, "out": str(out)}
 
 
 def generate_demos(
@@ -88,16 +99,19 @@ def generate_demos(
     image_size: int = 64,
     task_family: str = "any",
     progress: bool = True,
+    noise: float = 0.0,
 ) -> dict[str, Any]:
     """Run the expert for `episodes` seeds and write the successful ones to `out`; return counts and speed (`record_demos`)."""
     if episodes <= 0:
         raise ConfigError(f"generate-demos --episodes: expected an int > 0, got {episodes}.")
+    if not 0.0 <= noise <= 1.0:
+        raise ConfigError(f"generate-demos --noise: expected a float in [0, 1], got {noise}.")
     if env.startswith("robosuite:"):
         from rsd.envs.robosuite import generate_robosuite_demos
 
-        return generate_robosuite_demos(env.partition(":")[2], episodes, out, seed=seed, image_size=image_size, progress=progress)
+        return generate_robosuite_demos(env.partition(":")[2], episodes, out, seed=seed, image_size=image_size, progress=progress, noise=noise)
     if env != "tabletop":
         raise ConfigError(f"generate-demos --env: expected 'tabletop' or 'robosuite:<Task>', got {env!r}.")
     env_kwargs: dict[str, Any] = {"image_size": image_size, "task_family": task_family}
     world = TabletopEnv(**env_kwargs)
-    return record_demos(world, ScriptedExpert(world), range(seed, seed + episodes), out, env, env_kwargs, ("agentview",), progress)
+    return record_demos(world, ScriptedExpert(world), range(seed, seed + episodes), out, env, env_kwargs, ("agentview",), progress, noise)

@@ -154,6 +154,20 @@ def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str
     return Episode(episode_id, _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
 
 
+def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """The environment a demonstration file was recorded in, `(env_name, env_kwargs)` from `data.attrs["env_args"]`.
+
+    None when the file does not say (files written by other tools may lack `env_args` or name an env rsd does not build).
+    """
+    with h5py.File(path, "r") as file:
+        attrs = file["data"].attrs if "data" in file else {}
+        if "env_args" not in attrs:
+            return None
+        args = json.loads(_text(attrs["env_args"]))
+    name = args.get("env_name")
+    return (name, dict(args.get("env_kwargs") or {})) if isinstance(name, str) and name else None
+
+
 def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None) -> list[Episode]:
     """Read every `data/demo_<i>` of a robomimic/LIBERO file as Episodes, in numeric demo order.
 

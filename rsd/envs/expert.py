@@ -7,7 +7,7 @@ near it), horizontal motion fades in with height (lift first, then carry), and t
 → lift → above the goal → descend → open. A missed grasp or a drop re-enters the script at the right phase.
 
 Usage:
-    env = TabletopEnv(); obs = env.reset(seed=0); expert = ScriptedExpert(env, seed=0)
+    env = TabletopEnv(); obs = env.reset(seed=0); expert = ScriptedExpert(env)
     obs, reward, done, info = env.step(expert.act(obs))
 """
 
@@ -21,7 +21,8 @@ from rsd.envs.tabletop import BLOCK_HALF, XY_STEP, Z_STEP, TabletopEnv
 
 HOVER_Z = 0.35  # travel height
 GRASP_Z = 0.04  # height at which the gripper closes or opens
-XY_TOLERANCE = 0.02  # how close above a waypoint before descending
+ALIGN = 0.03  # x, y distance to the block (or goal) within which the expert descends, closes or releases
+TRAVEL = 0.1  # x, y distance beyond which the gripper lifts before moving sideways
 GAIN = 0.6  # proportional gain (fraction of the error removed per step when not saturated)
 NEXT_TO_GAP = 2.5 * BLOCK_HALF  # centre distance the expert places a block at for "next to"
 
@@ -29,15 +30,13 @@ NEXT_TO_GAP = 2.5 * BLOCK_HALF  # centre distance the expert places a block at f
 class ScriptedExpert:
     """Waypoint controller for `TabletopEnv`; `act(obs)` returns a float32 action `[7]`."""
 
-    def __init__(self, env: TabletopEnv, noise: float = 0.02, seed: int = 0) -> None:
+    def __init__(self, env: TabletopEnv) -> None:
         self.env = env
-        self.noise = noise
-        self.reset(seed)
+        self._closing = False
 
     def reset(self, seed: int | None = None) -> None:
-        """Start a new episode; a `seed` reseeds the action noise."""
-        if seed is not None:
-            self._rng = np.random.default_rng(seed)
+        """Start a new episode (the script is deterministic: `seed` is unused; DART noise is added by the recorder)."""
+        self._closing = False
 
     def goal(self) -> np.ndarray:
         """Where the target block should be released `[2]`: the plate's centre, or a free side of the anchor."""
@@ -57,32 +56,39 @@ class ScriptedExpert:
         return best
 
     def act(self, obs: dict[str, Any] | None = None) -> np.ndarray:
-        """The next action `[7]` float32 (xyz from the waypoint law plus noise, rotation 0, gripper ±1)."""
+        """The next action `[7]` float32 (xyz from the waypoint law, rotation 0, gripper ±1)."""
         env = self.env
         position = env.gripper
         holding = env.held == env.target
         if env.held is not None and not holding:  # holding the wrong block: let go
-            waypoint, grip = position, -1.0
+            waypoint, grip = position.copy(), -1.0
         elif not holding:
             block = env.blocks[env.target]
-            if np.linalg.norm(position[:2] - block) > XY_TOLERANCE or env.opening == 0.0:  # travel (or reopen after a miss)
+            error = np.linalg.norm(position[:2] - block)
+            if 0.0 < env.opening < 1.0 and env.held is None and self._closing:  # a started close runs to the end
+                waypoint, grip = np.array([*block, GRASP_Z]), 1.0
+            elif env.opening < 1.0:  # closed on nothing (a miss): reopen while climbing back
                 waypoint, grip = np.array([*block, HOVER_Z]), -1.0
-            elif position[2] > GRASP_Z + 0.04 and env.opening == 1.0:  # descend
+            elif error > ALIGN:  # travel above the block (climbing back up if low and off target)
+                waypoint, grip = np.array([*block, HOVER_Z]), -1.0
+            elif position[2] > GRASP_Z + 0.04:  # descend, correcting x, y on the way
                 waypoint, grip = np.array([*block, GRASP_Z]), -1.0
-            else:  # close until the fingers meet
+            else:  # close
                 waypoint, grip = np.array([*block, GRASP_Z]), 1.0
         else:
-            goal = self.goal()
-            if np.linalg.norm(position[:2] - goal) > XY_TOLERANCE:  # lift and carry
+            goal = self.goal() - env.held_offset  # where the gripper must be for the block to reach the goal
+            error = np.linalg.norm(position[:2] - goal)
+            if error > ALIGN:  # lift and carry
                 waypoint, grip = np.array([*goal, HOVER_Z]), 1.0
             elif position[2] > GRASP_Z + 0.04:  # lower
                 waypoint, grip = np.array([*goal, GRASP_Z]), 1.0
             else:  # release
-                waypoint, grip = position, -1.0
-        error = waypoint - position
+                waypoint, grip = position.copy(), -1.0
+        self._closing = grip > 0 and env.held is None
+        delta = waypoint - position
         action = np.zeros(7)
-        action[:3] = np.clip(GAIN * error / (XY_STEP, XY_STEP, Z_STEP), -1.0, 1.0)
-        action[:2] *= np.clip((position[2] - GRASP_Z) / (0.5 * (HOVER_Z - GRASP_Z)), 0.2, 1.0)  # lift before moving sideways
-        action[:3] = np.clip(action[:3] + self._rng.normal(0.0, self.noise, size=3), -1.0, 1.0)
+        action[:3] = np.clip(GAIN * delta / (XY_STEP, XY_STEP, Z_STEP), -1.0, 1.0)
+        if np.linalg.norm(delta[:2]) > TRAVEL:  # far away: lift before moving sideways
+            action[:2] *= np.clip((position[2] - GRASP_Z) / (0.5 * (HOVER_Z - GRASP_Z)), 0.2, 1.0)
         action[6] = grip
         return action.astype(np.float32)

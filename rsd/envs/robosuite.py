@@ -381,6 +381,7 @@ def generate_robosuite_demos(
     image_size: int = 128,
     progress: bool = True,
     cameras: Sequence[str] = ("agentview",),
+    noise: float = 0.0,
 ) -> dict[str, Any]:
     """Run the scripted expert on seeds `seed .. seed + episodes - 1`, write the successful episodes to `out`.
 
@@ -395,6 +396,6 @@ def generate_robosuite_demos(
 
     env = RobosuiteEnv(task, cameras=cameras, image_size=image_size)
     summary = record_demos(env, RobosuiteExpert(env), range(seed, seed + episodes), out, f"robosuite:{task}",
-                           {"cameras": list(env.cameras), "image_size": image_size}, env.cameras, progress)
+                           {"cameras": list(env.cameras), "image_size": image_size}, env.cameras, progress, noise)
     env.close()
     return summary

@@ -2,8 +2,10 @@
 
 It exists so that the whole pipeline (demos → tokenizer → policy → draft → closed-loop evaluation) runs on a
 CPU in minutes without a simulator. The world is kinematic: a gripper moves in a workspace x, y ∈ [-1, 1],
-height z ∈ [0, 1]; closing it low over a block attaches the block, opening it drops the block at the gripper's
-x, y. Actions follow LIBERO's controller: `[dx, dy, dz, drx, dry, drz, gripper]` in [-1, 1] (rotation accepted,
+height z ∈ [0, 1]. It is a parallel-jaw gripper whose open jaws are wider than a block (like a Panda's 8 cm over a
+5 cm object): closing it low grasps the block that lies between the jaws (its x extent inside the open jaws, its
+side overlapping the fingers by at least half), centring it between the jaws in x; opening it drops the block
+where it is. Actions follow LIBERO's controller: `[dx, dy, dz, drx, dry, drz, gripper]` in [-1, 1] (rotation accepted,
 unused; gripper -1 open / +1 close). The top-down render draws the gripper as a U whose size and shade grow
 with height and whose fingers show the opening, so a policy can see both.
 
@@ -35,7 +37,12 @@ Z_STEP = 0.1  # height units per step at |action| = 1
 GRIP_STEP = 0.5  # change of the gripper opening (0 closed .. 1 open) per step
 BLOCK_HALF = 0.08  # half side of a block
 PLATE_RADIUS = 0.2
-GRASP_RADIUS = 0.07  # x, y distance from the gripper within which closing attaches a block
+FINGER_OPEN = 0.16  # x offset of each finger's centre from the palm when fully open
+FINGER_CLOSED = 0.02  # the same when fully closed on nothing
+FINGER_HALF_WIDTH = 0.02  # half thickness of a finger (x)
+FINGER_HALF_LENGTH = 0.06  # half length of a finger (y)
+GRASP_X = FINGER_OPEN - FINGER_HALF_WIDTH - BLOCK_HALF  # |dx| at which the block still fits inside the open jaws (0.06)
+GRASP_Y = FINGER_HALF_LENGTH + BLOCK_HALF / 2  # |dy| at which the fingers still cover half the block's side (0.10)
 GRASP_HEIGHT = 0.15  # the gripper must be lower than this to grasp
 NEXT_TO_DISTANCE = 0.25  # "next to": centres closer than this (and the squares not overlapping)
 FINGER_MAX = 0.04  # finger position of a fully open gripper (proprio, Panda-like metres)
@@ -49,8 +56,9 @@ TEMPLATES = {
 class TabletopEnv:
     """Blocks, a plate and a kinematic gripper; `reset(seed)` fixes the layout, colours and task.
 
-    State read by the scripted expert: `gripper [3]`, `opening`, `held` (block index or None), `blocks [N, 2]`,
-    `colors`, `plate [2]`, `target` (block to move) and `anchor` (reference block of "next_to", else None).
+    State read by the scripted expert: `gripper [3]`, `opening`, `held` (block index or None), `held_offset [2]`
+    (block centre minus gripper while held), `blocks [N, 2]`, `colors`, `plate [2]`, `target` (block to move) and
+    `anchor` (reference block of "next_to", else None).
     """
 
     def __init__(self, image_size: int = 64, max_steps: int = 120, task_family: str = "any", num_blocks: int | None = None) -> None:
@@ -93,6 +101,7 @@ class TabletopEnv:
         self.gripper = np.array([*rng.uniform(-0.3, 0.3, size=2), START_Z])
         self.opening = 1.0
         self.held: int | None = None
+        self.held_offset = np.zeros(2)
         self.steps = 0
         self._background = None
         return self._observation()
@@ -107,20 +116,26 @@ class TabletopEnv:
             was_open = self.opening > 0.0
             self.opening = max(0.0, self.opening - GRIP_STEP)
             if was_open and self.opening == 0.0 and self.held is None and self.gripper[2] < GRASP_HEIGHT:
-                distances = np.linalg.norm(self.blocks - self.gripper[:2], axis=1)
-                nearest = int(distances.argmin())
-                if distances[nearest] < GRASP_RADIUS:
-                    self.held, self._background = nearest, None
+                self._grasp()
         elif command[6] < 0:  # open; a held block drops to the table where it is
             self.opening = min(1.0, self.opening + GRIP_STEP)
             if self.held is not None:
                 self.held, self._background = None, None
         if self.held is not None:
-            self.blocks[self.held] = self.gripper[:2]
+            self.blocks[self.held] = self.gripper[:2] + self.held_offset
         self.steps += 1
         success = self.success()
         done = success or self.steps >= self.max_steps
         return self._observation(), float(success), done, {"success": success, "steps": self.steps}
+
+    def _grasp(self) -> None:
+        """Attach the block lying between the closing jaws, if any, centred between them in x."""
+        offsets = self.blocks - self.gripper[:2]
+        between = (np.abs(offsets[:, 0]) <= GRASP_X) & (np.abs(offsets[:, 1]) <= GRASP_Y)
+        if between.any():
+            index = int(np.flatnonzero(between)[np.abs(offsets[between, 1]).argmin()])
+            self.held, self._background = index, None
+            self.held_offset = np.array([0.0, offsets[index, 1]])
 
     def success(self) -> bool:
         """Whether the current state solves the episode's task (every block released)."""
@@ -151,13 +166,17 @@ class TabletopEnv:
         x, y, z = self.gripper
         scale = 1.0 + 0.6 * z  # nearer the camera looks bigger
         if self.held is not None:
-            self._rect(image, x, y, BLOCK_HALF * scale, BLOCK_HALF * scale, PALETTE[self.colors[self.held]])
+            bx, by = self.blocks[self.held]
+            self._rect(image, x + (bx - x) * scale, y + (by - y) * scale, BLOCK_HALF * scale, BLOCK_HALF * scale, PALETTE[self.colors[self.held]])
         shade = int(40 + 180 * z)
         colour = (shade, shade, shade)
-        spread = (0.035 + 0.07 * self.opening) * scale
+        spread = FINGER_CLOSED + (FINGER_OPEN - FINGER_CLOSED) * self.opening
+        if self.held is not None:  # the jaws rest against the held block's sides
+            spread = max(spread, BLOCK_HALF + FINGER_HALF_WIDTH)
+        spread *= scale
         for side in (-1.0, 1.0):  # fingers
-            self._rect(image, x + side * spread, y, 0.02 * scale, 0.06 * scale, colour)
-        self._rect(image, x, y + 0.06 * scale, spread + 0.02 * scale, 0.015 * scale, colour)  # palm
+            self._rect(image, x + side * spread, y, FINGER_HALF_WIDTH * scale, FINGER_HALF_LENGTH * scale, colour)
+        self._rect(image, x, y + FINGER_HALF_LENGTH * scale, spread + FINGER_HALF_WIDTH * scale, 0.015 * scale, colour)  # palm
         return image
 
     def _draw_background(self) -> np.ndarray:

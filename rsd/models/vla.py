@@ -48,9 +48,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from rsd.config import ViTConfig, VLAConfig, from_dict, to_dict
+from rsd.config import ConvConfig, ViTConfig, VLAConfig, from_dict, to_dict
 from rsd.errors import ConfigError, ShapeError
 from rsd.io import load_artifact, load_strict, save_artifact
+from rsd.models.conv import ConvBackbone
 from rsd.models.text import TextTokenizer, load_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,20 @@ def build_vit(config: ViTConfig) -> nn.Module:
 
 
 class VisionBackbone(nn.Module):
-    """One or two ViTs whose patch features of one block are concatenated per patch (OpenVLA's fused backbone)."""
+    """One or two ViTs whose patch features of one block are concatenated per patch (OpenVLA's fused backbone),
+    or one conv backbone (`rsd.models.conv`) whose keypoint or grid tokens play the patches' part."""
 
-    def __init__(self, configs: tuple[ViTConfig, ...]) -> None:
+    def __init__(self, configs: tuple[ViTConfig | ConvConfig, ...], condition_dim: int = 0) -> None:
         super().__init__()
         if len(configs) > 2:
             raise ConfigError(f"VLAConfig.vision: expected one or two backbones (OpenVLA fuses two), got {len(configs)}.")
         self.configs = configs
+        if isinstance(configs[0], ConvConfig):
+            self.featurizer = ConvBackbone(configs[0], condition_dim)
+            self.fused_featurizer = None
+            self.embed_dim = self.featurizer.embed_dim
+            self.num_patches = self.featurizer.num_patches
+            return
         self.featurizer = build_vit(configs[0])
         self.fused_featurizer = build_vit(configs[1]) if len(configs) == 2 else None
         self.embed_dim = sum(m.embed_dim for m in self.featurizers())
@@ -164,8 +172,11 @@ class VisionBackbone(nn.Module):
         """The ViTs in channel order."""
         return [self.featurizer] + ([self.fused_featurizer] if self.fused_featurizer is not None else [])
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features `[B, P, Dv]` for pixel values `[B, 3 * backbones, S, S]`."""
+    def forward(self, pixel_values: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch features `[B, P, Dv]` for pixel values `[B, 3 * backbones, S, S]` (a FiLM-conditioned conv backbone
+        also takes the instruction condition `[B, E]`)."""
+        if isinstance(self.featurizer, ConvBackbone):
+            return self.featurizer(pixel_values, condition)
         features = []
         for index, (vit, config) in enumerate(zip(self.featurizers(), self.configs, strict=True)):
             block = config.feature_layer % len(vit.blocks)
@@ -251,11 +262,14 @@ class PrismaticVLA(nn.Module):
     def __init__(self, config: VLAConfig, text_tokenizer: TextTokenizer | None = None) -> None:
         super().__init__()
         self.config = config
-        self.vision_backbone = VisionBackbone(config.vision)
+        self.vision_backbone = VisionBackbone(config.vision, config.llm.hidden_size)
         self.projector = FusedProjector(self.vision_backbone.embed_dim, config.llm.hidden_size)
         self.language_model = LlamaForCausalLM(llama_config(config))
         # Only rsd's own layout has a learned query; openvla/oft read positions of OpenVLA's own sequence.
         self.action_query = nn.Parameter(torch.randn(config.llm.hidden_size) * config.llm.initializer_range) if config.layout == "rsd" else None
+        # The query's own view of the image: a linear map of every visual token, so it need not first learn where to attend.
+        tokens = config.num_images * self.vision_backbone.num_patches * config.llm.hidden_size
+        self.query_summary = nn.Linear(tokens, config.llm.hidden_size) if config.query_summary else None
         self.proprio_projector = ProprioProjector(config.proprio_dim, config.llm.hidden_size) if config.proprio_dim else None
         self._text_tokenizer = text_tokenizer
 
@@ -356,17 +370,20 @@ class PrismaticVLA(nn.Module):
         batch = inputs.batch_size
         pixels = inputs.pixel_values.to(device, dtype)
         cams = pixels.shape[1]
-        patches = self.projector(self.vision_backbone(pixels.flatten(0, 1)))  # [B*N, P, D]
-        patches = patches.reshape(batch, cams * patches.shape[1], -1)
         embed_tokens = self.language_model.model.embed_tokens
+        text_mask = inputs.text_mask.to(device)
+        prompt = embed_tokens(inputs.input_ids.to(device))  # [B, T, D]
+        condition = (prompt * text_mask.unsqueeze(-1)).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)  # mean instruction embedding
+        features = self.vision_backbone(pixels.flatten(0, 1), condition.repeat_interleave(cams, dim=0))
+        patches = self.projector(features)  # [B*N, P, D]
+        patches = patches.reshape(batch, cams * patches.shape[1], -1)
         bos = embed_tokens(torch.full((batch, 1), self.text_tokenizer_bos(), dtype=torch.int64, device=device))
         parts = [bos, patches]
         if self.proprio_projector is not None:
             parts.append(self.proprio_projector(inputs.proprio.to(device, dtype)).unsqueeze(1))
         fixed = sum(part.shape[1] for part in parts)  # BOS, patches, proprio: never padded
-        text_mask = inputs.text_mask.to(device)
         prompt_end = fixed + inputs.input_ids.shape[1]  # first position after the (padded) prompt
-        parts += [embed_tokens(inputs.input_ids.to(device)), self._tail(batch, device, dtype)]
+        parts += [prompt, self._tail(batch, device, dtype, patches)]
         hidden = torch.cat(parts, dim=1)
         length = hidden.shape[1]
         valid = torch.cat([torch.ones(batch, fixed, dtype=torch.bool, device=device), text_mask,
@@ -380,12 +397,13 @@ class PrismaticVLA(nn.Module):
         return PrefixState(hidden=hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary, layer=0,
                            readout=self._readout(last_prompt, prompt_end, length))
 
-    def _tail(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _tail(self, batch: int, device: torch.device, dtype: torch.dtype, patches: torch.Tensor) -> torch.Tensor:
         """Embeddings after the prompt `[B, T, D]`: the query (rsd), nothing (openvla), or 56 zeros + `</s>` (oft)."""
         config = self.config
         width = config.llm.hidden_size
         if config.layout == "rsd":
-            return self.action_query.to(dtype).expand(batch, 1, -1)
+            query = self.action_query.to(dtype).expand(batch, 1, -1)
+            return query if self.query_summary is None else query + self.query_summary(patches.flatten(1)).unsqueeze(1)
         if config.layout == "openvla":
             return torch.zeros(batch, 0, width, dtype=dtype, device=device)
         stop = self.language_model.model.embed_tokens(torch.full((batch, 1), config.stop_id, dtype=torch.int64, device=device))

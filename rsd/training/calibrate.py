@@ -1,18 +1,25 @@
-"""calibrate: choose the gate threshold tau from the draft's coverage/risk curve on held-out episodes.
+"""calibrate: choose the gate's threshold tau on held-out episodes, with a stated risk guarantee.
 
-For a threshold tau the gate accepts a chunk when the draft's confidence >= tau. On the draft's
-validation episodes (never seen in its training) this measures, per tau:
-- coverage: the share of chunks accepted;
-- agreement: the share of coarse tokens equal to the main model's, among accepted chunks;
-- risk: the share of accepted chunks whose decoded draft actions (C layers) differ from the main model's
-  decoded actions (all L layers) by more than `eps` (max-abs over the chunk, normalised units).
-The held-out episodes are split in two by episode: tau is the smallest threshold whose risk stays at or
-below `target_risk` for every higher threshold on the calibration half, and the realised coverage and risk
-are reported on the other (test) half. The gate statistic (mean or min token confidence) is the one that
-gives more calibration coverage at the target risk unless one is named.
+What a wrong draft costs the task is an action-space error, so a drafted step is **bad** when, in some action
+dimension, it differs from the main model's own step by more than `tolerance` times the main model's typical
+error against the expert in that dimension (measured on the same held-out frames, with a floor so that
+dimensions the expert never moves still allow tiny differences). The main model's error is the yardstick: a
+draft that stays within it is as good as the main model is, as far as the demonstrations can tell.
+
+Gate modes:
+- "chunk": the draft's whole chunk is accepted when its confidence (`statistic`: mean or min of the max softmax
+  probability over its coarse tokens) reaches tau; a chunk is bad when any of its steps is.
+- "prefix" (partial acceptance): the draft's leading steps are accepted while each step's confidence (min over
+  its coarse tokens) reaches tau, if at least `min_steps` of them do; the policy executes them and replans
+  sooner. A chunk is bad when any accepted step is.
+
+The held-out episodes (the draft's validation split) are split by episode into a calibration half and a test
+half. On the calibration half, Learn-then-Test (`rsd.training.risk`) certifies the least strict tau with
+"P(accepted and bad) <= alpha with probability >= 1 - delta"; the test half reports the realised acceptance
+and risk on chunks the choice never saw.
 
 Usage:
-    rsd calibrate --draft runs/demo/draft --features runs/demo/features --out runs/demo/calibration.json
+    rsd calibrate --draft runs/demo/draft --features runs/demo/features --alpha 0.05 --mode prefix
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,49 +37,86 @@ import torch
 
 from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
-from rsd.models.draft import DraftHead, token_confidence
+from rsd.models.draft import DraftHead
 from rsd.tokenizer import ActionTokenizer, layers_to_tokens
 from rsd.training.features import Features, load_features
+from rsd.training.risk import learn_then_test
 
 log = logging.getLogger(__name__)
 
-Statistic = Literal["auto", "mean", "min"]
+Mode = Literal["chunk", "prefix"]
+Statistic = Literal["mean", "min", "step"]
+ERROR_FLOOR = 0.05  # smallest per-dimension yardstick (normalised units): dimensions the main model never misses
 
 
-def chunk_error(tokenizer: ActionTokenizer, draft_layers: torch.Tensor, main_layers: torch.Tensor) -> torch.Tensor:
-    """Max-abs difference `[N]` in normalised units between chunks decoded from `[N, C, H*d]` and `[N, L, H*d]`."""
+@dataclass
+class DraftMeasurements:
+    """Per held-out frame: the draft's confidences and its steps' errors relative to the main model's."""
+
+    mean: np.ndarray  # [N] mean max-softmax probability over the coarse tokens
+    min: np.ndarray  # [N] min of the same
+    step: np.ndarray  # [N, H] per step: min over that step's coarse tokens
+    step_error: np.ndarray  # [N, H] per step: max over dims of |draft - main| / yardstick
+    agreement: np.ndarray  # [N] share of coarse tokens equal to the main model's
+    episode: np.ndarray  # [N] episode ids
+
+
+def prefix_length(step_confidence: np.ndarray, tau: float) -> np.ndarray:
+    """Leading steps `[N]` whose confidence `[N, H]` all reach `tau`."""
+    passing = step_confidence >= tau
+    return np.where(passing.all(axis=1), passing.shape[1], passing.argmin(axis=1))
+
+
+def gate_outcome(measured: DraftMeasurements, mode: Mode, statistic: Statistic, tolerance: float, min_steps: int,
+                 ) -> tuple[np.ndarray, Callable[[float], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """The gate's confidence `[N]` for LTT's candidate thresholds and `outcome(tau) -> (accepted, bad, steps)`."""
+    bad_step = measured.step_error > tolerance
+    if mode == "chunk":
+        confidence = getattr(measured, statistic)
+        bad_chunk = bad_step.any(axis=1)
+
+        def outcome(tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            accepted = confidence >= tau
+            return accepted, accepted & bad_chunk, np.where(accepted, bad_step.shape[1], 0)
+
+        return confidence, outcome
+
+    def prefix_outcome(tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        steps = prefix_length(measured.step, tau)
+        accepted = steps >= min_steps
+        reach = np.arange(bad_step.shape[1])[None, :] < steps[:, None]
+        return accepted, accepted & (bad_step & reach).any(axis=1), np.where(accepted, steps, 0)
+
+    # a chunk is accepted at tau iff its first min_steps steps all reach tau: that minimum orders the thresholds
+    return measured.step[:, :min_steps].min(axis=1), prefix_outcome
+
+
+@torch.inference_mode()
+def measure_draft(head: DraftHead, feats: Features, rows: torch.Tensor, yardstick: torch.Tensor) -> DraftMeasurements:
+    """Confidences and per-step relative errors of the draft on feature `rows` (yardstick `[A]`, normalised units)."""
+    tok = feats.tokenizer.config
+    logits = torch.cat([head.forward_logits(feats.exit_hidden[rows[i : i + 512]].float()) for i in range(0, len(rows), 512)])
+    top, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # [N, C, H*d]
+    per_step = top.reshape(len(rows), tok.coarse_layers, tok.chunk_len, tok.latent_dim).amin(dim=(1, 3))  # [N, H]
+    main = feats.main_tokens[rows]
+    draft_actions, main_actions = decode_pair(feats.tokenizer, tokens, main)
+    error = ((draft_actions - main_actions).abs() * feats.tokenizer.stats.normalized_scale() / yardstick).amax(dim=2)
+    return DraftMeasurements(
+        mean=top.flatten(1).mean(1).numpy(), min=top.flatten(1).amin(1).numpy(), step=per_step.numpy(), step_error=error.numpy(),
+        agreement=(tokens == main[:, : tok.coarse_layers]).float().flatten(1).mean(1).numpy(), episode=feats.episode_id[rows].numpy())
+
+
+def decode_pair(tokenizer: ActionTokenizer, draft_layers: torch.Tensor, main_layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Actions `[N, H, A]` decoded from the draft's C layers `[N, C, H*d]` and from the main model's L layers `[N, L, H*d]`."""
     tok = tokenizer.config
-    draft_actions = tokenizer.decode(layers_to_tokens(draft_layers, tok.chunk_len, tok.latent_dim))
-    main_actions = tokenizer.decode(layers_to_tokens(main_layers, tok.chunk_len, tok.latent_dim))
-    return ((draft_actions - main_actions).abs() * tokenizer.stats.normalized_scale()).amax(dim=(1, 2))
+    return (tokenizer.decode(layers_to_tokens(draft_layers, tok.chunk_len, tok.latent_dim)),
+            tokenizer.decode(layers_to_tokens(main_layers, tok.chunk_len, tok.latent_dim)))
 
 
-def risk_curve(confidence: np.ndarray, agreement: np.ndarray, bad: np.ndarray, taus: np.ndarray) -> list[dict[str, float]]:
-    """Coverage, agreement among accepted and risk among accepted for every threshold in `taus`."""
-    curve = []
-    for tau in taus:
-        accepted = confidence >= tau
-        n = int(accepted.sum())
-        curve.append(
-            {
-                "tau": float(tau),
-                "coverage": float(accepted.mean()) if len(accepted) else 0.0,
-                "agreement": float(agreement[accepted].mean()) if n else math.nan,
-                "risk": float(bad[accepted].mean()) if n else 0.0,
-                "accepted": n,
-            }
-        )
-    return curve
-
-
-def choose_tau(curve: list[dict[str, float]], target_risk: float) -> float:
-    """The smallest tau whose risk, and the risk of every larger tau, is at most `target_risk` (inf if none)."""
-    chosen = math.inf
-    for point in sorted(curve, key=lambda p: p["tau"], reverse=True):
-        if point["risk"] > target_risk:
-            break
-        chosen = point["tau"]
-    return chosen
+def main_model_error(feats: Features, rows: torch.Tensor) -> torch.Tensor:
+    """The main model's mean absolute error against the demonstrated chunks per dimension `[A]` (normalised units)."""
+    main_actions, expert_actions = decode_pair(feats.tokenizer, feats.main_tokens[rows], feats.gt_tokens[rows])
+    return ((main_actions - expert_actions).abs() * feats.tokenizer.stats.normalized_scale()).mean(dim=(0, 1))
 
 
 @torch.inference_mode()
@@ -78,90 +124,91 @@ def calibrate(
     draft: str | Path,
     features: str | Path,
     out: str | Path | None = None,
-    eps: float = 0.05,
-    target_risk: float = 0.02,
-    statistic: Statistic = "auto",
+    alpha: float = 0.05,
+    delta: float = 0.1,
+    tolerance: float = 1.0,
+    mode: Mode = "prefix",
+    statistic: Statistic = "min",
+    min_steps: int = 4,
     seed: int = 0,
     plot: bool = True,
 ) -> dict[str, Any]:
-    """Measure the coverage/risk curve of `draft` on held-out feature rows and pick tau; write JSON and a plot."""
-    if statistic not in ("auto", "mean", "min"):
-        raise ConfigError(f"calibrate --statistic: expected auto, mean or min, got {statistic!r}.")
-    if not 0.0 <= target_risk < 1.0 or eps <= 0:
-        raise ConfigError(f"calibrate: expected 0 <= target_risk < 1 and eps > 0, got {target_risk}, {eps}.")
+    """Certify tau for `draft` on held-out feature episodes (Learn-then-Test), report it on a test half; write JSON and a plot."""
+    if mode not in ("chunk", "prefix"):
+        raise ConfigError(f"calibrate --mode: expected 'chunk' or 'prefix', got {mode!r}.")
+    if statistic not in ("mean", "min", "step"):
+        raise ConfigError(f"calibrate --statistic: expected mean, min or step, got {statistic!r}.")
+    if not tolerance > 0:
+        raise ConfigError(f"calibrate --tolerance: expected a positive float, got {tolerance}.")
     feats = load_features(features)
-    head, meta = DraftHead.load(
-        draft,
-        expect_hidden=int(feats.index["hidden_size"]),
-        expect_exit_layer=feats.exit_layer,
-        expect_fingerprint=feats.index["main_fingerprint"],
-    )
+    tok = feats.tokenizer.config
+    if not 1 <= min_steps <= tok.chunk_len:
+        raise ConfigError(f"calibrate --min-steps: expected an int in 1..{tok.chunk_len}, got {min_steps}.")
+    head, meta = DraftHead.load(draft, expect_hidden=int(feats.index["hidden_size"]), expect_exit_layer=feats.exit_layer,
+                                expect_fingerprint=feats.index["main_fingerprint"])
     held_out = np.array(meta["val_episodes"])
     calib_eps, test_eps = split_episodes(held_out, 0.5, seed)
-    results = {name: _measure(head, feats, feats.rows(eps_)) for name, eps_ in (("calibration", calib_eps), ("test", test_eps))}
-    for measured in results.values():
-        measured["bad"] = measured["error"] > eps
-    candidates = ["mean", "min"] if statistic == "auto" else [statistic]
-    choices = {}
-    for stat in candidates:
-        cal = results["calibration"]
-        taus = _thresholds(cal[stat])
-        curve = risk_curve(cal[stat], cal["agreement"], cal["bad"], taus)
-        tau = choose_tau(curve, target_risk)
-        coverage = float((cal[stat] >= tau).mean())
-        choices[stat] = {"tau": tau, "coverage": coverage, "curve": curve}
-    best = max(candidates, key=lambda s: choices[s]["coverage"])
-    tau = choices[best]["tau"]
-    test = results["test"]
-    test_point = risk_curve(test[best], test["agreement"], test["bad"], np.array([tau]))[0]
-    if math.isinf(tau):
-        log.warning("calibrate: no threshold keeps the risk at or below %.3f; tau = inf (the draft is never accepted).", target_risk)
+    calib_rows, test_rows = feats.rows(calib_eps), feats.rows(test_eps)
+    yardstick = main_model_error(feats, calib_rows).clamp_min(ERROR_FLOOR)
+    calib = measure_draft(head, feats, calib_rows, yardstick)
+    test = measure_draft(head, feats, test_rows, yardstick)
+    stat = "step" if mode == "prefix" else statistic
+    confidence, outcome = gate_outcome(calib, mode, stat, tolerance, min_steps)
+    control = learn_then_test(confidence, outcome, alpha, delta)
+    if math.isinf(control.tau):
+        log.warning("calibrate: no threshold is certified at alpha %.3f, delta %.2f; tau = inf (the draft is never accepted).", alpha, delta)
     report = {
         "kind": "calibration",
-        "tau": tau,
-        "gate_statistic": best,
-        "eps": eps,
-        "target_risk": target_risk,
+        "tau": control.tau,
+        "gate": {"mode": mode, "statistic": stat, "min_steps": min_steps if mode == "prefix" else tok.chunk_len},
+        "gate_statistic": stat,
+        "risk": {"alpha": alpha, "delta": delta, "tolerance": tolerance, "yardstick": [float(v) for v in yardstick],
+                 "guarantee": control.guarantee, "upper_bound": control.upper_bound},
         "exit_layer": feats.exit_layer,
         "main_fingerprint": feats.index["main_fingerprint"],
-        "calibration": {"episodes": [int(e) for e in calib_eps], "frames": int(len(results["calibration"]["error"])),
-                        "coverage": choices[best]["coverage"], "curve": choices[best]["curve"]},
-        "test": {"episodes": [int(e) for e in test_eps], "frames": int(len(test["error"])), **test_point},
-        "statistics_compared": {s: {"tau": c["tau"], "coverage": c["coverage"]} for s, c in choices.items()},
-        "token_agreement_all": float(np.concatenate([r["agreement"] for r in results.values()]).mean()),
+        "calibration": {"episodes": [int(e) for e in calib_eps], "frames": int(len(calib_rows)),
+                        **summarize_gate(calib, mode, stat, tolerance, min_steps, control.tau),
+                        "curve": risk_curve(calib, mode, stat, tolerance, min_steps)},
+        "test": {"episodes": [int(e) for e in test_eps], "frames": int(len(test_rows)),
+                 **summarize_gate(test, mode, stat, tolerance, min_steps, control.tau)},
+        "token_agreement_all": float(np.concatenate([calib.agreement, test.agreement]).mean()),
     }
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
         if plot:
-            plot_curve(report, test, out.with_suffix(".png"))
+            plot_curve(report, out.with_suffix(".png"))
     return report
 
 
-def _measure(head: DraftHead, feats: Features, rows: torch.Tensor) -> dict[str, np.ndarray]:
-    """Confidence (mean, min), token agreement and chunk error of the draft on feature `rows`."""
-    tok = feats.tokenizer.config
-    logits = torch.cat([head.forward_logits(feats.exit_hidden[rows[i : i + 512]].float()) for i in range(0, len(rows), 512)])
-    tokens, conf_mean, conf_min = token_confidence(logits)
-    main = feats.main_tokens[rows]
-    agreement = (tokens == main[:, : tok.coarse_layers]).float().flatten(1).mean(1)
+def summarize_gate(measured: DraftMeasurements, mode: Mode, statistic: Statistic, tolerance: float, min_steps: int,
+                   tau: float) -> dict[str, float]:
+    """Acceptance, risk (accepted and bad), steps per accepted chunk and token agreement at `tau`."""
+    _, outcome = gate_outcome(measured, mode, statistic, tolerance, min_steps)
+    accepted, bad, steps = outcome(tau)
+    count = int(accepted.sum())
     return {
-        "mean": conf_mean.numpy(),
-        "min": conf_min.numpy(),
-        "agreement": agreement.numpy(),
-        "error": chunk_error(feats.tokenizer, tokens, main).numpy(),
+        "tau": float(tau),
+        "coverage": float(accepted.mean()) if len(accepted) else 0.0,
+        "risk": float(bad.mean()) if len(bad) else 0.0,
+        "risk_given_accepted": float(bad[accepted].mean()) if count else 0.0,
+        "steps_per_accepted": float(steps[accepted].mean()) if count else 0.0,
+        "agreement": float(measured.agreement[accepted].mean()) if count else math.nan,
+        "accepted": count,
     }
 
 
-def _thresholds(confidence: np.ndarray, count: int = 200) -> np.ndarray:
-    """Candidate thresholds: 0, quantiles of the observed confidences, and +inf."""
-    quantiles = np.quantile(confidence, np.linspace(0.0, 1.0, count)) if len(confidence) else np.array([])
-    return np.unique(np.concatenate([[0.0], quantiles, [np.inf]]))
+def risk_curve(measured: DraftMeasurements, mode: Mode, statistic: Statistic, tolerance: float, min_steps: int,
+               count: int = 100) -> list[dict[str, float]]:
+    """`summarize_gate` over `count` thresholds spanning the observed confidences (and inf)."""
+    confidence, _ = gate_outcome(measured, mode, statistic, tolerance, min_steps)
+    taus = np.unique(np.concatenate([np.quantile(confidence, np.linspace(0.0, 1.0, count)), [np.inf]])) if len(confidence) else [np.inf]
+    return [summarize_gate(measured, mode, statistic, tolerance, min_steps, float(t)) for t in taus]
 
 
-def plot_curve(report: dict[str, Any], test: dict[str, np.ndarray], path: Path) -> None:
-    """Coverage, risk and agreement against tau (calibration half), the chosen tau marked."""
+def plot_curve(report: dict[str, Any], path: Path) -> None:
+    """Coverage and risk against tau on the calibration half, with the certified tau and alpha marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,12 +218,12 @@ def plot_curve(report: dict[str, Any], test: dict[str, np.ndarray], path: Path) 
     taus = [p["tau"] for p in curve]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(taus, [p["coverage"] for p in curve], label="coverage (acceptance rate)")
-    ax.plot(taus, [p["risk"] for p in curve], label=f"risk (error > {report['eps']})")
+    ax.plot(taus, [p["risk"] for p in curve], label="risk: P(accepted and bad)")
     ax.plot(taus, [p["agreement"] for p in curve], label="token agreement | accepted")
     if math.isfinite(report["tau"]):
-        ax.axvline(report["tau"], color="k", linestyle="--", label=f"tau = {report['tau']:.3f}")
-    ax.axhline(report["target_risk"], color="r", linestyle=":", label="target risk")
-    ax.set_xlabel(f"tau ({report['gate_statistic']} token confidence)")
+        ax.axvline(report["tau"], color="k", linestyle="--", label=f"certified tau = {report['tau']:.3f}")
+    ax.axhline(report["risk"]["alpha"], color="r", linestyle=":", label=f"alpha = {report['risk']['alpha']}")
+    ax.set_xlabel(f"tau ({report['gate']['statistic']} token confidence, {report['gate']['mode']} gate)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title(f"draft calibration, exit layer {report['exit_layer']}")

@@ -25,16 +25,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rsd.config import TrainConfig, get_preset, to_dict
+from rsd.config import PolicyTrainConfig, TrainConfig, get_preset, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.data.dataset import FrameDataset, compute_statistics
-from rsd.data.hdf5 import read_demos
+from rsd.data.hdf5 import read_demos, read_env_spec
 from rsd.data.stats import DatasetStatistics
 from rsd.errors import ConfigError, DataError
 from rsd.models.heads import RFSQHead
 from rsd.models.policy import MainModel
 from rsd.models.vla import PrismaticVLA
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
+from rsd.training.augment import random_shift
 
 
 def train_policy(
@@ -46,10 +47,19 @@ def train_policy(
     freeze_backbone: bool = False,
     dataset_key: str | None = None,
     progress: bool = True,
+    options: PolicyTrainConfig | None = None,
+    rollout_env: str | None = None,
 ) -> dict[str, Any]:
-    """Train the main policy on the demonstrations in `data` and save the best epoch to `out`."""
+    """Train the main policy on the demonstrations in `data` and save the selected epoch to `out`.
+
+    With `options.select_by == "rollouts"` the policy is run closed-loop every `rollout_every` epochs on
+    held-out seeds of `rollout_env` (default: the environment recorded in the data file) and the epoch with the
+    highest success (ties: lower validation L1) is kept; otherwise the epoch with the lowest validation L1.
+    """
     spec = get_preset(preset)
     train = train or spec.policy_train
+    options = options or spec.policy_options
+    rollout_spec = _rollout_env(data, rollout_env) if options.select_by == "rollouts" else None
     torch.manual_seed(train.seed)
     action_tokenizer = ActionTokenizer.load(tokenizer)
     if action_tokenizer.config != spec.model.tokenizer:
@@ -82,8 +92,10 @@ def train_policy(
     steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos")
     rng = np.random.default_rng(train.seed)
+    augment_rng = np.random.default_rng([train.seed, 1])
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
+    best_score: tuple[float, float] | None = None
     started = time.perf_counter()
     for epoch in range(train.epochs):
         main.train()
@@ -94,7 +106,8 @@ def train_policy(
         for start in bar:
             rows = order[start : start + train.batch_size]
             batch = dataset.batch(rows)
-            logits = main.head(main.vla(main.prepare(batch.images, batch.instructions, batch.proprio)))
+            images = random_shift(batch.images, options.shift, augment_rng)
+            logits = main.head(main.vla(main.prepare(images, batch.instructions, batch.proprio)))
             loss = token_loss(logits, targets[rows], layer_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -103,10 +116,17 @@ def train_policy(
             scheduler.step()
             losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate_policy(main, dataset, val_rows, targets), "seconds": time.perf_counter() - started}
+        fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
+        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate_policy(main, dataset, val_rows, targets),
+                   "train_action_l1_per_dim": fit["val_action_l1_per_dim"], "seconds": time.perf_counter() - started}
+        if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
+            metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
         history.append(metrics)
-        if best is None or metrics["val_action_l1"] < best["val_action_l1"]:
-            best = metrics
+        if rollout_spec is not None and "rollout_success" not in metrics:
+            continue
+        score = (metrics.get("rollout_success", 0.0), -metrics["val_action_l1"])
+        if best_score is None or score > best_score:
+            best, best_score = metrics, score
             main.eval()
             main.save(out)
     summary = {
@@ -115,6 +135,8 @@ def train_policy(
         "train_episodes": [int(e) for e in train_eps],
         "val_episodes": [int(e) for e in val_eps],
         "train": to_dict(train),
+        "options": to_dict(options),
+        "rollout_env": None if rollout_spec is None else {"env": rollout_spec[0], "env_kwargs": rollout_spec[1]},
         "preset": preset,
         "freeze_backbone": freeze_backbone,
         "seconds": time.perf_counter() - started,
@@ -122,6 +144,31 @@ def train_policy(
     }
     (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _rollout_env(data: str | Path, rollout_env: str | None) -> tuple[str, dict[str, Any]]:
+    """The environment (name, kwargs) checkpoint selection runs in: `rollout_env`, else the one the data file names."""
+    recorded = read_env_spec(data)
+    if rollout_env is not None:
+        kwargs = recorded[1] if recorded is not None and recorded[0] == rollout_env else {}
+        return rollout_env, kwargs
+    if recorded is None:
+        raise ConfigError(f"train-policy: selection by rollouts needs an environment, but {data} records none in data.attrs['env_args']; "
+                          "pass --rollout-env (e.g. robosuite:Lift) or --select-by val_l1.")
+    return recorded
+
+
+def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: PolicyTrainConfig) -> float:
+    """Closed-loop success rate of `main` (main-only) on `options.rollout_episodes` selection seeds of `env`."""
+    from rsd.envs.evaluate import evaluate
+    from rsd.runtime.policy import MainOnlyPolicy
+
+    main.eval()
+    seeds = list(range(options.rollout_seed, options.rollout_seed + options.rollout_episodes))
+    report = evaluate(MainOnlyPolicy(main), env[0], seeds, progress=False, env_kwargs=env[1])
+    main.train()
+    main.tokenizer.eval()
+    return report.success_rate
 
 
 def policy_layer_weights(tokenizer: ActionTokenizer) -> torch.Tensor:
@@ -147,7 +194,7 @@ def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, ta
     """Per-layer token accuracy and decoded-action L1 (normalised units) of `main` on frames `rows`."""
     main.eval()
     correct = torch.zeros(main.tokenizer.config.num_layers)
-    action_error, count = 0.0, 0
+    action_error, count = torch.zeros(main.tokenizer.config.action_dim, dtype=torch.float64), 0
     scale = main.tokenizer.stats.normalized_scale()
     for start in range(0, len(rows), batch_size):
         index = rows[start : start + batch_size]
@@ -156,6 +203,8 @@ def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, ta
         correct += (logits.argmax(-1) == targets[index]).float().mean(dim=2).sum(dim=0)
         predicted = main.decode_logits(logits)
         truth = torch.as_tensor(batch.actions, dtype=torch.float32)
-        action_error += float(((predicted - truth).abs() * scale).mean(dim=(1, 2)).sum())
+        action_error += ((predicted - truth).abs() * scale).mean(dim=1).sum(dim=0).double()
         count += len(index)
-    return {"val_layer_accuracy": [float(c) / count for c in correct], "val_action_l1": action_error / count}
+    per_dim = action_error / count
+    return {"val_layer_accuracy": [float(c) / count for c in correct], "val_action_l1": float(per_dim.mean()),
+            "val_action_l1_per_dim": [round(float(v), 4) for v in per_dim]}
