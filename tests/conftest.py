@@ -23,11 +23,11 @@ def make_tiny_main(seed: int = 0):
     """A tiny MainModel with seeded random weights (real components; for runtime logic, not for accuracy)."""
     import numpy as np
 
-    from rsd.config import get_preset
     from rsd.data.stats import ActionStats, DatasetStatistics
     from rsd.models.heads import RFSQHead
-    from rsd.models.policy import MainModel
+    from rsd.models.main import MainModel
     from rsd.models.vla import PrismaticVLA
+    from rsd.presets import get_preset
     from rsd.tokenizer import ActionTokenizer
 
     torch.manual_seed(seed)

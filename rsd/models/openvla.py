@@ -18,7 +18,7 @@ exist in this layout) and "oft" (layout "oft": 56 placeholder positions read by 
 the query; the proprio projector comes from its own `.pt` file, read with `torch.load(weights_only=True)`).
 
 Usage:
-    vla = PrismaticVLA.from_openvla("ckpt/openvla-7b-oft-finetuned-libero-spatial", variant="oft", **OFT_LIBERO)
+    vla = load_openvla("ckpt/openvla-7b-oft-finetuned-libero-spatial", variant="oft", **OFT_LIBERO)
     head = load_l1_head("ckpt/openvla-7b-oft-finetuned-libero-spatial", hidden_size=4096)   # rsd.models.oft_heads
     statistics, source = read_openvla_statistics("ckpt/openvla-7b-oft-finetuned-libero-spatial")
 """
@@ -39,8 +39,9 @@ from transformers import LlamaConfig
 
 from rsd.config import IMAGENET_MEAN, IMAGENET_STD, LLMConfig, TokenizerConfig, ViTConfig, VLAConfig, from_dict
 from rsd.data.stats import DatasetStatistics
+from rsd.device import resolve_device_dtype
 from rsd.errors import CheckpointError, ConfigError
-from rsd.models.vla import MODEL_FILE, PrismaticVLA, resolve_device_dtype
+from rsd.models.vla import MODEL_FILE, PrismaticVLA
 
 log = logging.getLogger(__name__)
 
