@@ -41,7 +41,7 @@ from rsd.config import IMAGENET_MEAN, IMAGENET_STD, LLMConfig, TokenizerConfig, 
 from rsd.data.stats import DatasetStatistics
 from rsd.device import resolve_device_dtype
 from rsd.errors import CheckpointError, ConfigError
-from rsd.models.vla import MODEL_FILE, PrismaticVLA
+from rsd.models.vla import LLAMA_FIELDS, MODEL_FILE, PrismaticVLA
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +116,7 @@ def _llm_config(hf: dict[str, Any]) -> LLMConfig:
     for name, (got, expected) in checks.items():
         if got != expected:
             raise ConfigError(f"config.json text_config.{name}: expected {expected!r} (Llama-2), got {got!r}.")
-    return LLMConfig(
-        hidden_size=text.hidden_size,
-        num_layers=text.num_hidden_layers,
-        num_heads=text.num_attention_heads,
-        num_kv_heads=text.num_key_value_heads,
-        intermediate_size=text.intermediate_size,
-        vocab_size=text.vocab_size,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        max_position_embeddings=text.max_position_embeddings,
-    )
+    return LLMConfig(**{ours: getattr(text, theirs) for ours, theirs in LLAMA_FIELDS.items()}, rope_theta=float(rope.get("rope_theta", 10000.0)))
 
 
 def openvla_config(

@@ -150,24 +150,25 @@ class ProprioProjector(nn.Module):
         return self.fc2(F.gelu(self.fc1(proprio)))
 
 
+# LLMConfig field -> the transformers LlamaConfig field of the same meaning, both ways (OpenVLA loading reads them
+# back); rope_theta and the init std are passed on their own.
+LLAMA_FIELDS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "rms_norm_eps": "rms_norm_eps",
+    "max_position_embeddings": "max_position_embeddings",
+}
+
+
 def llama_config(config: VLAConfig) -> LlamaConfig:
     """transformers' LlamaConfig for the LLM part, with SDPA attention."""
     llm = config.llm
-    llama = LlamaConfig(
-        vocab_size=llm.vocab_size,
-        hidden_size=llm.hidden_size,
-        intermediate_size=llm.intermediate_size,
-        num_hidden_layers=llm.num_layers,
-        num_attention_heads=llm.num_heads,
-        num_key_value_heads=llm.num_kv_heads,
-        rms_norm_eps=llm.rms_norm_eps,
-        rope_theta=llm.rope_theta,
-        max_position_embeddings=llm.max_position_embeddings,
-        tie_word_embeddings=False,
-        initializer_range=llm.initializer_range,
-        attn_implementation="sdpa",
-    )
-    return llama
+    return LlamaConfig(**{theirs: getattr(llm, ours) for ours, theirs in LLAMA_FIELDS.items()}, rope_theta=llm.rope_theta,
+                       tie_word_embeddings=False, initializer_range=llm.initializer_range, attn_implementation="sdpa")
 
 
 class PrismaticVLA(nn.Module):
