@@ -1,8 +1,12 @@
-"""The `rsd` command line: a thin click layer over library functions with the same options.
+"""The `rsd` command line: every command, each a thin click layer over a library function with the same options.
+
+Heavy modules are imported inside the commands, so `rsd --help` stays fast. `export-draft` and `bench-latency`
+are also console scripts of their own (`export_draft_main`, `bench_latency_main`).
 
 Usage:
     rsd --help
     rsd presets tiny
+    rsd demo --quick --out runs/quick
 """
 
 from __future__ import annotations
@@ -16,11 +20,9 @@ from typing import Any
 
 import click
 
-from rsd.config import TrainConfig, get_preset, to_dict
-from rsd.envs.cli_commands import eval_command, generate_demos_command
+from rsd.config import TrainConfig, to_dict
 from rsd.errors import RsdError
-from rsd.export.cli_commands import export_draft_command, inspect_command
-from rsd.models.cli_commands import inspect_main_command
+from rsd.presets import get_preset
 
 
 class RsdGroup(click.Group):
@@ -187,7 +189,8 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
                           dtype: str | None, iters: int, warmup: int, exit_layers: str | None, acceptance: float | None,
                           observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None) -> None:
     """Time draft vs main stages and the speculative policy vs the baseline."""
-    from rsd.bench.latency import json_line, run_bench_latency
+    from rsd.bench.latency import run_bench_latency
+    from rsd.bench.report import json_line
 
     report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, _int_list(exit_layers),
                                acceptance, observations, tau=tau, json_path=json_path, plot_path=plot_path)
@@ -197,7 +200,7 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
-@click.option("--quick", is_flag=True, help="A smaller run (about 3 minutes) that exercises every step.")
+@click.option("--quick", is_flag=True, help="A smaller run (under a minute on 2 cores) that exercises every step.")
 def demo(out: str, quick: bool) -> None:
     """Run the whole pipeline on the CPU with built-in data and write OUT/report.md."""
     from rsd.demo import run_demo
@@ -205,11 +208,108 @@ def demo(out: str, quick: bool) -> None:
     run_demo(out, quick)
 
 
-main.add_command(generate_demos_command)
-main.add_command(eval_command)
-main.add_command(export_draft_command)
-main.add_command(inspect_command)
-main.add_command(inspect_main_command)
+@main.command("generate-demos")
+@click.option("--env", "env_name", default="tabletop", show_default=True, help="tabletop or robosuite:<Task>.")
+@click.option("--episodes", default=200, show_default=True, help="Expert episodes to run (failures are dropped).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write (LIBERO layout).")
+@click.option("--seed", default=0, show_default=True, help="First seed (episodes use seed .. seed+episodes-1).")
+@click.option("--image-size", default=64, show_default=True, help="Side of the rendered camera frames.")
+@click.option("--task-family", default=None, type=click.Choice(["any", "pick_place", "next_to"]),
+              help="Tabletop task family (default: the world's own, both families).")
+def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None) -> None:
+    """Write scripted-expert demonstrations to an HDF5 file."""
+    from rsd.envs.demos import generate_demos
+
+    options = {} if task_family is None else {"task_family": task_family}
+    summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, **options)
+    click.echo(
+        f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "
+        f"{summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s)"
+    )
+
+
+@main.command("eval")
+@click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (main model).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None, help="Bundle: also run SpeculativePolicy.")
+@click.option("--env", "env_name", default="tabletop", show_default=True, help="Environment, e.g. tabletop or robosuite:Lift.")
+@click.option("--episodes", default=50, show_default=True, help="Episodes per policy (seeds seed .. seed+episodes-1).")
+@click.option("--seed", default=10_000, show_default=True, help="First seed.")
+@click.option("--video", type=click.Path(file_okay=False), default=None, help="Folder for one video per episode.")
+@click.option("--video-format", default="gif", show_default=True, type=click.Choice(["gif", "mp4"]), help="mp4 needs imageio-ffmpeg.")
+@click.option("--device", default=None, help="cpu or cuda (default: resolved and logged).")
+@click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
+@click.option("--tau", type=float, default=None, help="Gate threshold (default: the bundle's).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the reports as JSON.")
+@click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
+@click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
+              help="LIBERO scene assets folder (libero:* environments; default: LIBERO's config).")
+def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
+                 device: str | None, engine: str, tau: float | None, json_path: str | None, image_size: int | None,
+                 libero_assets: str | None) -> None:
+    """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
+    from rsd.envs.evaluate import compare_policies, format_comparison
+    from rsd.runtime.policy import load_main
+
+    if libero_assets and not env_name.startswith("libero:"):
+        raise click.BadParameter(f"--libero-assets applies to libero:* environments, got --env {env_name}.")
+    env_kwargs = {k: v for k, v in {"image_size": image_size, "assets": libero_assets}.items() if v is not None}
+    reports = compare_policies(load_main(policy, device, None), env_name, list(range(seed, seed + episodes)), bundle=bundle,
+                               engine=engine, taus={"speculative": tau}, video_dir=video, video_format=video_format,
+                               env_kwargs=env_kwargs)
+    for name, report in reports.items():
+        click.echo(f"## {name}\n\n{report.to_markdown()}")
+    if line := format_comparison(reports):
+        click.echo(line)
+    if json_path:
+        Path(json_path).write_text(json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
+
+
+@main.command("export-draft")
+@click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Draft folder (rsd train-draft).")
+@click.option("--tokenizer", required=True, type=click.Path(exists=True, file_okay=False), help="Tokenizer folder (rsd train-tokenizer).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="calibration.json (rsd calibrate); without it tau = inf (never accept).")
+@click.option("--features", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Features folder: parity on the draft's held-out episodes (default: seeded random rows).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write (replaces an earlier bundle).")
+@click.option("--formats", default="onnx,torchscript", show_default=True, help="Comma-separated: onnx, torchscript, tensorrt.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Draft engine precision (decoders stay fp32).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--device", default="cpu", show_default=True, help="Device to build and check the engines on (cpu or cuda).")
+@click.option("--dry-run", is_flag=True, help="Plan TensorRT engines in the manifest (built: false) without building them.")
+def export_draft_command(draft: str, tokenizer: str, calibration: str | None, features: str | None, out: str, formats: str,
+                         precision: str, opset: int | None, device: str, dry_run: bool) -> None:
+    """Compile the draft and decoders, check parity against PyTorch, and write a bundle."""
+    from rsd.bundle import parity_text
+    from rsd.export import export_draft
+
+    report = export_draft(draft, tokenizer, out, formats=formats.split(","), precision=precision, calibration=calibration,
+                          features=features, dry_run=dry_run, opset=opset, device=device)
+    for engine in report["engines"]:
+        seconds = "-" if engine["export_seconds"] is None else f"{engine['export_seconds']:.2f} s"
+        click.echo(f"{engine['name']:<12} {engine['format']:<12} {engine['precision']:<5} {seconds:>8} "
+                   f"{engine['bytes'] / 1e6:8.2f} MB  {parity_text(engine)}")
+    click.echo(f"wrote {report['out']} in {report['seconds']:.1f} s" + ("" if report["calibrated"] else " (not calibrated: tau = inf)"))
+
+
+@main.command("inspect")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+def inspect_command(bundle: str) -> None:
+    """Print a bundle's manifest and re-verify every file hash (non-zero exit on a mismatch)."""
+    from rsd.bundle import format_manifest, read_manifest, verify_bundle
+
+    click.echo(format_manifest(read_manifest(bundle)))
+    verify_bundle(bundle)
+    click.echo("\nall file hashes verified")
+
+
+@main.command("inspect-main")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def inspect_main_command(path: str) -> None:
+    """Print variant, dims, dtype and statistics keys of an OpenVLA/OFT folder or an rsd policy folder PATH as JSON."""
+    from rsd.models.openvla import inspect_main_folder
+
+    click.echo(json.dumps(inspect_main_folder(path), indent=2))
 
 
 def run_standalone(command: click.Command) -> None:

@@ -1,9 +1,8 @@
-"""Frozen dataclass configs, their JSON round trip, and the named presets.
+"""Frozen dataclass configs and their JSON round trip (the named presets are in `rsd.presets`).
 
 Usage:
-    from rsd.config import get_preset
-    preset = get_preset("tiny")            # or "openvla-7b"
-    preset.model.llm.num_layers            # 6
+    from rsd.config import TokenizerConfig, load_json, save_json
+    save_json(TokenizerConfig(levels=5), "tokenizer.json"); config = load_json(TokenizerConfig, "tokenizer.json")
 
 Every config validates itself in `__post_init__`; `to_dict` / `from_dict` round-trip through JSON and
 `from_dict` refuses unknown keys. Artifacts store the config they were built from, and models are rebuilt
@@ -41,7 +40,7 @@ def _positive(cls: object, *names: str) -> None:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """Shape of the RFSQ action tokenizer (DESIGN.md §2)."""
+    """Shape of the RFSQ action tokenizer (docs/architecture.md, "The early-exit design")."""
 
     chunk_len: int = 8  # H: steps per action chunk
     action_dim: int = 7  # A: xyz delta, rotation delta, gripper
@@ -220,7 +219,7 @@ class VLAConfig:
 
 @dataclass(frozen=True)
 class DraftConfig:
-    """The draft head: exit-layer hidden -> coarse RFSQ logits (DESIGN.md §1 step 3)."""
+    """The draft head: exit-layer hidden -> coarse RFSQ logits (docs/architecture.md, "The early-exit design", step 3)."""
 
     hidden_size: int  # width of the main model's hidden state it reads
     exit_layer: int  # the main model's layer k whose output it reads
@@ -274,120 +273,8 @@ class PolicyTrainConfig:
         _check(isinstance(self.rollout_seed, int) and self.rollout_seed >= 0, "PolicyTrainConfig", "rollout_seed", "an int >= 0", self.rollout_seed)
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named set of configs that fit together: tokenizer, main model, draft and training defaults."""
-
-    name: str  # preset name
-    model: VLAConfig  # the main model (its tokenizer field is the tokenizer config)
-    draft_width: int  # DraftConfig.width for this preset
-    draft_heads: int  # DraftConfig.num_heads
-    draft_ffn: int  # DraftConfig.ffn_size
-    tokenizer_train: TrainConfig  # defaults of train-tokenizer
-    policy_train: TrainConfig  # defaults of train-policy
-    draft_train: TrainConfig  # defaults of train-draft
-    policy_options: PolicyTrainConfig = PolicyTrainConfig()  # augmentation and epoch selection of train-policy
-
-    @property
-    def tokenizer(self) -> TokenizerConfig:
-        """The tokenizer config of this preset."""
-        return self.model.tokenizer
-
-    def draft(self, exit_layer: int | None = None) -> DraftConfig:
-        """The draft config reading this preset's model at `exit_layer` (default N/2)."""
-        k = self.model.default_exit_layer if exit_layer is None else exit_layer
-        return DraftConfig(
-            hidden_size=self.model.llm.hidden_size,
-            exit_layer=k,
-            tokenizer=self.tokenizer,
-            width=self.draft_width,
-            num_heads=self.draft_heads,
-            ffn_size=self.draft_ffn,
-        )
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel normalisation of ImageNet-trained ViTs (DINOv2, the tiny ViT)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _tiny(vision: str = "keypoints") -> Preset:
-    tokenizer = TokenizerConfig()
-    conv = ConvConfig(img_size=64, tokens=vision, mean=IMAGENET_MEAN, std=IMAGENET_STD) if vision != "vit" else None
-    model = VLAConfig(
-        vision=(conv,) if conv else (
-            ViTConfig(
-                timm_name="vit_tiny_patch16_224",
-                img_size=64,
-                patch_size=16,
-                embed_dim=96,
-                depth=2,
-                num_heads=3,
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-                feature_layer=-1,
-            ),
-        ),
-        llm=LLMConfig(
-            hidden_size=128,
-            num_layers=6,
-            num_heads=4,
-            num_kv_heads=4,
-            intermediate_size=344,
-            vocab_size=1024,
-            max_position_embeddings=512,
-            initializer_range=0.1,  # about 1/sqrt(128): with 0.02 attention starts uniform and the query learns to read the image far slower
-        ),
-        tokenizer=tokenizer,
-        proprio_dim=8,
-        prompt_template="{instruction}",
-        query_summary=True,
-    )
-    return Preset(
-        name="tiny",
-        model=model,
-        draft_width=128,
-        draft_heads=4,
-        draft_ffn=256,
-        tokenizer_train=TrainConfig(epochs=30, batch_size=64, lr=3e-3),
-        policy_train=TrainConfig(epochs=15, batch_size=32, lr=1e-3),
-        draft_train=TrainConfig(epochs=40, batch_size=128, lr=1e-3),
-    )
-
-
-def _openvla_7b() -> Preset:
-    tokenizer = TokenizerConfig()
-    model = VLAConfig(
-        vision=(  # OpenVLA's order ("dinosiglip"): DINOv2 is `featurizer`, SigLIP is `fused_featurizer`
-            ViTConfig(timm_name="vit_large_patch14_reg4_dinov2", img_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-            ViTConfig(timm_name="vit_so400m_patch14_siglip_224", img_size=224),
-        ),
-        llm=LLMConfig(),
-        tokenizer=tokenizer,
-        text_tokenizer="",
-        resize_images=True,
-    )
-    return Preset(
-        name="openvla-7b",
-        model=model,
-        draft_width=512,
-        draft_heads=8,
-        draft_ffn=2048,
-        tokenizer_train=TrainConfig(epochs=50, batch_size=256, lr=1e-3),
-        policy_train=TrainConfig(epochs=10, batch_size=16, lr=1e-4),
-        draft_train=TrainConfig(epochs=50, batch_size=32, lr=1e-4),
-    )
-
-
-PRESETS = {"tiny": _tiny, "tiny-grid": lambda: _tiny("grid"), "tiny-vit": lambda: _tiny("vit"), "openvla-7b": _openvla_7b}
-
-
-def get_preset(name: str) -> Preset:
-    """Return the preset called `name`; a typo gets a "did you mean" suggestion."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}.{hint}")
-    return PRESETS[name]()
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -472,16 +359,15 @@ def load_json(cls: type[T], path: str | Path) -> T:
 __all__ = [
     "ConvConfig",
     "DraftConfig",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "LLMConfig",
-    "PRESETS",
     "PolicyTrainConfig",
-    "Preset",
     "TokenizerConfig",
     "TrainConfig",
     "ViTConfig",
     "VLAConfig",
     "from_dict",
-    "get_preset",
     "load_json",
     "save_json",
     "to_dict",

@@ -31,6 +31,14 @@ class ParityError(EngineError):
     """An exported engine does not compute what the PyTorch module computes."""
 
 
+class DeviceError(ConfigError, EngineError):
+    """A requested device cannot be used here (CUDA asked for where torch.cuda.is_available() is false)."""
+
+
+class ObservationError(DataError, ShapeError):
+    """An observation (a dict, or a batch of images, instructions and proprio) has the wrong layout or content."""
+
+
 def expect(condition: bool, error: type[RsdError], what: str, expected: object, got: object, fix: str = "") -> None:
     """Raise `error` naming the expected and the received value when `condition` is false."""
     if not condition:

@@ -1,4 +1,4 @@
-"""Shared fixtures and the skips for GPU, TensorRT and simulator tests."""
+"""Shared fixtures, one torch thread for the run, and the skips for GPU, TensorRT and simulator tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import importlib.util
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run torch on one thread: the tiny models gain little from a second one, and on a loaded machine the waiting
+    thread-pool workers made small ops many times slower (the synthetic-set tokenizer test: 10+ minutes, not 1)."""
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -23,11 +29,11 @@ def make_tiny_main(seed: int = 0):
     """A tiny MainModel with seeded random weights (real components; for runtime logic, not for accuracy)."""
     import numpy as np
 
-    from rsd.config import get_preset
     from rsd.data.stats import ActionStats, DatasetStatistics
     from rsd.models.heads import RFSQHead
-    from rsd.models.policy import MainModel
+    from rsd.models.main import MainModel
     from rsd.models.vla import PrismaticVLA
+    from rsd.presets import get_preset
     from rsd.tokenizer import ActionTokenizer
 
     torch.manual_seed(seed)

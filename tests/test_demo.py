@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from click.testing import CliRunner
 
 from rsd.cli import main
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path) -> None:
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])

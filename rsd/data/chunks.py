@@ -1,4 +1,4 @@
-"""Action chunks inside episodes and the split by episode (REFERENCES.md pitfall 5).
+"""Action chunks inside episodes and the split by episode (docs/pitfalls.md #5).
 
 A chunk is the H consecutive actions starting at a frame, never crossing into the next episode; near the
 end of an episode the chunk is padded by repeating the episode's last action.

@@ -1,19 +1,22 @@
-"""The environment interface the control loop drives, and `make_env`, which builds one from a name.
+"""The environment interface the control loop drives, and the registry that builds environments and experts by name.
 
 Every environment (the built-in tabletop world, the robosuite and LIBERO adapters) hands the policy the same
-observation dict, so `rsd.envs.evaluate.evaluate` and `rsd.data.demos.generate_demos` work with any of them.
-Simulator adapters are imported only when asked for, so the tabletop world needs nothing beyond numpy.
+observation dict, so `rsd.envs.evaluate.evaluate` and `rsd.envs.demos.generate_demos` work with any of them.
+An environment name is `tabletop`, `robosuite:<Task>` or `libero:<spec>`; its family picks the factory and, where
+there is one, the scripted expert that records demonstrations. Simulator adapters are imported only when asked
+for (plain imports inside the factories), so the tabletop world needs nothing beyond numpy.
 
 Usage:
     env = make_env("tabletop", image_size=64)        # or "robosuite:Lift", "libero:libero_spatial/0"
+    expert = expert_factory("tabletop")(env)         # the family's scripted expert
     obs = env.reset(seed=0)
-    obs, reward, done, info = env.step(np.zeros(7))  # info["success"]
+    obs, reward, done, info = env.step(expert.act(obs))  # info["success"]
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +32,7 @@ class Env(Protocol):
     max_steps: int  # steps before an episode times out
     instruction: str  # the current episode's language instruction
     task_family: str  # task kind of the current episode, used to group success rates
+    cameras: tuple[str, ...]  # camera names, in the order of the observation's images
 
     def reset(self, seed: int) -> dict[str, Any]:
         """Start the episode fixed by `seed`; return `{"image", "instruction", "proprio"}`."""
@@ -42,33 +46,78 @@ class Env(Protocol):
         """The current frame, uint8 `[H, W, 3]`."""
         ...
 
+    def close(self) -> None:
+        """Free the simulator, if there is one."""
+        ...
 
-def _adapter(module_name: str, factory: str, env_name: str) -> Any:
-    """The factory function of an optional simulator adapter module, or a ConfigError saying what is missing."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        raise ConfigError(f"env {env_name!r}: expected the adapter module {module_name} to exist, got none in this install.") from error
-    if not hasattr(module, factory):
-        raise ConfigError(f"env {env_name!r}: expected {module_name}.{factory}() to exist, got a module without it.")
-    return getattr(module, factory)
+
+class Expert(Protocol):
+    """A scripted expert: `reset(seed)` at the start of an episode, then `act(obs)` each step."""
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start an episode's script (`seed` reseeds any action noise)."""
+        ...
+
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """The expert's action `[7]` for an observation."""
+        ...
+
+
+def _tabletop(spec: str, **kwargs: Any) -> Env:
+    from rsd.envs.tabletop import TabletopEnv
+
+    return TabletopEnv(**kwargs)
+
+
+def _robosuite(spec: str, **kwargs: Any) -> Env:
+    from rsd.envs.robosuite import make_robosuite_env
+
+    return make_robosuite_env(spec, **kwargs)
+
+
+def _libero(spec: str, **kwargs: Any) -> Env:
+    from rsd.envs.libero import make_libero_env
+
+    return make_libero_env(spec, **kwargs)
+
+
+def _tabletop_expert(env: Any) -> Expert:
+    from rsd.envs.expert import ScriptedExpert
+
+    return ScriptedExpert(env)
+
+
+def _robosuite_expert(env: Any) -> Expert:
+    from rsd.envs.robosuite_expert import RobosuiteExpert
+
+    return RobosuiteExpert(env)
+
+
+ENVS: dict[str, Callable[..., Env]] = {"tabletop": _tabletop, "robosuite": _robosuite, "libero": _libero}
+EXPERTS: dict[str, Callable[[Any], Expert]] = {"tabletop": _tabletop_expert, "robosuite": _robosuite_expert}
+
+
+def env_family(name: str) -> tuple[str, str]:
+    """Split an environment name into its family and spec ("robosuite:Lift" → ("robosuite", "Lift")), else a ConfigError."""
+    family, _, spec = name.partition(":")
+    if name == "tabletop" or (family in ("robosuite", "libero") and spec):
+        return family, spec
+    close = difflib.get_close_matches(family, list(ENVS), n=1)
+    hint = ""
+    if close:
+        hint = f" Did you mean {close[0] if close[0] == 'tabletop' else close[0] + ':' + (spec or '<name>')!r}?"
+    raise ConfigError(f"env: expected one of {list(ENV_NAMES)}, got {name!r}.{hint}")
 
 
 def make_env(name: str, **kwargs: Any) -> Env:
     """Build the environment called `name`: "tabletop", "robosuite:<Task>" or "libero:<spec>"."""
-    if name == "tabletop":
-        from rsd.envs.tabletop import TabletopEnv
+    family, spec = env_family(name)
+    return ENVS[family](spec, **kwargs)
 
-        return TabletopEnv(**kwargs)
-    prefix, _, rest = name.partition(":")
-    if prefix == "robosuite" and rest:
-        return _adapter("rsd.envs.robosuite", "make_robosuite_env", name)(rest, **kwargs)
-    if prefix == "libero" and rest:
-        return _adapter("rsd.envs.libero", "make_libero_env", name)(rest, **kwargs)
-    close = difflib.get_close_matches(prefix, ["tabletop", "robosuite", "libero"], n=1)
-    hint = ""
-    if close:
-        hint = f" Did you mean {close[0] if close[0] == 'tabletop' else close[0] + ':' + (rest or '<name>')!r}?"
-    raise ConfigError(f"env: expected one of {list(ENV_NAMES)}, got {name!r}.{hint}")
+
+def expert_factory(name: str) -> Callable[[Any], Expert]:
+    """The scripted expert of environment `name`'s family (called with the env), else a ConfigError naming those with one."""
+    family, _ = env_family(name)
+    if family not in EXPERTS:
+        raise ConfigError(f"expert: expected an environment with a scripted expert ('tabletop' or 'robosuite:<Task>'), got {name!r}.")
+    return EXPERTS[family]

@@ -5,17 +5,21 @@ or a scripted adapter in tests), so the baseline and the speculative policy are 
 Acceptance covers only this call (from the `calls` / `acceptance_rate` counters before and after); latency is
 the policy's per-chunk "total" stage over its rolling window (its last 2000 chunk predictions), so evaluate a
 fresh policy for latency that covers exactly this run. Videos: GIF needs nothing extra; MP4 needs imageio-ffmpeg.
+`compare_policies` runs the main-only baseline and the speculative policy of a bundle on the same seeds (what
+`rsd eval` and `rsd demo` report).
 
 Usage:
     report = evaluate(policy, "tabletop", seeds=list(range(10_000, 10_050)), video_dir="runs/eval/videos")
     print(report.to_markdown()); json.dumps(report.to_json())
+    reports = compare_policies(load_main("runs/demo/policy", None, None), "tabletop", range(10_000, 10_050), bundle="runs/demo/bundle")
+    print(format_comparison(reports))
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,8 @@ from tqdm import tqdm
 
 from rsd.envs.base import Env, make_env
 from rsd.errors import ConfigError
+from rsd.models.main import MainModel
+from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 
 VIDEO_MIN_SIDE = 256  # frames are upscaled (nearest) to at least this side so small renders stay watchable
 VIDEO_FPS = 20
@@ -169,3 +175,40 @@ def evaluate(
     after = policy.stats()
     acceptance = None if type(policy).__name__ == "MainOnlyPolicy" else _acceptance(before, after)
     return EvalReport(results, acceptance, _latency(after), type(policy).__name__)
+
+
+def compare_policies(
+    main: MainModel,
+    env: str | Env,
+    seeds: Sequence[int],
+    bundle: str | Path | None = None,
+    engine: str = "auto",
+    taus: Mapping[str, float | None] | None = None,
+    video_dir: str | Path | None = None,
+    video_format: str = "gif",
+    env_kwargs: dict[str, Any] | None = None,
+) -> dict[str, EvalReport]:
+    """`MainOnlyPolicy` ("baseline") and, with a bundle, `SpeculativePolicy` on the same seeds; one report per policy.
+
+    `taus` names the speculative policies: `{"speculative": None}` (the bundle's own tau) unless given; every entry
+    runs the bundle's engines at that threshold (None: the bundle's). Videos go to `video_dir/<policy name>`.
+    """
+    policies: dict[str, Any] = {"baseline": MainOnlyPolicy(main)}
+    if bundle is not None:
+        for name, tau in (taus or {"speculative": None}).items():
+            policies[name] = SpeculativePolicy.from_bundle(bundle, main=main, engine=engine, tau=tau)
+    return {name: evaluate(policy, env, seeds, video_dir=None if video_dir is None else Path(video_dir) / name,
+                           video_format=video_format, env_kwargs=env_kwargs)
+            for name, policy in policies.items()}
+
+
+def format_comparison(reports: Mapping[str, EvalReport]) -> str:
+    """One line: the speculative policy's success and chunk latency against the baseline's ("" without both)."""
+    if "baseline" not in reports or "speculative" not in reports:
+        return ""
+    base, spec = reports["baseline"], reports["speculative"]
+    line = f"speculative vs baseline: success {100 * spec.success_rate:.1f} % vs {100 * base.success_rate:.1f} %"
+    if base.latency_ms and spec.latency_ms:
+        line += (f", chunk latency p50 {spec.latency_ms['p50']:.2f} ms vs {base.latency_ms['p50']:.2f} ms "
+                 f"({base.latency_ms['p50'] / spec.latency_ms['p50']:.2f}x)")
+    return line

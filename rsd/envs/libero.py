@@ -1,11 +1,12 @@
 """LIBERO task suites behind rsd's env interface, evaluated the way OpenVLA-OFT evaluates them.
 
 Why a separate adapter: LIBERO's numbers are only comparable to published ones when the protocol is followed
-exactly (REFERENCES.md, "LIBERO evaluation protocol"). This module owns the environment side of it:
+exactly as OpenVLA-OFT's `run_libero_eval.py` runs it. This module owns the environment side of that protocol:
 - the suite's task (BDDL file, language instruction) and its fixed init states; `reset(seed)` restores init state
   `seed` (one trial), then runs 10 no-op steps (`LIBERO_DUMMY_ACTION`) so objects settle;
-- `OffScreenRenderEnv` at 256×256; frames rotated 180°, JPEG round trip + Lanczos resize to 224, optional center
-  crop (`crop_scale=0.9` for models trained with crop augmentation); proprio = eef pos + axis-angle + gripper qpos;
+- `OffScreenRenderEnv` at 256×256; frames rotated 180°, JPEG round trip + Lanczos resize to 224 (the 90 % centre
+  crop of models trained with crop augmentation is the model's own, `VLAConfig.center_crop`); proprio = eef pos +
+  axis-angle + gripper qpos;
 - actions arrive in the policy's LIBERO units (gripper in [0, 1]): the gripper is mapped to [-1, 1], binarised
   and sign-inverted for LIBERO's controller (`rsd.envs.sim_common.libero_env_action`);
 - an episode ends on success (LIBERO's `done`) or after the suite's max steps (220/280/300/520, libero_90: 400).
@@ -52,6 +53,7 @@ from rsd.envs.sim_common import (
     check_suite,
     libero_env_action,
     numpy_seed,
+    step_outcome,
 )
 from rsd.errors import ConfigError, DataError, RsdError
 
@@ -155,7 +157,6 @@ class LiberoEnv:
         cameras: Sequence[str] = ("agentview",),
         image_size: int = LIBERO_POLICY_SIZE,
         render_size: int = LIBERO_RENDER_SIZE,
-        crop_scale: float | None = None,
         assets: str | Path | None = None,
         map_gripper: bool = True,
     ) -> None:
@@ -174,7 +175,7 @@ class LiberoEnv:
         self.cameras = tuple(cameras)
         self.render_size = render_size
         self.map_gripper = map_gripper
-        self.pipeline = ImagePipeline(size=image_size, rotate=True, jpeg=True, crop_scale=crop_scale)
+        self.pipeline = ImagePipeline(size=image_size, rotate=True, jpeg=True)
         self.max_steps = LIBERO_MAX_STEPS[suite]
         self.statistics_key = f"{suite}_no_noops"  # the un-normalisation key OpenVLA-OFT uses for this suite
         self._env: Any = None
@@ -233,10 +234,8 @@ class LiberoEnv:
             command = libero_env_action(command)
         self._raw, reward, done, _ = self._env.step(command.tolist())
         self._steps += 1
-        success = bool(done)  # LIBERO's done is its success check
-        timeout = self._steps >= self.max_steps and not success
-        info = {"success": success, "timeout": timeout, "step": self._steps}
-        return build_observation(self._raw, self.cameras, self.pipeline, self.instruction), float(reward), success or timeout, info
+        ended, info = step_outcome(self._steps, self.max_steps, success=bool(done))  # LIBERO's done is its success check
+        return build_observation(self._raw, self.cameras, self.pipeline, self.instruction), float(reward), ended, info
 
     def render(self) -> np.ndarray:
         """The first camera's current frame as the policy sees it, uint8 `[S, S, 3]`."""
@@ -260,7 +259,7 @@ def make_libero_env(suite: str, task_id: int | None = None, **kwargs: Any) -> Li
         if task_id is not None and task_id != int(tail):
             raise ConfigError(f"libero:{suite}: the name says task {tail} but task_id={task_id}; give it once.")
         task_id = int(tail)
-    known = {"cameras", "image_size", "render_size", "crop_scale", "assets", "map_gripper"}
+    known = {"cameras", "image_size", "render_size", "assets", "map_gripper"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ConfigError(f"libero:{suite}: expected options from {sorted(known)}, got unknown {unknown}.")

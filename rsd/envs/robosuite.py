@@ -1,22 +1,19 @@
-"""robosuite 1.4 tasks (Lift, Stack, PickPlaceCan) as rsd control-loop environments, with scripted experts.
+"""robosuite 1.4 tasks (Lift, Stack, PickPlaceCan) as rsd control-loop environments.
 
 `RobosuiteEnv` renders the chosen cameras (agentview, optionally robot0_eye_in_hand) and hands the policy the
 contract's observation dict through the same plumbing as the LIBERO adapter (`rsd.envs.sim_common`): frames
 rotated 180°, proprio = eef pos + axis-angle + gripper qpos (8). Actions are robosuite's OSC_POSE deltas in the
 controller's own units (xyz and axis-angle in [-1, 1], gripper -1 open / +1 close), so demonstrations recorded
-here are replayed unchanged. `RobosuiteExpert` is a waypoint script on the object poses read from the simulator
-state; it solved 10 of 10 seeds on each task (tests/test_sim.py checks Lift). `generate_robosuite_demos` records
-its successful episodes as a demonstration file (`rsd.data.hdf5` layout) for training.
+here are replayed unchanged. The scripted expert of these tasks is `rsd.envs.robosuite_expert.RobosuiteExpert`;
+`rsd generate-demos --env robosuite:Lift` records its successful episodes (`rsd.envs.demos`).
 
 Rendering needs an OpenGL backend without a display: `MUJOCO_GL=egl` (the default set here when the variable is
 unset; Mesa's EGL renders on the CPU) or `MUJOCO_GL=osmesa` (Debian: `apt-get install libosmesa6`).
 
 Usage:
-    env = RobosuiteEnv("Lift", cameras=("agentview",), image_size=128)
-    expert = RobosuiteExpert(env)
-    obs = env.reset(seed=0); expert.reset()
-    obs, reward, done, info = env.step(expert.act(obs))     # info["success"]
-    summary = generate_robosuite_demos("Lift", episodes=50, out="runs/lift/demos.hdf5")
+    env = make_env("robosuite:Lift", image_size=128)          # rsd.envs.base; or RobosuiteEnv("Lift", image_size=128)
+    obs = env.reset(seed=0)
+    obs, reward, done, info = env.step(np.zeros(7))          # info["success"]
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -42,6 +38,7 @@ from rsd.envs.sim_common import (
     check_action,
     numpy_seed,
     proprio_from_obs,
+    step_outcome,
 )
 from rsd.errors import ConfigError, RsdError
 
@@ -170,10 +167,8 @@ class RobosuiteEnv:
         command = check_action(action)
         self._raw, reward, _, _ = self._env.step(command)
         self._steps += 1
-        success = bool(self._env._check_success())
-        timeout = self._steps >= self.max_steps and not success
-        info = {"success": success, "timeout": timeout, "step": self._steps}
-        return self._observation(), float(reward), success or timeout, info
+        ended, info = step_outcome(self._steps, self.max_steps, success=bool(self._env._check_success()))
+        return self._observation(), float(reward), ended, info
 
     def render(self) -> np.ndarray:
         """The first camera's current frame as the policy sees it, uint8 `[S, S, 3]`."""
@@ -207,163 +202,6 @@ class RobosuiteEnv:
         return np.array(data.body_xpos[body_id], dtype=np.float64), np.array([x, y, z, w])
 
 
-# --- scripted expert ------------------------------------------------------------------------------------------------
-def _quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamilton product of quaternions (x, y, z, w)."""
-    ax, ay, az, aw = a
-    bx, by, bz, bw = b
-    return np.array(
-        [
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-            aw * bw - ax * bx - ay * by - az * bz,
-        ]
-    )
-
-
-def _quat_conjugate(q: np.ndarray) -> np.ndarray:
-    return np.array([-q[0], -q[1], -q[2], q[3]])
-
-
-def _quat_to_rotvec(q: np.ndarray) -> np.ndarray:
-    """Rotation vector (axis * angle) of a unit quaternion, taking the short way round."""
-    q = q / np.linalg.norm(q)
-    if q[3] < 0:
-        q = -q
-    sin_half = np.linalg.norm(q[:3])
-    if sin_half < 1e-9:
-        return np.zeros(3)
-    return q[:3] / sin_half * 2.0 * np.arctan2(sin_half, q[3])
-
-
-def _yaw(q: np.ndarray) -> float:
-    """Rotation about the world z axis of a quaternion (x, y, z, w)."""
-    x, y, z, w = q
-    return float(np.arctan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z)))
-
-
-def _yaw_quat(angle: float) -> np.ndarray:
-    return np.array([0.0, 0.0, np.sin(angle / 2.0), np.cos(angle / 2.0)])
-
-
-class RobosuiteExpert:
-    """Waypoint expert: above the object, down, close, lift; then (Stack, PickPlaceCan) carry, lower, release.
-
-    Object and goal poses come from the simulator state each step; a proportional law turns the waypoint into
-    an OSC_POSE action (gains per metre and per radian, saturated at the controller's [-1, 1]). Cubes are
-    grasped with the gripper's yaw aligned to the cube's faces. Each phase has a step budget, so a waypoint
-    that the arm cannot reach exactly (steady-state sag under load) does not stall the script.
-    """
-
-    GRASP_STEPS = 12  # steps with the gripper closing before lifting
-    RELEASE_STEPS = 10  # steps with the gripper opening before retreating
-    PHASE_BUDGET = 80  # at most this many steps in any waypoint phase
-
-    def __init__(self, env: RobosuiteEnv, gain: float = 20.0, rotation_gain: float = 4.0) -> None:
-        if env.task_name not in TASKS:
-            raise ConfigError(f"RobosuiteExpert: expected a task from {sorted(TASKS)}, got {env.task_name!r}.")
-        self.env = env
-        self.gain = gain
-        self.rotation_gain = rotation_gain
-        self.reset()
-
-    def reset(self, seed: int | None = None) -> None:
-        """Start a new episode's script (`seed` is unused: the script adds no noise; the env's reset fixes the scene)."""
-        self._phase = "align"
-        self._in_phase = 0
-        self._target_quat: np.ndarray | None = None
-        self._grasp_offset = np.zeros(3)
-
-    def _bodies(self) -> tuple[int, int | None]:
-        raw = self.env.raw_env
-        if self.env.task_name == "Lift":
-            return raw.cube_body_id, None
-        if self.env.task_name == "Stack":
-            return raw.cubeA_body_id, raw.cubeB_body_id
-        return raw.obj_body_id["Can"], None
-
-    def _goal(self) -> np.ndarray:
-        """Where the held object's centre should end up (Stack: on cube B; PickPlaceCan: over its bin)."""
-        raw = self.env.raw_env
-        if self.env.task_name == "Stack":
-            _, goal_body = self._bodies()
-            assert goal_body is not None
-            position, _ = self.env.body_pose(goal_body)
-            half_a = float(raw.cubeA.size[2])
-            half_b = float(raw.cubeB.size[2])
-            return position + np.array([0.0, 0.0, half_b + half_a + 0.005])
-        bin_xy = raw.target_bin_placements[raw.object_to_id["can"]][:2]
-        return np.array([bin_xy[0], bin_xy[1], raw.bin2_pos[2] + 0.15])
-
-    def _advance(self, phase: str) -> None:
-        self._phase = phase
-        self._in_phase = 0
-
-    def act(self, obs: Mapping[str, Any]) -> np.ndarray:
-        """The next action `[7]` in controller units (the observation is not needed: the sim state is read)."""
-        eef, quat = self.env.eef_pose()
-        object_body, _ = self._bodies()
-        obj, obj_quat = self.env.body_pose(object_body)
-        table_z = float(self.env.raw_env.table_offset[2]) if self.env.task_name != "PickPlaceCan" else float(self.env.raw_env.bin1_pos[2])
-        carry_z = table_z + (0.25 if self.env.task_name == "PickPlaceCan" else 0.2)
-        self._in_phase += 1
-        over_budget = self._in_phase > self.PHASE_BUDGET
-        grip = -1.0
-        target = eef
-
-        if self._phase == "align":
-            if self.env.task_name == "PickPlaceCan":
-                self._target_quat = quat.copy()
-            else:  # turn about z by the smallest angle that lines the fingers up with a pair of cube faces
-                delta = (_yaw(obj_quat) - _yaw(quat) + np.pi / 4) % (np.pi / 2) - np.pi / 4
-                self._target_quat = _quat_multiply(_yaw_quat(delta), quat)
-            self._advance("above")
-        if self._phase == "above":
-            target = obj + np.array([0.0, 0.0, 0.10])
-            if np.linalg.norm(target - eef) < 0.015 or over_budget:
-                self._advance("descend")
-        if self._phase == "descend":
-            target = obj + np.array([0.0, 0.0, -0.005 if self.env.task_name != "PickPlaceCan" else 0.0])
-            if np.linalg.norm(target - eef) < 0.01 or over_budget:
-                self._advance("grasp")
-        if self._phase == "grasp":
-            target, grip = eef, 1.0
-            if self._in_phase > self.GRASP_STEPS:
-                self._grasp_offset = eef - obj
-                self._advance("lift")
-        if self._phase == "lift":
-            grip = 1.0
-            target = np.array([eef[0], eef[1], carry_z]) if self.env.task_name != "Lift" else np.array([obj[0], obj[1], carry_z])
-            if self.env.task_name != "Lift" and (eef[2] > carry_z - 0.03 or over_budget):
-                self._advance("carry")
-        if self._phase == "carry":
-            grip = 1.0
-            goal = self._goal()
-            target = np.array([goal[0], goal[1], carry_z]) + np.array([self._grasp_offset[0], self._grasp_offset[1], 0.0])
-            if np.linalg.norm((target - eef)[:2]) < (0.04 if self.env.task_name == "PickPlaceCan" else 0.01) or over_budget:
-                self._advance("lower" if self.env.task_name == "Stack" else "release")
-        if self._phase == "lower":
-            grip = 1.0
-            target = self._goal() + self._grasp_offset
-            if np.linalg.norm(target - eef) < 0.006 or over_budget:
-                self._advance("release")
-        if self._phase == "release":
-            target, grip = eef, -1.0
-            if self._in_phase > self.RELEASE_STEPS:
-                self._advance("retreat")
-        if self._phase == "retreat":
-            target, grip = eef + np.array([0.0, 0.0, 0.05]), -1.0
-
-        action = np.zeros(7)
-        action[:3] = np.clip((target - eef) * self.gain, -1.0, 1.0)
-        assert self._target_quat is not None
-        rotation = _quat_to_rotvec(_quat_multiply(self._target_quat, _quat_conjugate(quat)))
-        action[3:6] = np.clip(rotation * self.rotation_gain, -1.0, 1.0)  # 1.0 = 0.5 rad per step
-        action[6] = grip
-        return action
-
-
 def make_robosuite_env(task: str, **kwargs: Any) -> RobosuiteEnv:
     """Registry factory for `robosuite:<task>` (kwargs: cameras, image_size, max_steps, control_freq, robot)."""
     known = {"cameras", "image_size", "max_steps", "control_freq", "robot"}
@@ -371,31 +209,3 @@ def make_robosuite_env(task: str, **kwargs: Any) -> RobosuiteEnv:
     if unknown:
         raise ConfigError(f"robosuite:{task}: expected options from {sorted(known)}, got unknown {unknown}.")
     return RobosuiteEnv(task, **kwargs)
-
-
-def generate_robosuite_demos(
-    task: str,
-    episodes: int,
-    out: str | Path,
-    seed: int = 0,
-    image_size: int = 128,
-    progress: bool = True,
-    cameras: Sequence[str] = ("agentview",),
-    noise: float = 0.0,
-) -> dict[str, Any]:
-    """Run the scripted expert on seeds `seed .. seed + episodes - 1`, write the successful episodes to `out`.
-
-    Each kept episode holds the frames `[T, S, S, 3]` per camera, proprio `[T, 8]` and actions `[T, 7]` seen before
-    each step. Returns counts and speed; `steps` counts every simulated step, failed episodes included.
-    """
-    if episodes <= 0:
-        raise ConfigError(f"generate_robosuite_demos.episodes: expected an int > 0, got {episodes}.")
-    if not cameras:
-        raise ConfigError("generate_robosuite_demos.cameras: expected at least one camera (demos store frames), got none.")
-    from rsd.data.demos import record_demos
-
-    env = RobosuiteEnv(task, cameras=cameras, image_size=image_size)
-    summary = record_demos(env, RobosuiteExpert(env), range(seed, seed + episodes), out, f"robosuite:{task}",
-                           {"cameras": list(env.cameras), "image_size": image_size}, env.cameras, progress, noise)
-    env.close()
-    return summary

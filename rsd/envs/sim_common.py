@@ -10,11 +10,11 @@ value from [0, 1] to [-1, 1], binarises it and flips its sign for LIBERO's contr
 Resize: OpenVLA-OFT encodes each frame as JPEG, decodes it and resizes with TensorFlow's antialiased Lanczos-3
 kernel. TensorFlow is not a dependency here, so `resize_image` does the same with Pillow (JPEG quality 95, 4:2:0
 chroma subsampling — TF's defaults — and Pillow's LANCZOS filter, which is antialiased for downscaling); results
-agree with TF to a few grey levels, not bit for bit. `center_crop` reproduces `tf.image.crop_and_resize`
-(bilinear, float32) and `tf.image.convert_image_dtype` exactly.
+agree with TF to a few grey levels, not bit for bit. OpenVLA-OFT's 90 % centre crop is not applied here: it belongs
+to the model (`VLAConfig.center_crop`, done once by `rsd.models.processor`), so it can never be applied twice.
 
 Usage:
-    pipeline = ImagePipeline(size=224, rotate=True, jpeg=True, crop_scale=0.9)
+    pipeline = ImagePipeline(size=224, rotate=True, jpeg=True)
     image = pipeline(raw_obs["agentview_image"])                  # uint8 [224, 224, 3]
     env_action = libero_env_action(policy_action)                  # [7], gripper in {-1, 0, +1}
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,12 @@ import numpy as np
 from PIL import Image
 
 from rsd.data.stats import DatasetStatistics, read_dataset_statistics
+from rsd.envs.rotations import quat2axisangle
 from rsd.errors import ConfigError, DataError, ShapeError
 
 ACTION_DIM = 7  # xyz delta, axis-angle delta, gripper
 PROPRIO_DIM = 8  # eef pos (3) + axis-angle (3) + gripper qpos (2)
 JPEG_QUALITY = 95  # tf.image.encode_jpeg's default quality
-OFT_CROP_SCALE = 0.9  # area of OpenVLA-OFT's center crop (side = sqrt(0.9))
 
 # robosuite observation keys (robot 0) and camera keys
 EEF_POS_KEY = "robot0_eef_pos"
@@ -98,83 +97,22 @@ def resize_image(image: np.ndarray, size: int, jpeg: bool = True) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
-def _crop_and_resize_bilinear(image: np.ndarray, box: tuple[float, float, float, float], out_h: int, out_w: int) -> np.ndarray:
-    """`tf.image.crop_and_resize` for one image `[H, W, C]` float32 and a normalised box (y1, x1, y2, x2)."""
-    height, width = image.shape[:2]
-    y1, x1, y2, x2 = (np.float32(v) for v in box)
-    scale_y = (y2 - y1) * np.float32(height - 1) / np.float32(out_h - 1) if out_h > 1 else np.float32(0)
-    scale_x = (x2 - x1) * np.float32(width - 1) / np.float32(out_w - 1) if out_w > 1 else np.float32(0)
-    ys = y1 * np.float32(height - 1) + np.arange(out_h, dtype=np.float32) * scale_y
-    xs = x1 * np.float32(width - 1) + np.arange(out_w, dtype=np.float32) * scale_x
-    if ys.min() < 0 or ys.max() > height - 1 or xs.min() < 0 or xs.max() > width - 1:
-        raise ConfigError(f"center_crop: the crop box {box} leaves the image; expected a box inside [0, 1].")
-    top = np.floor(ys).astype(np.int64)
-    bottom = np.ceil(ys).astype(np.int64)
-    left = np.floor(xs).astype(np.int64)
-    right = np.ceil(xs).astype(np.int64)
-    y_lerp = (ys - top.astype(np.float32))[:, None, None]
-    x_lerp = (xs - left.astype(np.float32))[None, :, None]
-    top_left = image[top][:, left]
-    top_right = image[top][:, right]
-    bottom_left = image[bottom][:, left]
-    bottom_right = image[bottom][:, right]
-    top_row = top_left + (top_right - top_left) * x_lerp
-    bottom_row = bottom_left + (bottom_right - bottom_left) * x_lerp
-    return (top_row + (bottom_row - top_row) * y_lerp).astype(np.float32)
-
-
-def center_crop(image: np.ndarray, crop_scale: float = OFT_CROP_SCALE) -> np.ndarray:
-    """OpenVLA-OFT's `center_crop_image`: keep the central `crop_scale` of the area, resize back to `[H, W, 3]`.
-
-    Same arithmetic as TF: uint8 -> float32 in [0, 1], `crop_and_resize` (bilinear) with side `sqrt(crop_scale)`,
-    clip, then `convert_image_dtype(uint8, saturate=True)` = truncate(x * 255.5).
-    """
-    frame = check_frame(image)
-    if not 0.0 < crop_scale <= 1.0:
-        raise ConfigError(f"center_crop: expected crop_scale in (0, 1], got {crop_scale}.")
-    side = np.float32(min(max(math.sqrt(crop_scale), 0.0), 1.0))
-    offset = (np.float32(1.0) - side) / np.float32(2.0)
-    as_float = frame.astype(np.float32) * np.float32(1.0 / 255.0)
-    out_h, out_w = frame.shape[:2]
-    cropped = _crop_and_resize_bilinear(as_float, (offset, offset, offset + side, offset + side), out_h, out_w)
-    cropped = np.clip(cropped, 0.0, 1.0)
-    return np.clip(cropped * np.float32(255.5), 0, 255).astype(np.uint8)
-
-
 @dataclass(frozen=True)
 class ImagePipeline:
-    """The per-frame preprocessing both adapters apply: rotate 180°, resize, optional center crop."""
+    """The per-frame preprocessing both adapters apply: rotate 180°, then resize (the centre crop is the model's)."""
 
     size: int  # side of the square frame handed to the policy
     rotate: bool = True  # rotate 180° (robosuite renders upside down; LIBERO/OFT rotate both cameras)
     jpeg: bool = True  # JPEG round trip before the resize (OpenVLA-OFT); False: plain Lanczos, no-op at equal size
-    crop_scale: float | None = None  # center-crop area fraction (0.9 for OFT models trained with crop augmentation)
 
     def __post_init__(self) -> None:
         if self.size <= 0:
             raise ConfigError(f"ImagePipeline.size: expected an int > 0, got {self.size}.")
-        if self.crop_scale is not None and not 0.0 < self.crop_scale <= 1.0:
-            raise ConfigError(f"ImagePipeline.crop_scale: expected None or a float in (0, 1], got {self.crop_scale}.")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """One raw frame `[h, w, 3]` uint8 -> the policy's frame `[size, size, 3]` uint8."""
         frame = rotate_180(image) if self.rotate else check_frame(image)
-        frame = resize_image(frame, self.size, jpeg=self.jpeg)
-        if self.crop_scale is not None:
-            frame = center_crop(frame, self.crop_scale)
-        return frame
-
-
-def quat2axisangle(quat: np.ndarray) -> np.ndarray:
-    """Quaternion (x, y, z, w) -> axis-angle `[3]` (unit axis times angle in radians), as robosuite computes it."""
-    q = np.asarray(quat, dtype=np.float64)
-    if q.shape != (4,):
-        raise ShapeError(f"quat2axisangle: expected a quaternion [4] (x, y, z, w), got shape {q.shape}.")
-    w = float(np.clip(q[3], -1.0, 1.0))
-    den = math.sqrt(1.0 - w * w)
-    if math.isclose(den, 0.0):
-        return np.zeros(3)
-    return q[:3] * 2.0 * math.acos(w) / den
+        return resize_image(frame, self.size, jpeg=self.jpeg)
 
 
 def proprio_from_obs(raw: Mapping[str, Any]) -> np.ndarray:
@@ -212,6 +150,12 @@ def check_action(action: Any, dim: int = ACTION_DIM) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ShapeError(f"env.step: expected a finite action, got {array.tolist()}.")
     return array
+
+
+def step_outcome(steps: int, max_steps: int, success: bool) -> tuple[bool, dict[str, Any]]:
+    """`done` and `info` after `steps` steps: an episode ends on success, or without it at `max_steps` (a timeout)."""
+    timeout = steps >= max_steps and not success
+    return success or timeout, {"success": success, "timeout": timeout, "step": steps}
 
 
 def normalize_gripper_action(action: np.ndarray, binarize: bool = True) -> np.ndarray:
@@ -261,7 +205,7 @@ def check_statistics_key(suite: str, key: str) -> str:
     if key not in allowed:
         raise ConfigError(
             f"statistics key for {suite}: expected one of {list(allowed)}, got {key!r}. Actions un-normalised with "
-            "another dataset's statistics are wrong (REFERENCES.md pitfall 6); pass the suite's own key."
+            "another dataset's statistics are wrong (docs/pitfalls.md #6); pass the suite's own key."
         )
     return key
 

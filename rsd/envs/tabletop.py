@@ -61,6 +61,8 @@ class TabletopEnv:
     `anchor` (reference block of "next_to", else None).
     """
 
+    cameras = ("agentview",)  # the one top-down camera (the name LIBERO gives its main view)
+
     def __init__(self, image_size: int = 64, max_steps: int = 120, task_family: str = "any", num_blocks: int | None = None) -> None:
         if task_family not in (*FAMILIES, "any"):
             raise ConfigError(f"TabletopEnv.task_family: expected one of {[*FAMILIES, 'any']}, got {task_family!r}.")
@@ -151,6 +153,9 @@ class TabletopEnv:
         """float32 `[8]`: gripper x, y, z, rotation (3 zeros), finger positions (+f, -f)."""
         finger = FINGER_MAX * self.opening
         return np.array([*self.gripper, 0.0, 0.0, 0.0, finger, -finger], dtype=np.float32)
+
+    def close(self) -> None:
+        """Nothing to free: the world is plain numpy."""
 
     def _observation(self) -> dict[str, Any]:
         return {"image": self.render(), "instruction": self.instruction, "proprio": self.proprio()}

@@ -1,10 +1,10 @@
 """The draft head: the main model's exit-layer hidden state -> coarse RFSQ token logits and a confidence.
 
-DESIGN.md §1 step 3. The draft reads the hidden state at the action query position after `exit_layer`
+docs/architecture.md, "The early-exit design", step 3. The draft reads the hidden state at the action query position after `exit_layer`
 layers of the frozen main model and predicts the first C residual layers of the action tokens, so the
 runtime can skip layers `exit_layer .. N-1` when its confidence passes the calibrated threshold.
 
-Architecture (seeds 000-002, with the projection trained, never random at load time):
+Architecture (the projection is trained and loaded, never random at load time; docs/pitfalls.md #1):
 `input_norm` (LayerNorm over the main width) → `input_projection = Linear(hidden, width)` → H learned step
 queries attend to the projected state through one transformer decoder layer → one Linear head per
 coarse layer giving `d * V` logits per step → logits `[B, C, H*d, V]`.
@@ -92,7 +92,7 @@ class DraftHead(nn.Module):
         return DraftOutput(logits=logits, tokens=tokens, confidence=confidence, confidence_min=confidence_min)
 
     def num_parameters(self) -> int:
-        """Number of parameters (the seeds quote 4.7 M at width 512 reading a 4096-wide model)."""
+        """Number of parameters (6.49 M at width 512 reading a 4096-wide model)."""
         return sum(p.numel() for p in self.parameters())
 
     def save(self, directory: str | Path, meta: dict[str, Any]) -> Path:

@@ -1,7 +1,7 @@
 """The main model's RFSQ head: final hidden state at the action query → logits for all L residual layers.
 
 All L layers are predicted in parallel from the hidden state alone (no layer is conditioned on ground-truth
-tokens of another; REFERENCES.md pitfall 4). Per step of the chunk a projection gives a `width` feature, and one
+tokens of another; docs/pitfalls.md #4). Per step of the chunk a projection gives a `width` feature, and one
 shared output layer maps it to `L * d * V` logits.
 
 Usage:

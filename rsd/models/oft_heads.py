@@ -8,7 +8,7 @@ Key names follow OFT's `L1RegressionActionHead.model` (`layer_norm1`, `fc1`, `ml
 forward (`oft_predict_actions`) reproduces OFT's normalised actions from a loaded checkpoint.
 
 Usage:
-    vla = PrismaticVLA.from_openvla(folder, variant="oft", **OFT_LIBERO)
+    vla = load_openvla(folder, variant="oft", **OFT_LIBERO)          # rsd.models.openvla
     head = load_l1_head(folder, hidden_size=4096)
     actions = oft_predict_actions(vla, head, vla.encode_inputs(images, instructions, proprio))   # [B, 8, 7] in [-1, 1]
 """
@@ -23,7 +23,8 @@ from torch import nn
 from rsd.errors import ConfigError, ShapeError
 from rsd.io import load_strict
 from rsd.models.openvla import find_component, load_component_state_dict
-from rsd.models.vla import PrismaticVLA, VLAInputs
+from rsd.models.processor import VLAInputs
+from rsd.models.vla import PrismaticVLA
 
 
 class MLPResNetBlock(nn.Module):

@@ -18,7 +18,7 @@ exist in this layout) and "oft" (layout "oft": 56 placeholder positions read by 
 the query; the proprio projector comes from its own `.pt` file, read with `torch.load(weights_only=True)`).
 
 Usage:
-    vla = PrismaticVLA.from_openvla("ckpt/openvla-7b-oft-finetuned-libero-spatial", variant="oft", **OFT_LIBERO)
+    vla = load_openvla("ckpt/openvla-7b-oft-finetuned-libero-spatial", variant="oft", **OFT_LIBERO)
     head = load_l1_head("ckpt/openvla-7b-oft-finetuned-libero-spatial", hidden_size=4096)   # rsd.models.oft_heads
     statistics, source = read_openvla_statistics("ckpt/openvla-7b-oft-finetuned-libero-spatial")
 """
@@ -39,8 +39,9 @@ from transformers import LlamaConfig
 
 from rsd.config import IMAGENET_MEAN, IMAGENET_STD, LLMConfig, TokenizerConfig, ViTConfig, VLAConfig, from_dict
 from rsd.data.stats import DatasetStatistics
+from rsd.device import resolve_device_dtype
 from rsd.errors import CheckpointError, ConfigError
-from rsd.models.vla import MODEL_FILE, PrismaticVLA, resolve_device_dtype
+from rsd.models.vla import LLAMA_FIELDS, MODEL_FILE, PrismaticVLA
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +116,7 @@ def _llm_config(hf: dict[str, Any]) -> LLMConfig:
     for name, (got, expected) in checks.items():
         if got != expected:
             raise ConfigError(f"config.json text_config.{name}: expected {expected!r} (Llama-2), got {got!r}.")
-    return LLMConfig(
-        hidden_size=text.hidden_size,
-        num_layers=text.num_hidden_layers,
-        num_heads=text.num_attention_heads,
-        num_kv_heads=text.num_key_value_heads,
-        intermediate_size=text.intermediate_size,
-        vocab_size=text.vocab_size,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        max_position_embeddings=text.max_position_embeddings,
-    )
+    return LLMConfig(**{ours: getattr(text, theirs) for ours, theirs in LLAMA_FIELDS.items()}, rope_theta=float(rope.get("rope_theta", 10000.0)))
 
 
 def openvla_config(

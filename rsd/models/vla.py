@@ -1,9 +1,11 @@
 """PrismaticVLA: vision backbone(s) → fused MLP projector → Llama, with a segmented (early-exit) forward.
 
-DESIGN.md §1 and §3. The module layout follows OpenVLA's checkpoint (`vision_backbone.featurizer`,
-`vision_backbone.fused_featurizer`, `projector.fc1/2/3`, `language_model.model.*`, `language_model.lm_head`) so
-real weights map onto it by name; `lm_head` is unused by the action heads but kept so the layout and the
-parameter count are OpenVLA's. When the config has proprio, OFT's `proprio_projector` is added.
+The early-exit design is in docs/architecture.md. The module layout follows OpenVLA's checkpoint
+(`vision_backbone.featurizer`, `vision_backbone.fused_featurizer`, `projector.fc1/2/3`, `language_model.model.*`,
+`language_model.lm_head`) so real weights map onto it by name; `lm_head` is unused by the action heads but kept so
+the layout and the parameter count are OpenVLA's. When the config has proprio, OFT's `proprio_projector` is added.
+Observations become model inputs in `rsd.models.processor` (`vla.processor`); `encode_inputs` puts them on the
+model's device.
 
 Sequence layouts (`VLAConfig.layout`); the *readout* positions are those whose hidden states the draft and the
 heads read, and the query hidden `[B, D]` is their mean:
@@ -34,8 +36,6 @@ Usage:
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,65 +49,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from rsd.config import ConvConfig, ViTConfig, VLAConfig, from_dict, to_dict
-from rsd.errors import ConfigError, ShapeError
+from rsd.errors import ConfigError
 from rsd.io import load_artifact, load_strict, save_artifact
 from rsd.models.conv import ConvBackbone
-from rsd.models.text import TextTokenizer, load_text_tokenizer
-
-log = logging.getLogger(__name__)
+from rsd.models.processor import VLAInputs, VLAProcessor
+from rsd.models.text import TextTokenizer
 
 MODEL_FILE = "model"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """Resolve the device (CUDA when present) and dtype (fp32 on the CPU, fp16 on CUDA) once, logging why."""
-    if device is None:
-        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        reason = "default: CUDA is available" if resolved.type == "cuda" else "default: no CUDA on this machine"
-    else:
-        resolved = torch.device(device)
-        reason = "as requested"
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device: expected a usable device, got {str(device)!r} but torch.cuda.is_available() is false.")
-    if dtype is None:
-        torch_dtype = torch.float16 if resolved.type == "cuda" else torch.float32
-        dtype_reason = "default for " + resolved.type
-    elif isinstance(dtype, torch.dtype):
-        torch_dtype, dtype_reason = dtype, "as requested"
-    else:
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}.")
-        torch_dtype, dtype_reason = DTYPES[dtype], "as requested"
-    if resolved.type == "cpu" and torch_dtype == torch.float16:
-        log.warning("fp16 on the CPU is slow and less exact; fp32 is the CPU default")
-    log.info("device %s (%s), dtype %s (%s)", resolved, reason, str(torch_dtype).removeprefix("torch."), dtype_reason)
-    return resolved, torch_dtype
-
-
-@dataclass
-class VLAInputs:
-    """Model inputs for a batch of observations (what `PrismaticVLA.encode_inputs` builds)."""
-
-    pixel_values: torch.Tensor  # [B, N, 3 * backbones, S, S] float, normalised per backbone (OpenVLA's 6-channel input)
-    input_ids: torch.Tensor  # [B, T] int64 prompt ids, right-padded
-    text_mask: torch.Tensor  # [B, T] bool, true at real prompt tokens
-    proprio: torch.Tensor | None = None  # [B, P] normalised proprio, or None
-
-    @property
-    def batch_size(self) -> int:
-        """B."""
-        return int(self.input_ids.shape[0])
-
-    def to(self, device: torch.device | str) -> VLAInputs:
-        """The same inputs on `device`."""
-        return VLAInputs(
-            pixel_values=self.pixel_values.to(device),
-            input_ids=self.input_ids.to(device),
-            text_mask=self.text_mask.to(device),
-            proprio=None if self.proprio is None else self.proprio.to(device),
-        )
 
 
 @dataclass
@@ -213,47 +161,25 @@ class ProprioProjector(nn.Module):
         return self.fc2(F.gelu(self.fc1(proprio)))
 
 
-CROP_AREA = 0.9  # OpenVLA/OFT's center crop keeps 90 % of the image area
-
-
-def center_crop(images: torch.Tensor, requantize: bool) -> torch.Tensor:
-    """OpenVLA/OFT's center crop of `[N, 3, S, S]` images in [0, 1]: the central 90 % of the area, resized back to S.
-
-    Reproduces `tf.image.crop_and_resize` (bilinear, corner-aligned sampling of the box) as OFT's evaluation uses it;
-    with `requantize` the result goes back to uint8 the way TensorFlow converts (`x * 255.5`, truncated), as the
-    reference pipeline hands a uint8 image to the processor.
-    """
-    size = images.shape[-1]
-    side = math.sqrt(CROP_AREA)
-    offset = (1.0 - side) / 2.0
-    steps = torch.arange(size, dtype=torch.float32, device=images.device)
-    coords = 2.0 * (offset + steps * side / (size - 1)) - 1.0  # align_corners=True grid of the box
-    grid_y, grid_x = torch.meshgrid(coords, coords, indexing="ij")
-    grid = torch.stack([grid_x, grid_y], dim=-1).expand(images.shape[0], -1, -1, -1)
-    cropped = F.grid_sample(images, grid, mode="bilinear", align_corners=True)
-    if requantize:
-        cropped = torch.floor((cropped.clamp(0.0, 1.0) * 255.5).clamp(max=255.0)) / 255.0
-    return cropped
+# LLMConfig field -> the transformers LlamaConfig field of the same meaning, both ways (OpenVLA loading reads them
+# back); rope_theta and the init std are passed on their own.
+LLAMA_FIELDS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "rms_norm_eps": "rms_norm_eps",
+    "max_position_embeddings": "max_position_embeddings",
+}
 
 
 def llama_config(config: VLAConfig) -> LlamaConfig:
     """transformers' LlamaConfig for the LLM part, with SDPA attention."""
     llm = config.llm
-    llama = LlamaConfig(
-        vocab_size=llm.vocab_size,
-        hidden_size=llm.hidden_size,
-        intermediate_size=llm.intermediate_size,
-        num_hidden_layers=llm.num_layers,
-        num_attention_heads=llm.num_heads,
-        num_key_value_heads=llm.num_kv_heads,
-        rms_norm_eps=llm.rms_norm_eps,
-        rope_theta=llm.rope_theta,
-        max_position_embeddings=llm.max_position_embeddings,
-        tie_word_embeddings=False,
-        initializer_range=llm.initializer_range,
-        attn_implementation="sdpa",
-    )
-    return llama
+    return LlamaConfig(**{theirs: getattr(llm, ours) for ours, theirs in LLAMA_FIELDS.items()}, rope_theta=llm.rope_theta,
+                       tie_word_embeddings=False, initializer_range=llm.initializer_range, attn_implementation="sdpa")
 
 
 class PrismaticVLA(nn.Module):
@@ -271,7 +197,7 @@ class PrismaticVLA(nn.Module):
         tokens = config.num_images * self.vision_backbone.num_patches * config.llm.hidden_size
         self.query_summary = nn.Linear(tokens, config.llm.hidden_size) if config.query_summary else None
         self.proprio_projector = ProprioProjector(config.proprio_dim, config.llm.hidden_size) if config.proprio_dim else None
-        self._text_tokenizer = text_tokenizer
+        self.processor = VLAProcessor(config, text_tokenizer)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -281,88 +207,23 @@ class PrismaticVLA(nn.Module):
     @property
     def text_tokenizer(self) -> TextTokenizer:
         """The prompt tokenizer named by the config (built on first use)."""
-        if self._text_tokenizer is None:
-            self._text_tokenizer = load_text_tokenizer(self.config.text_tokenizer, self.config.llm.vocab_size)
-        return self._text_tokenizer
+        return self.processor.text_tokenizer
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         parameter = self.projector.fc1.weight
         return parameter.device, parameter.dtype
 
     def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 `[B, N, H, W, 3]` (or float `[B, N, 3, S, S]` in [0, 1]) → normalised `[B, N, 3 * backbones, S, S]`."""
-        config = self.config
-        size = config.image_size
-        tensor = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
-        if tensor.ndim != 5 or tensor.shape[1] != config.num_images:
-            raise ShapeError(f"PrismaticVLA: expected images [B, {config.num_images}, H, W, 3] (uint8) or [B, {config.num_images}, 3, S, S] "
-                             f"(float), got {tuple(tensor.shape)}.")
-        from_uint8 = tensor.dtype == torch.uint8
-        if from_uint8:
-            if tensor.shape[-1] != 3:
-                raise ShapeError(f"PrismaticVLA: expected uint8 images [B, N, H, W, 3], got {tuple(tensor.shape)}.")
-            tensor = tensor.permute(0, 1, 4, 2, 3).float() / 255.0
-        elif not tensor.dtype.is_floating_point or tensor.shape[2] != 3:
-            raise ShapeError(f"PrismaticVLA: expected uint8 [B, N, H, W, 3] or float [B, N, 3, S, S] images, got {tensor.dtype} {tuple(tensor.shape)}.")
-        batch, cams, _, height, width = tensor.shape
-        if (height, width) != (size, size):
-            if not config.resize_images:
-                raise ShapeError(f"PrismaticVLA: expected {size}×{size} images, got {height}×{width}; resize them or set resize_images.")
-            tensor = F.interpolate(tensor.flatten(0, 1).float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            tensor = tensor.reshape(batch, cams, 3, size, size)
-        if config.center_crop:
-            tensor = center_crop(tensor.flatten(0, 1).float(), requantize=from_uint8).reshape(batch, cams, 3, size, size)
-        channels = []
-        for vit in config.vision:
-            mean = torch.tensor(vit.mean).view(1, 1, 3, 1, 1)
-            std = torch.tensor(vit.std).view(1, 1, 3, 1, 1)
-            channels.append((tensor.float() - mean) / std)
-        return torch.cat(channels, dim=2)
+        """uint8 `[B, N, H, W, 3]` → normalised pixel values `[B, N, 3 * backbones, S, S]` (`VLAProcessor.images`)."""
+        return self.processor.images(images)
 
     def encode_inputs(self, images: np.ndarray | torch.Tensor, instructions: list[str], proprio: torch.Tensor | None = None) -> VLAInputs:
         """Model inputs on the model's device from images `[B, N, H, W, 3]`, B instructions and normalised proprio `[B, P]`."""
-        pixel_values = self.preprocess_images(images)
-        batch = pixel_values.shape[0]
-        if not isinstance(instructions, (list, tuple)) or len(instructions) != batch:
-            raise ShapeError(f"PrismaticVLA: expected {batch} instructions (one per image row), got {instructions!r}.")
-        for instruction in instructions:
-            if not isinstance(instruction, str) or not instruction.strip():
-                raise ShapeError(f"PrismaticVLA: expected non-empty instruction strings, got {instruction!r}.")
-        prompts = [self.text_tokenizer.encode(self.config.prompt_template.format(instruction=i.strip().lower())) for i in instructions]
-        if self.config.layout != "rsd":  # OpenVLA's predict_action appends 29871 unless the prompt already ends with it
-            end = self.config.prompt_end_id
-            prompts = [p if p and p[-1] == end else [*p, end] for p in prompts]
-        length = max(len(p) for p in prompts)
-        input_ids = torch.full((batch, length), self.text_tokenizer.pad_id, dtype=torch.int64)
-        text_mask = torch.zeros(batch, length, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-            text_mask[row, : len(prompt)] = True
-        device, _ = self._device_dtype()
-        return VLAInputs(pixel_values, input_ids, text_mask, self._check_proprio(proprio, batch)).to(device)
-
-    def _check_proprio(self, proprio: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        dim = self.config.proprio_dim
-        if dim == 0:
-            if proprio is not None:
-                raise ShapeError("PrismaticVLA: this model takes no proprio (proprio_dim 0), got a proprio tensor.")
-            return None
-        if proprio is None or tuple(proprio.shape) != (batch, dim) or not torch.isfinite(proprio).all():
-            got = None if proprio is None else tuple(proprio.shape)
-            raise ShapeError(f"PrismaticVLA: expected finite normalised proprio [{batch}, {dim}], got {got}.")
-        return proprio.float()
+        return self.processor(images, instructions, proprio).to(self._device_dtype()[0])
 
     def random_inputs(self, batch: int = 1, prompt_len: int = 24, seed: int = 0) -> VLAInputs:
-        """Random images and prompt ids of the model's shapes (latency work without a text tokenizer)."""
-        generator = torch.Generator().manual_seed(seed)
-        size, cams = self.config.image_size, self.config.num_images
-        images = torch.randint(0, 256, (batch, cams, size, size, 3), generator=generator, dtype=torch.uint8)
-        ids = torch.randint(3, self.config.llm.vocab_size, (batch, prompt_len), generator=generator)
-        if self.config.layout != "rsd":
-            ids[:, -1] = self.config.prompt_end_id
-        proprio = torch.zeros(batch, self.config.proprio_dim) if self.config.proprio_dim else None
-        device, _ = self._device_dtype()
-        return VLAInputs(self.preprocess_images(images), ids, torch.ones(batch, prompt_len, dtype=torch.bool), proprio).to(device)
+        """Random images and prompt ids of the model's shapes on its device (latency work without a text tokenizer)."""
+        return self.processor.random_inputs(batch, prompt_len, seed).to(self._device_dtype()[0])
 
     def embed(self, inputs: VLAInputs) -> PrefixState:
         """Vision, projector and embeddings: the state at layer 0 with masks and rotary embeddings."""
@@ -377,7 +238,7 @@ class PrismaticVLA(nn.Module):
         features = self.vision_backbone(pixels.flatten(0, 1), condition.repeat_interleave(cams, dim=0))
         patches = self.projector(features)  # [B*N, P, D]
         patches = patches.reshape(batch, cams * patches.shape[1], -1)
-        bos = embed_tokens(torch.full((batch, 1), self.text_tokenizer_bos(), dtype=torch.int64, device=device))
+        bos = embed_tokens(torch.full((batch, 1), self.processor.bos_id, dtype=torch.int64, device=device))
         parts = [bos, patches]
         if self.proprio_projector is not None:
             parts.append(self.proprio_projector(inputs.proprio.to(device, dtype)).unsqueeze(1))
@@ -431,10 +292,6 @@ class PrismaticVLA(nn.Module):
         block = prompt_end + torch.arange(self.config.num_action_tokens - 1, device=last_prompt.device)
         return torch.cat([last_prompt, block.unsqueeze(0).expand(last_prompt.shape[0], -1)], dim=1)
 
-    def text_tokenizer_bos(self) -> int:
-        """The BOS id (1 for the built-in tokenizers and Llama's) without loading a tokenizer when none is set."""
-        return 1 if not self.config.text_tokenizer else self.text_tokenizer.bos_id
-
     def advance(self, state: PrefixState, exit_layer: int) -> PrefixState:
         """Run LLM layers `state.layer .. exit_layer-1` on a state; return the state after `exit_layer` layers."""
         num_layers = self.config.llm.num_layers
@@ -482,14 +339,6 @@ class PrismaticVLA(nn.Module):
             model = cls(config)
         load_strict(model, tensors, Path(directory) / f"{MODEL_FILE}.safetensors")
         return model.finish_loading(device or "cpu", dtype or torch.float32)
-
-    @classmethod
-    def from_openvla(cls, path: str | Path, variant: str = "openvla", dtype: str | torch.dtype | None = None,
-                     device: str | torch.device | None = None, **options: Any) -> PrismaticVLA:
-        """Load a local OpenVLA / OpenVLA-OFT folder by key mapping (`rsd.models.openvla.load_openvla`, its options)."""
-        from rsd.models.openvla import load_openvla
-
-        return load_openvla(path, variant, device=device, dtype=dtype, **options)
 
     def finish_loading(self, device: torch.device | str, dtype: torch.dtype) -> PrismaticVLA:
         """Move to `device`/`dtype`; rebuild the rotary tables (the only non-persistent buffers) there, kept in fp32."""

@@ -1,24 +1,31 @@
 """Engines: the draft and the action decoder behind one interface, whatever format runs them.
 
-A draft engine maps exit hidden states `[B, hidden]` to `(logits [B, C, H*d, V], tokens [B, C, H*d],
-confidence [B], confidence_min [B])`; a decoder engine maps tokens `[B, H, d, c]` to un-normalised actions
-`[B, H, A]`. The formats are PyTorch eager (`torch`), TorchScript, ONNX Runtime and torch-tensorrt; the
-bundle (`rsd.export.bundle`) records which files exist and `rsd.export.loaders` builds these engines from
-them. Engines know nothing about observations, images or robots.
+A draft engine maps exit hidden states `[B, hidden]` to `(logits [B, C, H*d, V], tokens [B, C, H*d] int64,
+confidence [B] float32, confidence_min [B] float32)`; a decoder engine maps int64 tokens `[B, H, d, c]` to
+float32 un-normalised actions `[B, H, A]`, all as torch tensors on the device. Every format lives here: PyTorch
+eager (`torch`, the reference), ONNX Runtime (`onnx`), TorchScript (`torchscript`) and torch-tensorrt
+(`tensorrt`); a new format adds its two classes and its entries in `DRAFT_ENGINES` / `DECODER_ENGINES`. The
+bundle loader (`rsd.runtime.bundle`) builds them from a bundle's files, and export (`rsd.export`) loads what it
+compiled through the same classes to check parity. Engines know nothing about observations, images or robots.
 
 Usage:
     draft = TorchDraftEngine(draft_head)
     logits, tokens, conf, conf_min = draft(exit_hidden)
+    decoder = DECODER_ENGINES["onnx"]("runs/demo/bundle/decoder_c3.onnx", torch.device("cpu"), 3)
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
-from rsd.errors import ShapeError
+from rsd.device import cuda_usable
+from rsd.errors import EngineError, ShapeError
 from rsd.models.draft import DraftHead, token_confidence
 
 ENGINE_PREFERENCE = ("tensorrt", "onnx", "torchscript", "torch")
@@ -95,3 +102,184 @@ def check_decoder_tokens(tokens: torch.Tensor, num_layers: int) -> None:
         raise ShapeError(
             f"decoder engine: expected int64 tokens [B, H, d, {num_layers}], got {tokens.dtype} {tuple(tokens.shape)}."
         )
+
+
+def onnx_providers(device: torch.device) -> list[str]:
+    """ONNX Runtime execution providers for `device`; CUDA needs the CUDA (or TensorRT) provider, else EngineError."""
+    import onnxruntime as ort
+
+    present = ort.get_available_providers()
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in present]
+    if device.type != "cuda" or not gpu:
+        raise EngineError(f"onnx on {device}: expected onnxruntime with the CUDA or TensorRT provider, got providers {present}. "
+                          "Install onnxruntime-gpu or use the torchscript/torch engine.")
+    return [*gpu, "CPUExecutionProvider"]
+
+
+class OnnxSession:
+    """One ONNX Runtime session on the providers for a device (numpy in, torch tensors on the device out).
+
+    The session runs single-threaded with spinning off: the draft and decoder graphs are far too small to gain
+    from a thread pool, and ORT's spinning workers otherwise keep the cores busy after each call and slow the main
+    model's torch ops that follow (measured on 2 cores: 50 ms per speculative chunk instead of 4 ms).
+    """
+
+    def __init__(self, path: str | Path, device: torch.device) -> None:
+        import onnxruntime as ort
+
+        self.device = device
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=onnx_providers(device))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, array: np.ndarray) -> list[torch.Tensor]:
+        """Outputs of the graph for one input array, as tensors on the device."""
+        return [torch.from_numpy(np.asarray(out)).to(self.device) for out in self.session.run(None, {self.input_name: np.ascontiguousarray(array)})]
+
+
+class OnnxDraftEngine:
+    """The draft graph run by ONNX Runtime; inputs are cast to the engine's precision."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.session = OnnxSession(path, device)
+        self.dtype = dtype
+
+    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits `[B, C, H*d, V]`, tokens `[B, C, H*d]`, confidence `[B]`, confidence_min `[B]` for `[B, hidden]`."""
+        logits, tokens, confidence, confidence_min = self.session.run(exit_hidden.detach().to("cpu", self.dtype).numpy())
+        return logits, tokens, confidence, confidence_min
+
+
+class OnnxDecoderEngine:
+    """The decoder graph for c layers run by ONNX Runtime (fp32)."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, device: torch.device, num_layers: int) -> None:
+        self.session = OnnxSession(path, device)
+        self.num_layers = num_layers
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Actions `[B, H, A]` for int64 tokens `[B, H, d, c]`."""
+        check_decoder_tokens(tokens, self.num_layers)
+        return self.session.run(tokens.detach().cpu().numpy())[0]
+
+
+class ModuleDraftEngine:
+    """A compiled draft graph held as a torch module (TorchScript, torch-tensorrt); outputs cast to the engine types."""
+
+    name = "module"
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.module = module
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, tokens (int64), confidence and confidence_min (float32) for exit hidden `[B, hidden]`."""
+        logits, tokens, confidence, confidence_min = self.module(exit_hidden.to(self.device, self.dtype))
+        return logits, tokens.to(torch.int64), confidence.float(), confidence_min.float()
+
+
+class ModuleDecoderEngine:
+    """A compiled decoder graph for c layers held as a torch module (TorchScript, torch-tensorrt)."""
+
+    name = "module"
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, num_layers: int) -> None:
+        self.module = module
+        self.device, self.num_layers = device, num_layers
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Actions `[B, H, A]` (float32) for int64 tokens `[B, H, d, c]`."""
+        check_decoder_tokens(tokens, self.num_layers)
+        return self.module(tokens.to(self.device)).float()
+
+
+class TorchScriptDraftEngine(ModuleDraftEngine):
+    """The traced draft graph (`.ts`) loaded with `torch.jit.load`."""
+
+    name = "torchscript"
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(torch.jit.load(str(path), map_location=device).eval(), device, dtype)
+
+
+class TorchScriptDecoderEngine(ModuleDecoderEngine):
+    """The traced decoder graph for c layers (`.ts`)."""
+
+    name = "torchscript"
+
+    def __init__(self, path: str | Path, device: torch.device, num_layers: int) -> None:
+        super().__init__(torch.jit.load(str(path), map_location=device).eval(), device, num_layers)
+
+
+def load_tensorrt(path: str | Path, device: torch.device) -> torch.nn.Module:
+    """Load a `*.trt.ep` exported program saved by `torch_tensorrt.save` (CUDA only)."""
+    require_tensorrt(device)
+    import torch_tensorrt
+
+    return torch_tensorrt.load(str(path)).module().to(device)
+
+
+class TensorRTDraftEngine(ModuleDraftEngine):
+    """The draft compiled by torch-tensorrt (CUDA only)."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(load_tensorrt(path, device), device, dtype)
+
+
+class TensorRTDecoderEngine(ModuleDecoderEngine):
+    """The decoder for c layers compiled by torch-tensorrt (CUDA only)."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, device: torch.device, num_layers: int) -> None:
+        super().__init__(load_tensorrt(path, device), device, num_layers)
+
+
+DRAFT_ENGINES = {"onnx": OnnxDraftEngine, "torchscript": TorchScriptDraftEngine, "tensorrt": TensorRTDraftEngine}
+DECODER_ENGINES = {"onnx": OnnxDecoderEngine, "torchscript": TorchScriptDecoderEngine, "tensorrt": TensorRTDecoderEngine}
+
+
+def tensorrt_missing(device: torch.device) -> str | None:
+    """Why torch-tensorrt cannot run on `device` here, or None when it can."""
+    if not cuda_usable(device):
+        return f"TensorRT needs a CUDA device, got {device} (torch.cuda.is_available() is {torch.cuda.is_available()})"
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        return "TensorRT needs the torch_tensorrt package, which is not installed (pip install .[gpu])"
+    return None
+
+
+def require_tensorrt(device: torch.device) -> None:
+    """Raise EngineError saying what is missing when torch-tensorrt cannot run on `device`."""
+    missing = tensorrt_missing(device)
+    if missing:
+        raise EngineError(f"tensorrt: {missing}. Build and run TensorRT engines on a CUDA machine with torch-tensorrt, "
+                          "or pass --dry-run to write the planned manifest entries without building.")
+
+
+def runtime_available(fmt: str, device: torch.device) -> bool:
+    """Whether engines of format `fmt` can run on `device` on this machine."""
+    if fmt == "tensorrt":
+        return tensorrt_missing(device) is None
+    if fmt == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return False
+        try:
+            onnx_providers(device)
+        except EngineError:
+            return False
+        return True
+    return fmt in ("torchscript", "torch")

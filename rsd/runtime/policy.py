@@ -3,7 +3,7 @@
 `SpeculativePolicy` pairs the frozen main model with a bundle's draft and decoder engines
 (`rsd.runtime.speculative.SpeculativeEngine`); `MainOnlyPolicy` is the baseline with the same interface.
 Both validate observations, keep an action queue (all H actions of a chunk are executed unless
-`replan_every` says otherwise; REFERENCES.md pitfall 7), and return their own timing.
+`replan_every` says otherwise; docs/pitfalls.md #7), and return their own timing.
 
 Neither policy is thread-safe: the action queue and the statistics are per instance, so give each
 control loop (thread) its own policy object; the model weights may be shared read-only.
@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from rsd.errors import ConfigError, DataError
-from rsd.models.policy import MainModel
+from rsd.device import resolve_device_dtype
+from rsd.errors import ConfigError
+from rsd.models.main import MainModel
+from rsd.models.processor import observation_batch
+from rsd.runtime.bundle import load_bundle_engines
 from rsd.runtime.engines import TorchDecoderEngine
 from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine, Verify
 from rsd.runtime.timing import RollingStats
@@ -52,38 +54,6 @@ class ActionChunk:
         return float(sum(self.timings.values()))
 
 
-def validate_observation(obs: dict[str, Any], num_images: int, image_size: int, proprio_dim: int) -> tuple[np.ndarray, str, np.ndarray | None]:
-    """Check an observation dict; return images uint8 `[N_cam, S, S, 3]`, the instruction and proprio `[P]`."""
-    if not isinstance(obs, dict):
-        raise DataError(f"observation: expected a dict with 'image' and 'instruction', got {type(obs).__name__}.")
-    missing = [k for k in ("image", "instruction") if k not in obs]
-    if missing:
-        raise DataError(f"observation: expected keys 'image' and 'instruction', missing {missing}.")
-    raw = obs["image"]
-    frames = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-    if len(frames) != num_images:
-        raise DataError(f"observation['image']: expected {num_images} camera image(s), got {len(frames)}.")
-    arrays = []
-    for index, frame in enumerate(frames):
-        array = frame.cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise DataError(f"observation['image'][{index}]: expected uint8 [H, W, 3], got {array.dtype} {array.shape}.")
-        arrays.append(array)
-    if len({a.shape for a in arrays}) != 1:
-        raise DataError(f"observation['image']: expected cameras of one size, got {[a.shape for a in arrays]}.")
-    instruction = obs["instruction"]
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"observation['instruction']: expected a non-empty string, got {instruction!r}.")
-    proprio = None
-    if proprio_dim > 0:
-        if obs.get("proprio") is None:
-            raise DataError(f"observation['proprio']: expected float [{proprio_dim}], got None.")
-        proprio = np.asarray(obs["proprio"], dtype=np.float32)
-        if proprio.shape != (proprio_dim,) or not np.isfinite(proprio).all():
-            raise DataError(f"observation['proprio']: expected finite float [{proprio_dim}], got shape {proprio.shape}.")
-    return np.stack(arrays), instruction, proprio
-
-
 class _ChunkPolicy:
     """Shared control-loop behaviour: observation checks, the action queue, per-stage statistics."""
 
@@ -103,10 +73,9 @@ class _ChunkPolicy:
         self._agreements: deque[float] = deque(maxlen=2000)
 
     def predict_chunk(self, obs: dict[str, Any]) -> ActionChunk:
-        """Validate one observation and predict its action chunk `[H, A]`."""
-        config = self.main.vla.config
-        images, instruction, proprio = validate_observation(obs, config.num_images, config.image_size, config.proprio_dim)
-        inputs = self.main.prepare(images[None], [instruction], None if proprio is None else proprio[None])
+        """Check one observation (through the model's processor) and predict its action chunk `[H, A]`."""
+        images, instructions, proprio = observation_batch(obs, self.main.vla.config.proprio_dim)
+        inputs = self.main.prepare(images, instructions, proprio)
         result = self.engine.run(inputs)
         chunk = ActionChunk(
             actions=result.actions[0].float().cpu().numpy(),
@@ -164,7 +133,6 @@ class MainOnlyPolicy(_ChunkPolicy):
         return cls(load_main(policy_dir, device, dtype), replan_every)
 
 
-
 class SpeculativePolicy(_ChunkPolicy):
     """The main model with an early-exit draft: accepted chunks skip the main model's upper layers."""
 
@@ -184,8 +152,6 @@ class SpeculativePolicy(_ChunkPolicy):
         replan_every: int | None = None,
     ) -> SpeculativePolicy:
         """Pair a bundle's engines with the main model it was made for (checked by fingerprint and shapes)."""
-        from rsd.export.loaders import load_bundle_engines
-
         main_model = main if isinstance(main, MainModel) else load_main(main, device, dtype)
         loaded = load_bundle_engines(bundle, main_model, engine=engine)
         threshold = loaded.tau if tau is None else float(tau)
@@ -197,7 +163,5 @@ class SpeculativePolicy(_ChunkPolicy):
 
 def load_main(policy_dir: str | Path, device: str | None, dtype: str | None) -> MainModel:
     """Load a policy folder on the resolved device and dtype (resolved once and logged)."""
-    from rsd.models.vla import resolve_device_dtype
-
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     return MainModel.load(policy_dir, device=torch_device, dtype=torch_dtype)

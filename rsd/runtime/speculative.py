@@ -1,6 +1,6 @@
 """The speculative engine: prefix → draft → gate → (accept: decode coarse | reject: resume, head, decode).
 
-DESIGN.md §1. This module knows nothing about observations, cameras or robots: it takes model inputs
+docs/architecture.md, "The early-exit design". This module knows nothing about observations, cameras or robots: it takes model inputs
 (`VLAInputs`) and returns action chunks with the per-stage timing. `rsd.runtime.policy` wraps it for the
 control loop.
 
@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 
 from rsd.errors import ConfigError, ShapeError
-from rsd.models.policy import MainModel
-from rsd.models.vla import VLAInputs
+from rsd.models.main import MainModel
+from rsd.models.processor import VLAInputs
 from rsd.runtime.engines import DecoderEngine, DraftEngine
 from rsd.runtime.timing import StageTimer
 from rsd.tokenizer import layers_to_tokens, tokens_to_layers

@@ -1,4 +1,9 @@
-"""The RFSQ action tokenizer (DESIGN.md §2)."""
+"""The RFSQ action tokenizer (docs/architecture.md, "The early-exit design").
+
+Usage:
+    from rsd.tokenizer import ActionTokenizer
+    tokens = ActionTokenizer.load("runs/demo/tokenizer").encode(actions)      # [B, H, A] -> [B, H, d, L]
+"""
 
 from rsd.tokenizer.rfsq import (
     ActionTokenizer,

@@ -1,7 +1,7 @@
 """The residual-FSQ (RFSQ) action tokenizer: action chunks `[B, H, A]` ↔ tokens `[B, H, d, L]`.
 
-DESIGN.md §2. Actions are normalised per dimension to [-1, 1] with the dataset's q01/q99 bounds, a per-step
-MLP (A → 64 → d, tanh) maps them to a latent in [-1, 1]^d, and L residual FSQ layers quantise that latent:
+Part of the design in docs/architecture.md. Actions are normalised per dimension to [-1, 1] with the dataset's
+q01/q99 bounds, a per-step MLP (A → 64 → d, tanh) maps them to a latent in [-1, 1]^d, and L residual FSQ layers quantise that latent:
 layer l rounds the residual to V levels at scale `s_l`,
 
     idx_l = round(clamp(r_l / s_l, -1, 1) * (V-1)/2) + (V-1)/2,   r_{l+1} = r_l - s_l * (idx_l - (V-1)/2) / ((V-1)/2).
@@ -9,8 +9,8 @@ layer l rounds the residual to V levels at scale `s_l`,
 With the default geometric scales (`s_0 = 1`, `s_{l+1} = s_l / (V - 1)`) the residual after layer l is at most
 half a step of layer l, which is exactly the range of layer l+1, so nothing is ever clipped after layer 0.
 The latent is recoverable from the tokens alone — `z_hat = sum_l s_l * (idx_l - (V-1)/2) / ((V-1)/2)` — so
-decoding `encode(x)` reproduces the training-time reconstruction exactly (the seeds' tokenizer threw away a
-per-vector mean/std and could not; REFERENCES.md pitfall 3). Decoding with the first c layers treats the rest
+decoding `encode(x)` reproduces the training-time reconstruction exactly (a tokenizer that throws away a
+per-vector mean/std cannot; docs/pitfalls.md #3). Decoding with the first c layers treats the rest
 as the zero level.
 
 Usage:

@@ -1,6 +1,6 @@
 """train-draft: fit the input projection and the draft head to the frozen main model's coarse tokens.
 
-Distillation (the seed-004 recipe, DESIGN.md §4): targets are the main model's own tokens by default
+Distillation (docs/architecture.md, "Data flow"): targets are the main model's own tokens by default
 (`targets="main"`) or the ground-truth chunk's tokens (`targets="ground_truth"`), and the loss is
 
     CE(draft, targets) + 0.8 * KL(main || draft) + 0.3 * acceptance loss
@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rsd.config import DraftConfig, TrainConfig, get_preset, to_dict
+from rsd.config import DraftConfig, TrainConfig, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
 from rsd.models.draft import DraftHead
+from rsd.presets import get_preset
 from rsd.training.features import Features, episode_ids, load_features
 
 Targets = Literal["main", "ground_truth"]

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from rsd.data.dataset import FrameDataset
 from rsd.data.hdf5 import read_demos
 from rsd.errors import CheckpointError, ConfigError
-from rsd.io import FORMAT_VERSION, sha256_file
-from rsd.models.policy import MainModel
+from rsd.io import FORMAT_VERSION, read_manifest, sha256_file
+from rsd.models.main import MainModel
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 
 INDEX = "index.json"
@@ -158,11 +158,7 @@ def load_features(directory: str | Path) -> Features:
     """Load a complete features folder, verifying every shard's sha256."""
     directory = Path(directory)
     path = directory / INDEX
-    if not path.is_file():
-        raise CheckpointError(f"{path}: expected a features index written by `rsd collect-features`, found no file.")
-    index = json.loads(path.read_text())
-    if index.get("kind") != "features" or index.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: expected a features index of format version {FORMAT_VERSION}, got {index.get('kind')!r} v{index.get('format_version')!r}.")
+    index = read_manifest(directory, path.stem, kind="features")
     if not index.get("complete"):
         raise CheckpointError(f"{path}: the features folder is incomplete; re-run `rsd collect-features` with the same arguments to finish it.")
     tensors: dict[str, list[torch.Tensor]] = {}

@@ -25,15 +25,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rsd.config import PolicyTrainConfig, TrainConfig, get_preset, to_dict
+from rsd.config import PolicyTrainConfig, TrainConfig, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.data.dataset import FrameDataset, compute_statistics
 from rsd.data.hdf5 import read_demos, read_env_spec
 from rsd.data.stats import DatasetStatistics
 from rsd.errors import ConfigError, DataError
 from rsd.models.heads import RFSQHead
-from rsd.models.policy import MainModel
+from rsd.models.main import MainModel
 from rsd.models.vla import PrismaticVLA
+from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
 

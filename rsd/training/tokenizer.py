@@ -1,8 +1,8 @@
 """train-tokenizer: fit the RFSQ action tokenizer on the action chunks of training episodes.
 
 Statistics (q01/q99) come from the training episodes only; chunks are H consecutive steps inside one
-episode with the tail padded by the last action; the train/validation split is by episode (REFERENCES.md
-pitfall 5). The loss is the MSE on normalised actions of the full reconstruction plus a quarter of the mean
+episode with the tail padded by the last action; the train/validation split is by episode (docs/pitfalls.md
+#5). The loss is the MSE on normalised actions of the full reconstruction plus a quarter of the mean
 MSE of the partial ones (c = 1..L-1), so the coarse layers the draft predicts decode to a usable chunk.
 The report gives the validation MSE for every c, the per-dimension max error and the token usage per layer.
 
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rsd.config import TokenizerConfig, TrainConfig, get_preset, to_dict
+from rsd.config import TokenizerConfig, TrainConfig, to_dict
 from rsd.data.actions import load_action_episodes
 from rsd.data.chunks import chunk_actions, split_episodes
 from rsd.data.stats import ActionStats
 from rsd.errors import DataError
+from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer
 
 PARTIAL_WEIGHT = 0.25  # weight of the mean partial-reconstruction MSE in the loss

@@ -1,0 +1,63 @@
+"""Quaternion maths of the simulator adapters and experts (quaternions are (x, y, z, w), as robosuite stores them).
+
+Usage:
+    axis_angle = quat2axisangle(raw_obs["robot0_eef_quat"])                     # [3], as robosuite computes it
+    error = rotation_vector(quat_multiply(target, quat_conjugate(current)))     # [3], the short way round
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rsd.errors import ShapeError
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """Quaternion (x, y, z, w) -> axis-angle `[3]` (unit axis times angle in radians), as robosuite computes it."""
+    q = np.asarray(quat, dtype=np.float64)
+    if q.shape != (4,):
+        raise ShapeError(f"quat2axisangle: expected a quaternion [4] (x, y, z, w), got shape {q.shape}.")
+    w = float(np.clip(q[3], -1.0, 1.0))
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return q[:3] * 2.0 * math.acos(w) / den
+
+
+def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product of quaternions (x, y, z, w)."""
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array(
+        [
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+            aw * bw - ax * bx - ay * by - az * bz,
+        ]
+    )
+
+
+def quat_conjugate(q: np.ndarray) -> np.ndarray:
+    """Conjugate (the inverse rotation) of a unit quaternion (x, y, z, w)."""
+    return np.array([-q[0], -q[1], -q[2], q[3]])
+
+
+def rotation_vector(q: np.ndarray) -> np.ndarray:
+    """Rotation vector (axis * angle) of a quaternion (x, y, z, w), normalised first and taking the short way round."""
+    q = np.asarray(q, dtype=np.float64)
+    q = q / np.linalg.norm(q)
+    return quat2axisangle(-q if q[3] < 0 else q)
+
+
+def yaw(q: np.ndarray) -> float:
+    """Rotation about the world z axis of a quaternion (x, y, z, w)."""
+    x, y, z, w = q
+    return float(np.arctan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z)))
+
+
+def yaw_quat(angle: float) -> np.ndarray:
+    """The quaternion (x, y, z, w) of a rotation by `angle` radians about the world z axis."""
+    return np.array([0.0, 0.0, np.sin(angle / 2.0), np.cos(angle / 2.0)])

@@ -1,0 +1,139 @@
+"""The LIBERO/robomimic HDF5 layout: round trip, a hand-built LIBERO file, demo ordering and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from rsd.data.dataset import Episode
+from rsd.data.hdf5 import read_demos, write_demos
+from rsd.envs.demos import generate_demos
+from rsd.errors import DataError
+
+
+def make_episode(episode_id: int, steps: int = 5, instruction: str = "pick up the red block and place it on the plate") -> Episode:
+    """A small random episode with one camera and 8-dim proprio."""
+    rng = np.random.default_rng(episode_id)
+    return Episode(
+        episode_id,
+        instruction,
+        rng.uniform(-1, 1, size=(steps, 7)).astype(np.float32),
+        {"agentview": rng.integers(0, 256, size=(steps, 8, 8, 3), dtype=np.uint8)},
+        rng.uniform(-1, 1, size=(steps, 8)).astype(np.float32),
+    )
+
+
+def write_libero_file(path, demos=(0,), steps=4, **overrides):
+    """A file in LIBERO's exact layout: one instruction in problem_info, two cameras, four proprio keys."""
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as file:
+        data = file.create_group("data")
+        data.attrs["env_name"] = "Libero_Tabletop_Manipulation"
+        data.attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation", "domain_name": "robosuite",
+                                                 "language_instruction": "pick up the black bowl and place it on the plate"})
+        data.attrs["env_args"] = json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation", "env_kwargs": {}})
+        data.attrs["bddl_file_name"] = "libero/bddl_files/libero_spatial/task.bddl"
+        for index in demos:
+            demo = data.create_group(f"demo_{index}")
+            demo.attrs["num_samples"] = steps
+            fields = {
+                "actions": np.full((steps, 7), float(index)),
+                "dones": np.eye(steps, dtype=np.uint8)[-1],
+                "rewards": np.eye(steps, dtype=np.uint8)[-1],
+                "obs/agentview_rgb": rng.integers(0, 256, size=(steps, 16, 16, 3), dtype=np.uint8),
+                "obs/eye_in_hand_rgb": rng.integers(0, 256, size=(steps, 16, 16, 3), dtype=np.uint8),
+                "obs/ee_pos": rng.normal(size=(steps, 3)),
+                "obs/ee_ori": rng.normal(size=(steps, 3)),
+                "obs/gripper_states": rng.normal(size=(steps, 2)),
+                "obs/joint_states": rng.normal(size=(steps, 7)),
+            }
+            fields.update(overrides)
+            for key, value in fields.items():
+                if value is not None:
+                    demo.create_dataset(key, data=value)
+
+
+def test_round_trip_of_generated_episodes(tmp_path):
+    path = tmp_path / "demos.hdf5"
+    summary = generate_demos("tabletop", episodes=4, out=path, seed=0, progress=False)
+    assert summary["episodes"] + summary["failed"] == 4 and summary["steps_per_second"] > 0
+    episodes = read_demos(path)
+    assert [e.episode_id for e in episodes] == list(range(summary["episodes"]))
+    write_demos(tmp_path / "copy.hdf5", episodes, env_name="tabletop", env_kwargs={"image_size": 64})
+    for a, b in zip(episodes, read_demos(tmp_path / "copy.hdf5"), strict=True):
+        assert (a.episode_id, a.instruction) == (b.episode_id, b.instruction)
+        assert np.array_equal(a.actions, b.actions) and np.array_equal(a.proprio, b.proprio)
+        assert a.images.keys() == b.images.keys() == {"agentview"}
+        assert np.array_equal(a.images["agentview"], b.images["agentview"])
+    with h5py.File(path, "r") as file:
+        data = file["data"]
+        assert json.loads(data.attrs["env_args"])["env_name"] == "tabletop"
+        assert data.attrs["total"] == sum(len(e) for e in episodes)
+        assert file["data/demo_0/dones"][-1] == 1 and file["data/demo_0/obs/ee_pos"].shape[1] == 3
+
+
+def test_mixed_instructions_are_kept_per_episode(tmp_path):
+    episodes = [make_episode(0, instruction="put the red block next to the blue block"), make_episode(1)]
+    write_demos(tmp_path / "mixed.hdf5", episodes, env_name="tabletop")
+    assert [e.instruction for e in read_demos(tmp_path / "mixed.hdf5")] == [e.instruction for e in episodes]
+
+
+def test_libero_layout_file_loads(tmp_path):
+    path = tmp_path / "libero.hdf5"
+    write_libero_file(path)
+    (episode,) = read_demos(path)
+    assert episode.instruction == "pick up the black bowl and place it on the plate"
+    assert episode.cameras == ["agentview", "eye_in_hand"]
+    assert episode.proprio.shape == (4, 8) and episode.actions.dtype == np.float32
+    only = read_demos(path, cameras=["agentview"], proprio_keys=["joint_states"])[0]
+    assert only.cameras == ["agentview"] and only.proprio.shape == (4, 7)
+    with h5py.File(path, "a") as file:  # robosuite's frames are upside down; read them as the adapters see them
+        file["data"].attrs["macros_image_convention"] = "opengl"
+        raw = file["data/demo_0/obs/agentview_rgb"][()]
+    assert np.array_equal(read_demos(path)[0].images["agentview"], raw[:, ::-1, ::-1])
+    with pytest.raises(DataError, match="wrist"):
+        read_demos(path, cameras=["wrist"])
+
+
+def test_demos_are_sorted_by_number(tmp_path):
+    path = tmp_path / "many.hdf5"
+    write_libero_file(path, demos=(10, 2, 9, 0, 1))
+    episodes = read_demos(path)
+    assert [e.episode_id for e in episodes] == [0, 1, 2, 9, 10]
+    assert [float(e.actions[0, 0]) for e in episodes] == [0.0, 1.0, 2.0, 9.0, 10.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"actions": None}, "actions"),
+        ({"actions": np.zeros(4)}, "actions"),
+        ({"obs/ee_pos": np.zeros((3, 3))}, "obs/ee_pos"),
+        ({"obs/agentview_rgb": np.zeros((3, 16, 16, 3), dtype=np.uint8)}, "obs/agentview_rgb"),
+        ({"obs/agentview_rgb": None, "obs/eye_in_hand_rgb": None}, "_rgb"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path, overrides, key):
+    path = tmp_path / "bad.hdf5"
+    write_libero_file(path, **overrides)
+    with pytest.raises(DataError, match=key) as error:
+        read_demos(path)
+    assert "bad.hdf5" in str(error.value)
+
+
+def test_missing_data_group_and_instruction(tmp_path):
+    with h5py.File(tmp_path / "empty.hdf5", "w") as file:
+        file.create_group("other")
+    with pytest.raises(DataError, match="'data'"):
+        read_demos(tmp_path / "empty.hdf5")
+    path = tmp_path / "noinstr.hdf5"
+    write_libero_file(path)
+    with h5py.File(path, "a") as file:
+        del file["data"].attrs["problem_info"]
+    with pytest.raises(DataError, match="language_instruction"):
+        read_demos(path)
+    with pytest.raises(DataError, match="no such file"):
+        read_demos(tmp_path / "missing.hdf5")

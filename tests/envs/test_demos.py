@@ -1,0 +1,96 @@
+"""Demonstration recording through the environment registry: any env with an expert, the file it writes, refusals,
+and DART noise that perturbs what the env executes, never what the episode records."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from rsd.data.hdf5 import read_demos, read_env_spec
+from rsd.envs.base import expert_factory, make_env
+from rsd.envs.demos import generate_demos, rollout
+from rsd.envs.expert import ScriptedExpert
+from rsd.envs.tabletop import TabletopEnv
+from rsd.errors import ConfigError
+
+
+def test_tabletop_demos_are_recorded_with_the_options_given(tmp_path) -> None:
+    summary = generate_demos("tabletop", episodes=3, out=tmp_path / "d.hdf5", seed=5, image_size=32, progress=False,
+                             task_family="pick_place")
+    episodes = read_demos(tmp_path / "d.hdf5")
+    assert summary["episodes"] == len(episodes) >= 2 and summary["episodes"] + summary["failed"] == 3
+    assert all(e.images["agentview"].shape[1:] == (32, 32, 3) and e.instruction.startswith("pick up") for e in episodes)
+    with h5py.File(tmp_path / "d.hdf5") as handle:
+        env_args = json.loads(handle["data"].attrs["env_args"])
+    assert env_args["env_kwargs"] == {"image_size": 32, "task_family": "pick_place"}
+
+
+def test_expert_registry() -> None:
+    env = make_env("tabletop")
+    assert isinstance(expert_factory("tabletop")(env), ScriptedExpert)
+    with pytest.raises(ConfigError, match="scripted expert"):
+        expert_factory("libero:libero_spatial/0")
+    with pytest.raises(ConfigError, match="Did you mean 'tabletop'"):
+        expert_factory("tabeltop")
+
+
+def test_bad_requests_are_refused_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="episodes"):
+        generate_demos("tabletop", episodes=0, out=tmp_path / "d.hdf5")
+    with pytest.raises(ConfigError, match="scripted expert"):
+        generate_demos("libero:libero_spatial/0", episodes=1, out=tmp_path / "d.hdf5")
+    assert not (tmp_path / "d.hdf5").exists()
+
+
+class RecordingEnv(TabletopEnv):
+    """The tabletop world that remembers every action it executed."""
+
+    def reset(self, seed: int) -> dict:
+        self.executed: list[np.ndarray] = []
+        return super().reset(seed)
+
+    def step(self, action: np.ndarray):
+        self.executed.append(np.array(action))
+        return super().step(action)
+
+
+class RecordingExpert(ScriptedExpert):
+    """The scripted expert that remembers every action it returned."""
+
+    def reset(self, seed: int | None = None) -> None:
+        self.returned: list[np.ndarray] = []
+        super().reset(seed)
+
+    def act(self, obs=None) -> np.ndarray:
+        self.returned.append(super().act(obs))
+        return self.returned[-1]
+
+
+def test_dart_noise_records_the_clean_expert_action():
+    env = RecordingEnv()
+    expert = RecordingExpert(env)
+    episode, _ = rollout(env, expert, seed=3, episode_id=0, cameras=("agentview",), noise=0.2)
+    clean, executed = np.stack(expert.returned), np.stack(env.executed)
+    assert np.array_equal(episode.actions, clean)
+    assert not np.allclose(executed[:, :3], clean[:, :3])  # xyz perturbed
+    assert np.array_equal(executed[:, 3:], clean[:, 3:])  # rotation and gripper untouched
+    assert (np.abs(executed) <= 1.0).all()
+    again = RecordingEnv()
+    episode_again, _ = rollout(again, RecordingExpert(again), seed=3, episode_id=0, cameras=("agentview",), noise=0.2)
+    assert np.array_equal(episode_again.actions, episode.actions)  # the noise is seeded per episode
+
+
+def test_noise_free_rollout_executes_what_it_records():
+    env = RecordingEnv()
+    episode, success = rollout(env, RecordingExpert(env), seed=5, episode_id=0, cameras=("agentview",))
+    assert success and np.array_equal(np.stack(env.executed), episode.actions)
+
+
+def test_generated_file_records_its_environment(tmp_path):
+    path = tmp_path / "demos.hdf5"
+    summary = generate_demos("tabletop", episodes=3, out=path, noise=0.1, progress=False)
+    assert summary["episodes"] == 3 and summary["noise"] == 0.1 and len(read_demos(path)) == 3
+    assert read_env_spec(path) == ("tabletop", {"image_size": 64})

@@ -1,0 +1,79 @@
+"""The conv vision backbone: spatial-softmax keypoints, token shapes, and PrismaticVLA built on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rsd.config import ConvConfig, VLAConfig, from_dict, to_dict
+from rsd.errors import ConfigError, ShapeError
+from rsd.models.conv import ConvBackbone, coordinate_grid, spatial_softmax
+from rsd.models.vla import PrismaticVLA
+from rsd.presets import get_preset
+
+
+def test_spatial_softmax_points_at_the_peak():
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, 1, 3] = 50.0  # row 1, column 3
+    maps[0, 1, 3, 0] = 50.0  # row 3, column 0
+    expected, activation = spatial_softmax(maps)
+    assert torch.allclose(expected[0, 0], torch.tensor([0.75, -0.25]), atol=1e-4)  # x right, y down
+    assert torch.allclose(expected[0, 1], torch.tensor([-0.75, 0.75]), atol=1e-4)
+    assert torch.allclose(activation[0, :, 0], torch.tensor([50.0, 50.0]), atol=1e-3)
+    assert coordinate_grid(4, maps).shape == (16, 2)
+
+
+@pytest.mark.parametrize("tokens, count", [("keypoints", 16), ("grid", 64)])
+def test_token_shapes(tokens, count):
+    backbone = ConvBackbone(ConvConfig(img_size=64, tokens=tokens), condition_dim=8)
+    out = backbone(torch.randn(3, 3, 64, 64), torch.randn(3, 8))
+    assert out.shape == (3, count, backbone.embed_dim) and backbone.num_patches == count
+    assert torch.isfinite(out).all()
+    with pytest.raises(ShapeError, match=r"\[B, 3, 64, 64\]"):
+        backbone(torch.randn(3, 3, 32, 32), torch.randn(3, 8))
+    with pytest.raises(ShapeError, match="FiLM condition"):
+        backbone(torch.randn(3, 3, 64, 64))
+
+
+def test_film_starts_as_the_identity_and_then_conditions_the_tokens():
+    torch.manual_seed(0)
+    with_film = ConvBackbone(ConvConfig(img_size=64), condition_dim=8)
+    without = ConvBackbone(ConvConfig(img_size=64, film=False))
+    without.load_state_dict({k: v for k, v in with_film.state_dict().items() if not k.startswith("film.")})
+    pixels = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(with_film(pixels, torch.randn(2, 8)), without(pixels), atol=1e-6)
+    for layer in with_film.film:
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    a, b = with_film(pixels, torch.zeros(2, 8)), with_film(pixels, torch.ones(2, 8))
+    assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ConfigError, match="conditioning width"):
+        ConvBackbone(ConvConfig(img_size=64), condition_dim=0)
+
+
+def test_config_round_trip_picks_the_right_backbone_class():
+    config = get_preset("tiny").model
+    assert isinstance(config.vision[0], ConvConfig)
+    again = from_dict(VLAConfig, json.loads(json.dumps(to_dict(config))))
+    assert again == config
+    vit = get_preset("tiny-vit").model
+    assert from_dict(VLAConfig, json.loads(json.dumps(to_dict(vit)))) == vit
+    with pytest.raises(ConfigError, match="exactly one of"):
+        from_dict(VLAConfig, {**to_dict(config), "vision": [{"bogus": 1}]})
+    with pytest.raises(ConfigError, match="tokens"):
+        ConvConfig(tokens="patches")
+
+
+def test_segmented_forward_and_save_load_with_the_conv_backbone(tmp_path):
+    torch.manual_seed(0)
+    vla = PrismaticVLA(get_preset("tiny").model).eval()
+    inputs = vla.random_inputs(batch=2, prompt_len=9)
+    with torch.no_grad():
+        full = vla(inputs)
+        for k in (0, 3, 6):
+            assert torch.allclose(vla.resume(vla.prefix(inputs, k)), full, atol=1e-5)
+    vla.save_pretrained(tmp_path)
+    again = PrismaticVLA.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(inputs), full)

@@ -1,0 +1,67 @@
+"""Bundle loading: a bundle written by an earlier rsd (the committed fixture) verifies, loads every engine and runs.
+
+`tests/fixtures/old_bundle` was written at commit 4a9e472, before the runtime/export restructure, by
+`tests/fixtures/make_old_bundle.py` (its docstring says how to regenerate it): ONNX and TorchScript engines of a
+narrow draft that reads the tiny preset's main model at exit layer 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_observation, make_tiny_main
+
+from rsd.bundle import verify_bundle
+from rsd.errors import CheckpointError
+from rsd.io import FORMAT_VERSION
+from rsd.runtime.bundle import available_engines, load_bundle_engines
+from rsd.runtime.policy import SpeculativePolicy
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "old_bundle"
+FINGERPRINT = "old-bundle-fixture"
+
+
+@pytest.fixture()
+def main_model():
+    """The tiny main model with the fingerprint the fixture was exported for."""
+    main = make_tiny_main()
+    main.fingerprint = FINGERPRINT
+    return main
+
+
+def test_old_bundle_verifies_and_lists_its_engines() -> None:
+    manifest = verify_bundle(FIXTURE)
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["rsd_version"] == "0.1.0"
+    assert manifest["main_fingerprint"] == FINGERPRINT and manifest["exit_layer"] == 3
+    assert available_engines(FIXTURE, "cpu") == ["onnx", "torchscript", "torch"]
+
+
+def test_every_engine_of_the_old_bundle_computes_what_its_weights_compute(main_model) -> None:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 128, generator=generator)
+    tokens = torch.randint(0, 7, (5, 8, 16, 8), generator=generator)
+    outputs = {}
+    for engine in ("torch", "onnx", "torchscript"):
+        loaded = load_bundle_engines(FIXTURE, main_model, engine=engine)
+        assert loaded.engine == engine and loaded.exit_layer == 3 and np.isinf(loaded.tau)
+        outputs[engine] = loaded.draft(hidden), {c: loaded.decoders[c](tokens[..., :c]) for c in (3, 8)}
+    (want_logits, want_tokens, want_conf, _), want_actions = outputs["torch"]
+    for engine in ("onnx", "torchscript"):
+        (logits, draft_tokens, confidence, _), actions = outputs[engine]
+        assert torch.equal(draft_tokens, want_tokens)
+        assert (logits - want_logits).abs().max() < 1e-4 and (confidence - want_conf).abs().max() < 1e-5
+        for c in (3, 8):
+            assert (actions[c] - want_actions[c]).abs().max() < 1e-5
+
+
+def test_old_bundle_drives_the_speculative_policy(main_model) -> None:
+    chunk = SpeculativePolicy.from_bundle(FIXTURE, main=main_model, tau=0.0).predict_chunk(make_observation())
+    assert chunk.accepted and chunk.actions.shape == (8, 7) and np.isfinite(chunk.actions).all()
+
+
+def test_old_bundle_refuses_another_main_model() -> None:
+    with pytest.raises(CheckpointError, match=FINGERPRINT):
+        load_bundle_engines(FIXTURE, make_tiny_main(), engine="torch")

@@ -1,0 +1,196 @@
+"""SpeculativePolicy and MainOnlyPolicy on the tiny preset: the gate rule, exactness, the queue, bad input."""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_observation
+
+from rsd.errors import ConfigError, DataError
+from rsd.models.draft import DraftHead
+from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine
+from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
+from rsd.runtime.speculative import SpeculativeEngine
+from rsd.tokenizer import layers_to_tokens
+
+EXIT = 3
+
+
+def speculative(main, tau, verify="never", exit_layer=EXIT, replan_every=None):
+    """A speculative policy with a seeded random draft (the runtime's logic does not depend on its training)."""
+    torch.manual_seed(1)
+    from rsd.presets import get_preset
+
+    draft = DraftHead(get_preset("tiny").draft(exit_layer)).eval()
+    tok = main.tokenizer.config
+    decoders = {c: TorchDecoderEngine(main.tokenizer.decoder_module(), c) for c in (tok.coarse_layers, tok.num_layers)}
+    engine = SpeculativeEngine(main, TorchDraftEngine(draft), decoders, exit_layer, tau, verify)
+    return SpeculativePolicy(main, engine, replan_every), draft
+
+
+def test_tau_zero_returns_the_decoded_draft_tokens(tiny_main):
+    policy, draft = speculative(tiny_main, 0.0)
+    obs = make_observation()
+    chunk = policy.predict_chunk(obs)
+    assert chunk.accepted
+    with torch.inference_mode():
+        inputs = tiny_main.prepare(obs["image"][None, None], [obs["instruction"]], obs["proprio"][None])
+        exit_hidden = tiny_main.vla.prefix(inputs, EXIT).query_hidden
+        out = draft(exit_hidden)
+        tok = tiny_main.tokenizer.config
+        expected = tiny_main.tokenizer.decode(layers_to_tokens(out.tokens, tok.chunk_len, tok.latent_dim))
+    assert np.array_equal(chunk.actions, expected[0].numpy())
+    assert chunk.confidence == pytest.approx(float(out.confidence[0]))
+    assert set(chunk.timings) >= {"vision", "prefix", "draft", "gate", "decode"}
+    assert "suffix" not in chunk.timings
+
+
+def test_tau_inf_returns_exactly_the_main_only_chunk(tiny_main):
+    policy, _ = speculative(tiny_main, math.inf)
+    baseline = MainOnlyPolicy(tiny_main)
+    for seed in range(3):
+        obs = make_observation(seed)
+        chunk = policy.predict_chunk(obs)
+        assert not chunk.accepted
+        assert np.array_equal(chunk.actions, baseline.predict_chunk(obs).actions)
+        assert set(chunk.timings) >= {"vision", "prefix", "draft", "gate", "suffix", "head", "decode"}
+
+
+def test_rejected_call_runs_every_layer_exactly_once(tiny_main):
+    policy, _ = speculative(tiny_main, math.inf)
+    calls = [0] * len(tiny_main.vla.layers)
+    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, layer in enumerate(tiny_main.vla.layers)]
+    policy.predict_chunk(make_observation())
+    for hook in hooks:
+        hook.remove()
+    assert calls == [1] * len(tiny_main.vla.layers)
+
+
+def test_accepted_call_skips_the_upper_layers(tiny_main):
+    policy, _ = speculative(tiny_main, 0.0)
+    calls = [0] * len(tiny_main.vla.layers)
+    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, layer in enumerate(tiny_main.vla.layers)]
+    policy.predict_chunk(make_observation())
+    for hook in hooks:
+        hook.remove()
+    assert calls == [1] * EXIT + [0] * (len(calls) - EXIT)
+
+
+def test_verify_always_records_agreement(tiny_main):
+    policy, draft = speculative(tiny_main, 0.0, verify="always")
+    chunk = policy.predict_chunk(make_observation())
+    assert chunk.accepted and chunk.agreement is not None and 0.0 <= chunk.agreement <= 1.0
+    baseline = MainOnlyPolicy(tiny_main).predict_chunk(make_observation())
+    tok = tiny_main.tokenizer.config
+    main_coarse = torch.as_tensor(baseline.tokens[..., : tok.coarse_layers])
+    draft_coarse = torch.as_tensor(chunk.tokens[..., : tok.coarse_layers])
+    assert chunk.agreement == pytest.approx(float((main_coarse == draft_coarse).float().mean()))
+    stats = policy.stats()
+    assert stats["calls"] == 1 and stats["acceptance_rate"] == 1.0 and stats["agreement"] == pytest.approx(chunk.agreement)
+
+
+def test_batch_rows_gate_independently(tiny_main):
+    """With a threshold between two rows' confidences, one row is accepted and the other resumes the main model."""
+    policy, _ = speculative(tiny_main, 0.0)
+    obs = [make_observation(s) for s in (0, 1)]
+    images = np.stack([o["image"][None] for o in obs])
+    inputs = tiny_main.prepare(images, [o["instruction"] for o in obs], np.stack([o["proprio"] for o in obs]))
+    engine = policy.engine
+    conf = engine.run(inputs).confidence
+    engine.tau = float(conf.max())
+    result = engine.run(inputs)
+    assert result.accepted.tolist() == (conf >= conf.max()).tolist()
+    rejected = int(torch.nonzero(~result.accepted)[0])
+    baseline = MainOnlyPolicy(tiny_main).predict_chunk(obs[rejected])
+    assert torch.allclose(result.actions[rejected], torch.as_tensor(baseline.actions), atol=1e-5)
+
+
+def test_same_observation_same_chunk(tiny_main):
+    policy, _ = speculative(tiny_main, 0.5)
+    obs = make_observation(4)
+    assert np.array_equal(policy.predict_chunk(obs).actions, policy.predict_chunk(obs).actions)
+
+
+def test_queue_hands_out_the_whole_chunk_before_replanning(tiny_main):
+    policy = MainOnlyPolicy(tiny_main)
+    obs = make_observation()
+    chunk = policy.predict_chunk(obs)
+    horizon = tiny_main.tokenizer.config.chunk_len
+    actions = [policy.act(obs) for _ in range(2 * horizon + 1)]
+    assert policy.stats()["calls"] == 1 + 3
+    assert np.array_equal(np.stack(actions[:horizon]), chunk.actions)
+    policy.reset()
+    replanning = MainOnlyPolicy(tiny_main, replan_every=2)
+    for _ in range(5):
+        replanning.act(obs)
+    assert replanning.stats()["calls"] == 3
+    with pytest.raises(ConfigError, match="replan_every"):
+        MainOnlyPolicy(tiny_main, replan_every=horizon + 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: o.pop("image"), "missing"),
+        (lambda o: o.update(image=o["image"].astype(np.float32)), "uint8"),
+        (lambda o: o.update(image=o["image"][..., :2]), r"\[H, W, 3\]"),
+        (lambda o: o.update(image=[o["image"], o["image"]]), "1 camera"),
+        (lambda o: o.update(instruction="  "), "non-empty"),
+        (lambda o: o.update(instruction=3), "non-empty"),
+        (lambda o: o.update(proprio=None), "proprio"),
+        (lambda o: o.update(proprio=np.zeros(5, np.float32)), "proprio"),
+        (lambda o: o.update(proprio=np.full(8, np.nan, np.float32)), "finite"),
+    ],
+)
+def test_bad_observations_raise(tiny_main, change, message):
+    obs = make_observation()
+    change(obs)
+    with pytest.raises(DataError, match=message):
+        MainOnlyPolicy(tiny_main).predict_chunk(obs)
+
+
+def test_wrong_image_size_raises(tiny_main):
+    obs = make_observation()
+    obs["image"] = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(Exception, match="64"):
+        MainOnlyPolicy(tiny_main).predict_chunk(obs)
+
+
+def test_engine_config_errors(tiny_main):
+    tok = tiny_main.tokenizer.config
+    decoders = {c: TorchDecoderEngine(tiny_main.tokenizer.decoder_module(), c) for c in (tok.coarse_layers, tok.num_layers)}
+    from rsd.presets import get_preset
+
+    draft = TorchDraftEngine(DraftHead(get_preset("tiny").draft(EXIT)))
+    with pytest.raises(ConfigError, match="exit_layer"):
+        SpeculativeEngine(tiny_main, draft, decoders, 99, 0.5)
+    with pytest.raises(ConfigError, match="decoders"):
+        SpeculativeEngine(tiny_main, draft, {tok.num_layers: decoders[tok.num_layers]}, EXIT, 0.5)
+    with pytest.raises(ConfigError, match="verify"):
+        SpeculativeEngine(tiny_main, draft, decoders, EXIT, 0.5, verify="sometimes")
+
+
+def test_long_loop_keeps_memory_flat(tiny_main):
+    """10,000 control steps (1,250 chunks): resident memory after warm-up grows by less than 5 %."""
+    policy, _ = speculative(tiny_main, 0.5, verify="always")
+    obs = make_observation()
+    for _ in range(800):
+        policy.act(obs)
+    gc.collect()
+    before = _rss_kb()
+    for _ in range(10_000):
+        policy.act(obs)
+    gc.collect()
+    after = _rss_kb()
+    assert after <= before * 1.05, f"resident memory grew from {before} kB to {after} kB"
+    assert policy.stats()["calls"] == (10_800 + 7) // 8
+
+
+def _rss_kb() -> int:
+    """Current resident set size in kB (Linux /proc)."""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))

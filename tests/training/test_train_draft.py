@@ -1,0 +1,148 @@
+"""Feature collection, draft training and calibration on the tiny preset (real components, seeded)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rsd.errors import CheckpointError
+from rsd.models.draft import DraftHead
+from rsd.training.calibrate import calibrate, risk_curve
+from rsd.training.draft import distillation_loss, train_draft
+from rsd.training.features import collect_features, load_features
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A saved tiny main model (random weights), 8 demo episodes and a features folder at exit layer 3."""
+    from conftest import make_tiny_main
+
+    from rsd.envs.demos import generate_demos
+
+    root = tmp_path_factory.mktemp("pipeline")
+    main = make_tiny_main(seed=3)
+    main.save(root / "policy")
+    generate_demos("tabletop", episodes=8, out=root / "demos.hdf5", seed=0, progress=False)
+    collect_features(root / "policy", root / "demos.hdf5", 3, root / "features", shard_size=64, progress=False)
+    return root
+
+
+def test_features_hold_every_frame_with_the_right_shapes(pipeline) -> None:
+    feats = load_features(pipeline / "features")
+    frames = feats.exit_hidden.shape[0]
+    assert feats.exit_hidden.shape == (frames, 128) and feats.exit_hidden.dtype == torch.float16
+    assert feats.main_logits.shape == (frames, 3, 128, 7)
+    assert feats.main_tokens.shape == feats.gt_tokens.shape == (frames, 8, 128)
+    assert feats.exit_layer == 3 and len(set(feats.episode_id.tolist())) == 8
+
+
+def test_collect_features_resumes_without_recomputing_finished_shards(pipeline) -> None:
+    index = json.loads((pipeline / "features" / "index.json").read_text())
+    first = pipeline / "features" / index["shards"][0]["file"]
+    before = first.stat().st_mtime_ns
+    last = pipeline / "features" / index["shards"][-1]["file"]
+    last.unlink()
+    result = collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, pipeline / "features", shard_size=64, progress=False)
+    assert result["computed_frames"] == index["shards"][-1]["frames"]
+    assert first.stat().st_mtime_ns == before and last.is_file()
+    load_features(pipeline / "features")
+
+
+def test_features_of_another_model_or_exit_layer_cannot_be_mixed(pipeline, tmp_path) -> None:
+    from conftest import make_tiny_main
+
+    make_tiny_main(seed=4).save(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="main_fingerprint"):
+        collect_features(tmp_path / "other", pipeline / "demos.hdf5", 3, pipeline / "features", shard_size=64, progress=False)
+    with pytest.raises(CheckpointError, match="exit_layer"):
+        collect_features(pipeline / "policy", pipeline / "demos.hdf5", 2, pipeline / "features", shard_size=64, progress=False)
+
+
+def test_a_few_training_steps_reduce_the_loss(pipeline) -> None:
+    from rsd.presets import get_preset
+
+    feats = load_features(pipeline / "features")
+    torch.manual_seed(0)
+    draft = DraftHead(get_preset("tiny").draft(3))
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-3)
+    rows = torch.arange(64)
+    target = feats.main_tokens[rows, :3]
+
+    def loss() -> torch.Tensor:
+        return distillation_loss(draft.forward_logits(feats.exit_hidden[rows].float()), feats.main_logits[rows], target)[0]
+
+    first = loss().item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < 0.8 * first
+
+
+@pytest.fixture(scope="module")
+def trained_draft(pipeline):
+    from rsd.config import TrainConfig
+
+    summary = train_draft(pipeline / "features", pipeline / "draft", "tiny", TrainConfig(epochs=12, batch_size=32, lr=2e-3, val_fraction=0.25),
+                          progress=False)
+    return pipeline / "draft", summary
+
+
+def test_train_draft_writes_the_checkpoint_and_metrics(trained_draft) -> None:
+    directory, summary = trained_draft
+    assert len(summary["history"]) == 12 and 0.0 <= summary["best"]["val_agreement"] <= 1.0
+    meta = json.loads((directory / "draft.json").read_text())
+    assert meta["config"]["exit_layer"] == 3 and meta["config"]["hidden_size"] == 128 and meta["main_fingerprint"]
+    assert json.loads((directory / "metrics.json").read_text())["parameters"] == summary["parameters"]
+
+
+def test_draft_without_input_projection_is_refused(trained_draft, tmp_path) -> None:
+    import shutil
+
+    from rsd.io import sha256_file
+
+    directory, _ = trained_draft
+    shutil.copytree(directory, tmp_path / "draft")
+    tensors = {k: v for k, v in load_file(str(tmp_path / "draft" / "draft.safetensors")).items() if not k.startswith("input_projection")}
+    save_file(tensors, str(tmp_path / "draft" / "draft.safetensors"))
+    meta = json.loads((tmp_path / "draft" / "draft.json").read_text())
+    meta["weights_sha256"] = sha256_file(tmp_path / "draft" / "draft.safetensors")
+    (tmp_path / "draft" / "draft.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="input_projection"):
+        DraftHead.load(tmp_path / "draft")
+
+
+def test_draft_for_another_hidden_size_or_exit_layer_is_refused(trained_draft) -> None:
+    directory, _ = trained_draft
+    with pytest.raises(CheckpointError, match="hidden size"):
+        DraftHead.load(directory, expect_hidden=4096)
+    with pytest.raises(CheckpointError, match="exit layer"):
+        DraftHead.load(directory, expect_exit_layer=5)
+
+
+def test_coverage_falls_and_accepted_agreement_rises_with_tau(trained_draft, pipeline) -> None:
+    directory, _ = trained_draft
+    report = calibrate(directory, pipeline / "features", directory / "calibration.json", plot=True)
+    curve = [p for p in report["calibration"]["curve"] if p["accepted"] > 0]
+    coverage = [p["coverage"] for p in curve]
+    assert coverage == sorted(coverage, reverse=True) and coverage[0] == 1.0
+    half = min(curve, key=lambda p: abs(p["coverage"] - 0.5))
+    assert half["agreement"] > curve[0]["agreement"]
+    assert (directory / "calibration.png").is_file()
+    assert math.isinf(report["tau"]) or 0.0 <= report["tau"] <= 1.0
+
+
+def test_risk_curve_counts_exactly() -> None:
+    import numpy as np
+
+    confidence = np.array([0.1, 0.5, 0.9, 0.95])
+    agreement = np.array([0.2, 0.6, 0.9, 1.0])
+    bad = np.array([True, True, False, False])
+    curve = risk_curve(confidence, agreement, bad, np.array([0.0, 0.5, 0.9, np.inf]))
+    assert [p["accepted"] for p in curve] == [4, 3, 2, 0]
+    assert [p["risk"] for p in curve] == [0.5, 1 / 3, 0.0, 0.0]
+    assert curve[2]["agreement"] == pytest.approx(0.95)

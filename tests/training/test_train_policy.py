@@ -1,0 +1,52 @@
+"""train-policy: closed-loop checkpoint selection and the per-dimension validation errors it reports."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import h5py
+import pytest
+
+from rsd.config import PolicyTrainConfig
+from rsd.data.hdf5 import read_demos
+from rsd.envs.demos import generate_demos
+from rsd.errors import ConfigError
+from rsd.presets import get_preset
+from rsd.training.policy import train_policy
+from rsd.training.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """Six tabletop demonstrations and a tokenizer trained on them for two epochs."""
+    root = tmp_path_factory.mktemp("policy")
+    generate_demos("tabletop", episodes=6, out=root / "demos.hdf5", progress=False)
+    spec = get_preset("tiny")
+    episodes = read_demos(root / "demos.hdf5")
+    train_tokenizer([e.actions for e in episodes], spec.tokenizer, dataclasses.replace(spec.tokenizer_train, epochs=2), root / "tokenizer",
+                    [e.episode_id for e in episodes], progress=False)
+    return root
+
+
+def test_rollout_selection_keeps_the_most_successful_epoch(demos, tmp_path):
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=3, batch_size=64, val_fraction=0.34)
+    options = PolicyTrainConfig(rollout_every=2, rollout_episodes=2, rollout_seed=500)
+    summary = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "policy", train=train, options=options, progress=False)
+    evaluated = [m for m in summary["history"] if "rollout_success" in m]
+    assert [m["epoch"] for m in evaluated] == [2, 3]  # every 2nd epoch, and always the last
+    best = max(evaluated, key=lambda m: (m["rollout_success"], -m["val_action_l1"]))
+    assert summary["best"]["epoch"] == best["epoch"]
+    assert summary["rollout_env"] == {"env": "tabletop", "env_kwargs": {"image_size": 64}}
+    assert len(summary["best"]["val_action_l1_per_dim"]) == 7 and len(summary["best"]["train_action_l1_per_dim"]) == 7
+
+
+def test_rollout_selection_needs_an_environment(demos, tmp_path):
+    foreign = tmp_path / "foreign.hdf5"
+    with h5py.File(demos / "demos.hdf5", "r") as source, h5py.File(foreign, "w") as target:
+        source.copy("data", target)
+        del target["data"].attrs["env_args"]
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=1, batch_size=64, val_fraction=0.34)
+    with pytest.raises(ConfigError, match="--rollout-env"):
+        train_policy(foreign, demos / "tokenizer", tmp_path / "p1", train=train, progress=False)
+    summary = train_policy(foreign, demos / "tokenizer", tmp_path / "p2", train=train, options=PolicyTrainConfig(select_by="val_l1"), progress=False)
+    assert summary["best"]["epoch"] == 1 and "rollout_success" not in summary["best"]
