@@ -135,13 +135,14 @@ class ConvConfig:
     num_keypoints: int = 16  # keypoint tokens (tokens="keypoints")
     grid_size: int = 8  # side of the pooled grid (tokens="grid")
     fourier_bands: int = 6  # sin/cos frequencies of the coordinate features
-    film: bool = True  # FiLM: every conv stage scaled and shifted by a linear map of the mean instruction embedding
+    film: bool = True  # FiLM: every conv stage scaled and shifted by a linear map of an order-aware instruction summary
+    film_queries: int = 2  # learned queries of that summary (each attends over the instruction's words and positions)
     groups: int = 8  # GroupNorm groups
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation std
 
     def __post_init__(self) -> None:
-        _positive(self, "img_size", "num_keypoints", "grid_size", "fourier_bands", "groups")
+        _positive(self, "img_size", "num_keypoints", "grid_size", "fourier_bands", "groups", "film_queries")
         _check(len(self.channels) == 4 and all(isinstance(c, int) and c > 0 and c % self.groups == 0 for c in self.channels),
                "ConvConfig", "channels", f"4 positive widths divisible by groups={self.groups}", self.channels)
         _check(self.tokens in CONV_TOKENS, "ConvConfig", "tokens", f"one of {list(CONV_TOKENS)}", self.tokens)

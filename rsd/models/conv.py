@@ -6,10 +6,12 @@ size: a convolution sees colour and edges at every pixel from the first step, an
 feature map into the expected image coordinates of what it responds to. GroupNorm instead of BatchNorm keeps
 training and inference identical at batch 1.
 
-With `film` each stage's features are scaled and shifted per channel by a linear map of the instruction's mean
-token embedding (FiLM, as RT-1 and BC-Z condition their conv trunks on language): the trunk can then light up
-"the red block" rather than every block, so the keypoints point at what the instruction names. The maps start
-at zero, so an untrained FiLM is the identity.
+With `film` each stage's features are scaled and shifted per channel by a linear map of an instruction summary
+(FiLM, as RT-1 and BC-Z condition their conv trunks on language): the trunk can then light up "the red block"
+rather than every block, so the keypoints point at what the instruction names. The summary is order-aware
+(`InstructionSummary`: learned queries attend over the words with their positions): a mean of word embeddings
+cannot tell "put the red block next to the blue block" from "put the blue block next to the red block". The
+FiLM maps start at zero, so an untrained FiLM is the identity.
 
 Tokens (`ConvConfig.tokens`), each a feature vector `[Dv]` the projector maps into the LLM:
 - "keypoints": K maps → softmax over space → per map the expected `(x, y)` in [-1, 1] (x right, y down), their
@@ -18,7 +20,7 @@ Tokens (`ConvConfig.tokens`), each a feature vector `[Dv]` the projector maps in
 
 Usage:
     backbone = ConvBackbone(ConvConfig(img_size=64), condition_dim=128)
-    tokens = backbone(pixels, condition)   # pixels [B, 3, 64, 64] normalised, condition [B, 128] -> [B, P, Dv]
+    tokens = backbone(pixels, prompt, mask)   # pixels [B, 3, 64, 64] normalised, prompt [B, T, 128], mask [B, T] -> [B, P, Dv]
 """
 
 from __future__ import annotations
@@ -60,6 +62,32 @@ def spatial_softmax(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return expected, (attention * maps.flatten(2)).sum(-1, keepdim=True)
 
 
+def sinusoidal_positions(length: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Transformer sine/cosine position codes `[T, E]` (no length limit), in `like`'s dtype and device."""
+    position = torch.arange(length, device=like.device, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, device=like.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    codes = torch.zeros(length, dim, device=like.device)
+    codes[:, 0::2] = torch.sin(position * frequency)
+    codes[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return codes.to(like.dtype)
+
+
+class InstructionSummary(nn.Module):
+    """Order-aware instruction summary `[B, G * E]`: G learned queries attend over the words plus their positions."""
+
+    def __init__(self, text_dim: int, queries: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(queries, text_dim) * text_dim**-0.5)
+        self.keys = nn.Linear(text_dim, text_dim)
+
+    def forward(self, prompt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Summary `[B, G * E]` of token embeddings `[B, T, E]` (mask `[B, T]`, true at real tokens)."""
+        words = prompt + sinusoidal_positions(prompt.shape[1], prompt.shape[2], prompt)
+        scores = torch.einsum("ge,bte->bgt", self.queries.to(words.dtype), self.keys(words)) / words.shape[-1] ** 0.5
+        weights = torch.softmax(scores.masked_fill(~mask.bool().unsqueeze(1), float("-inf")), dim=-1)
+        return (weights @ words).flatten(1)
+
+
 class ConvBackbone(nn.Module):
     """Normalised images `[B, 3, S, S]` → visual tokens `[B, P, Dv]` (P keypoints or grid cells)."""
 
@@ -75,7 +103,9 @@ class ConvBackbone(nn.Module):
         ])
         if config.film and condition_dim <= 0:
             raise ConfigError(f"ConvConfig.film: expected a conditioning width > 0 (the LLM's), got {condition_dim}.")
-        self.film = nn.ModuleList(nn.Linear(condition_dim, 2 * c) for c in config.channels) if config.film else None
+        self.summary = InstructionSummary(condition_dim, config.film_queries) if config.film else None
+        film_dim = config.film_queries * condition_dim
+        self.film = nn.ModuleList(nn.Linear(film_dim, 2 * c) for c in config.channels) if config.film else None
         if self.film is not None:
             for layer in self.film:
                 nn.init.zeros_(layer.weight)
@@ -90,14 +120,18 @@ class ConvBackbone(nn.Module):
             self.num_patches = config.grid_size**2
             self.embed_dim = c3 + coord_dim
 
-    def forward(self, pixels: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        """Visual tokens `[B, P, Dv]` for normalised images `[B, 3, S, S]` and (with FiLM) a condition `[B, E]`."""
+    def forward(self, pixels: torch.Tensor, prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual tokens `[B, P, Dv]` for normalised images `[B, 3, S, S]`; with FiLM also the instruction's token
+        embeddings `[B, T, E]` and their mask `[B, T]` (true at real tokens)."""
         size = self.config.img_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise ShapeError(f"ConvBackbone: expected images [B, 3, {size}, {size}], got {tuple(pixels.shape)}.")
-        if self.film is not None and (condition is None or condition.ndim != 2 or condition.shape[0] != pixels.shape[0]):
-            got = None if condition is None else tuple(condition.shape)
-            raise ShapeError(f"ConvBackbone: expected a FiLM condition [{pixels.shape[0]}, E], got {got}.")
+        if self.summary is not None:
+            if (prompt is None or prompt_mask is None or prompt.ndim != 3 or prompt.shape[0] != pixels.shape[0]
+                    or tuple(prompt_mask.shape) != tuple(prompt.shape[:2])):
+                got = None if prompt is None else (tuple(prompt.shape), None if prompt_mask is None else tuple(prompt_mask.shape))
+                raise ShapeError(f"ConvBackbone: expected the instruction [{pixels.shape[0]}, T, E] and its mask [{pixels.shape[0]}, T], got {got}.")
+            condition = self.summary(prompt, prompt_mask)  # [B, G * E]
         features = pixels
         for index, stage in enumerate(self.stages):
             features = stage(features)

@@ -120,11 +120,11 @@ class VisionBackbone(nn.Module):
         """The ViTs in channel order."""
         return [self.featurizer] + ([self.fused_featurizer] if self.fused_featurizer is not None else [])
 
-    def forward(self, pixel_values: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch features `[B, P, Dv]` for pixel values `[B, 3 * backbones, S, S]` (a FiLM-conditioned conv backbone
-        also takes the instruction condition `[B, E]`)."""
+        also reads the instruction's token embeddings `[B, T, E]` and mask `[B, T]`)."""
         if isinstance(self.featurizer, ConvBackbone):
-            return self.featurizer(pixel_values, condition)
+            return self.featurizer(pixel_values, prompt, prompt_mask)
         features = []
         for index, (vit, config) in enumerate(zip(self.featurizers(), self.configs, strict=True)):
             block = config.feature_layer % len(vit.blocks)
@@ -234,8 +234,7 @@ class PrismaticVLA(nn.Module):
         embed_tokens = self.language_model.model.embed_tokens
         text_mask = inputs.text_mask.to(device)
         prompt = embed_tokens(inputs.input_ids.to(device))  # [B, T, D]
-        condition = (prompt * text_mask.unsqueeze(-1)).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)  # mean instruction embedding
-        features = self.vision_backbone(pixels.flatten(0, 1), condition.repeat_interleave(cams, dim=0))
+        features = self.vision_backbone(pixels.flatten(0, 1), prompt.repeat_interleave(cams, dim=0), text_mask.repeat_interleave(cams, dim=0))
         patches = self.projector(features)  # [B*N, P, D]
         patches = patches.reshape(batch, cams * patches.shape[1], -1)
         bos = embed_tokens(torch.full((batch, 1), self.processor.bos_id, dtype=torch.int64, device=device))

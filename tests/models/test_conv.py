@@ -9,7 +9,7 @@ import torch
 
 from rsd.config import ConvConfig, VLAConfig, from_dict, to_dict
 from rsd.errors import ConfigError, ShapeError
-from rsd.models.conv import ConvBackbone, coordinate_grid, spatial_softmax
+from rsd.models.conv import ConvBackbone, InstructionSummary, coordinate_grid, spatial_softmax
 from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
 
@@ -28,28 +28,43 @@ def test_spatial_softmax_points_at_the_peak():
 @pytest.mark.parametrize("tokens, count", [("keypoints", 16), ("grid", 64)])
 def test_token_shapes(tokens, count):
     backbone = ConvBackbone(ConvConfig(img_size=64, tokens=tokens), condition_dim=8)
-    out = backbone(torch.randn(3, 3, 64, 64), torch.randn(3, 8))
+    prompt, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    out = backbone(torch.randn(3, 3, 64, 64), prompt, mask)
     assert out.shape == (3, count, backbone.embed_dim) and backbone.num_patches == count
     assert torch.isfinite(out).all()
     with pytest.raises(ShapeError, match=r"\[B, 3, 64, 64\]"):
-        backbone(torch.randn(3, 3, 32, 32), torch.randn(3, 8))
-    with pytest.raises(ShapeError, match="FiLM condition"):
+        backbone(torch.randn(3, 3, 32, 32), prompt, mask)
+    with pytest.raises(ShapeError, match="instruction"):
         backbone(torch.randn(3, 3, 64, 64))
+    with pytest.raises(ShapeError, match="instruction"):
+        backbone(torch.randn(3, 3, 64, 64), prompt, mask[:, :4])
 
 
 def test_film_starts_as_the_identity_and_then_conditions_the_tokens():
     torch.manual_seed(0)
     with_film = ConvBackbone(ConvConfig(img_size=64), condition_dim=8)
     without = ConvBackbone(ConvConfig(img_size=64, film=False))
-    without.load_state_dict({k: v for k, v in with_film.state_dict().items() if not k.startswith("film.")})
-    pixels = torch.randn(2, 3, 64, 64)
-    assert torch.allclose(with_film(pixels, torch.randn(2, 8)), without(pixels), atol=1e-6)
+    without.load_state_dict({k: v for k, v in with_film.state_dict().items() if not k.startswith(("film.", "summary."))})
+    pixels, mask = torch.randn(2, 3, 64, 64), torch.ones(2, 4, dtype=torch.bool)
+    assert torch.allclose(with_film(pixels, torch.randn(2, 4, 8), mask), without(pixels), atol=1e-6)
     for layer in with_film.film:
         torch.nn.init.normal_(layer.weight, std=0.1)
-    a, b = with_film(pixels, torch.zeros(2, 8)), with_film(pixels, torch.ones(2, 8))
+    a, b = with_film(pixels, torch.zeros(2, 4, 8), mask), with_film(pixels, torch.ones(2, 4, 8), mask)
     assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(ConfigError, match="conditioning width"):
         ConvBackbone(ConvConfig(img_size=64), condition_dim=0)
+
+
+def test_film_summary_tells_word_order_apart_and_ignores_padding():
+    """"red next to blue" and "blue next to red" have the same mean word embedding; the summary must differ."""
+    torch.manual_seed(0)
+    summary = InstructionSummary(text_dim=8, queries=2)
+    red, blue, to = torch.randn(3, 8)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    forward, backward = summary(torch.stack([red, to, blue])[None], mask), summary(torch.stack([blue, to, red])[None], mask)
+    assert forward.shape == (1, 16) and not torch.allclose(forward, backward, atol=1e-4)
+    padded = summary(torch.stack([red, to, blue, torch.randn(8) * 100])[None], torch.tensor([[True, True, True, False]]))
+    assert torch.allclose(forward, padded, atol=1e-5)
 
 
 def test_config_round_trip_picks_the_right_backbone_class():
