@@ -14,7 +14,9 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -37,6 +39,8 @@ from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
+
+log = logging.getLogger(__name__)
 
 
 def train_policy(
@@ -77,8 +81,13 @@ def train_policy(
         num_transitions=train_stats.num_transitions,
         num_trajectories=train_stats.num_trajectories,
     )
-    vla = PrismaticVLA(spec.model)
-    head = RFSQHead(spec.model.llm.hidden_size, spec.model.tokenizer)
+    model_config = spec.model
+    cameras = len(episodes[0].images)
+    if cameras != model_config.num_images:  # the preset's camera count follows the data (e.g. agentview + wrist)
+        log.info("train-policy: %d cameras per frame in %s; the model reads %d images per observation.", cameras, data, cameras)
+        model_config = dataclasses.replace(model_config, num_images=cameras)
+    vla = PrismaticVLA(model_config)
+    head = RFSQHead(model_config.llm.hidden_size, model_config.tokenizer)
     main = MainModel(vla, head, action_tokenizer, statistics, dataset_key or Path(data).stem)
     main.tokenizer.requires_grad_(False)
     if freeze_backbone:

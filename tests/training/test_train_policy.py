@@ -8,10 +8,11 @@ import h5py
 import pytest
 
 from rsd.config import PolicyTrainConfig
-from rsd.data.hdf5 import read_demos
+from rsd.data.hdf5 import read_demos, write_demos
 from rsd.envs.demos import generate_demos
 from rsd.errors import ConfigError
 from rsd.presets import get_preset
+from rsd.runtime.policy import MainOnlyPolicy, load_main
 from rsd.training.policy import train_policy
 from rsd.training.tokenizer import train_tokenizer
 
@@ -50,3 +51,18 @@ def test_rollout_selection_needs_an_environment(demos, tmp_path):
         train_policy(foreign, demos / "tokenizer", tmp_path / "p1", train=train, progress=False)
     summary = train_policy(foreign, demos / "tokenizer", tmp_path / "p2", train=train, options=PolicyTrainConfig(select_by="val_l1"), progress=False)
     assert summary["best"]["epoch"] == 1 and "rollout_success" not in summary["best"]
+
+
+def test_the_model_reads_as_many_cameras_as_the_demonstrations_hold(demos, tmp_path):
+    """A preset built for one camera trains on agentview + wrist frames with a two-image model (no error, no drop)."""
+    episodes = read_demos(demos / "demos.hdf5")
+    two = [dataclasses.replace(e, images={"agentview": e.images["agentview"], "robot0_eye_in_hand": e.images["agentview"][:, ::-1].copy()})
+           for e in episodes]
+    write_demos(tmp_path / "two.hdf5", two, env_name="tabletop", env_kwargs={"image_size": 64})
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=1, batch_size=64, val_fraction=0.34)
+    train_policy(tmp_path / "two.hdf5", demos / "tokenizer", tmp_path / "policy", train=train, options=PolicyTrainConfig(select_by="val_l1"),
+                 progress=False)
+    main = load_main(tmp_path / "policy", "cpu", None)
+    assert main.vla.config.num_images == 2
+    obs = {"image": [episodes[0].images["agentview"][0]] * 2, "instruction": episodes[0].instruction, "proprio": episodes[0].proprio[0]}
+    assert MainOnlyPolicy(main).predict_chunk(obs).actions.shape == (8, 7)
