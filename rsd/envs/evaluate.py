@@ -32,8 +32,26 @@ from rsd.errors import ConfigError
 from rsd.models.main import MainModel
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 
+WILSON_Z = 1.959964  # standard normal quantile of a two-sided 95 % interval
 VIDEO_MIN_SIDE = 256  # frames are upscaled (nearest) to at least this side so small renders stay watchable
 VIDEO_FPS = 20
+
+
+def wilson_interval(successes: int, episodes: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """95 % Wilson score interval `(low, high)` of a success rate from `successes` of `episodes` (sound at 0 and n)."""
+    if episodes <= 0 or not 0 <= successes <= episodes:
+        raise ConfigError(f"wilson_interval: expected 0 <= successes <= episodes and episodes > 0, got {successes}/{episodes}.")
+    rate = successes / episodes
+    denominator = 1.0 + z**2 / episodes
+    centre = (rate + z**2 / (2 * episodes)) / denominator
+    half = z * math.sqrt(rate * (1.0 - rate) / episodes + z**2 / (4 * episodes**2)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_rate(successes: int, episodes: int) -> str:
+    """"k/n (r %, 95 % CI lo–hi %)": a success rate with its count and Wilson interval."""
+    low, high = wilson_interval(successes, episodes)
+    return f"{successes}/{episodes} ({100 * successes / episodes:.1f} %, 95 % CI {100 * low:.1f}–{100 * high:.1f} %)"
 
 
 @dataclass
@@ -67,18 +85,27 @@ class EvalReport:
         return float(np.mean([e.length for e in self.episodes]))
 
     @property
-    def per_task(self) -> dict[str, dict[str, float]]:
-        """`{task_family: {"episodes", "successes", "success_rate"}}`, sorted by task."""
-        table: dict[str, dict[str, float]] = {}
+    def per_task(self) -> dict[str, dict[str, Any]]:
+        """`{task_family: {"episodes", "successes", "success_rate", "wilson_95"}}`, sorted by task."""
+        table: dict[str, dict[str, Any]] = {}
         for family in sorted({e.task_family for e in self.episodes}):
             outcomes = [e.success for e in self.episodes if e.task_family == family]
-            table[family] = {"episodes": len(outcomes), "successes": sum(outcomes), "success_rate": sum(outcomes) / len(outcomes)}
+            table[family] = {"episodes": len(outcomes), "successes": sum(outcomes), "success_rate": sum(outcomes) / len(outcomes),
+                             "wilson_95": list(wilson_interval(sum(outcomes), len(outcomes)))}
         return table
+
+    @property
+    def successes(self) -> int:
+        """Number of successful episodes."""
+        return sum(e.success for e in self.episodes)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: success_rate, mean_length, acceptance_rate, latency_ms, per_task, episodes, policy."""
         return {
             "success_rate": self.success_rate,
+            "episodes_run": len(self.episodes),
+            "successes": self.successes,
+            "wilson_95": list(wilson_interval(self.successes, len(self.episodes))),
             "mean_length": self.mean_length,
             "acceptance_rate": self.acceptance_rate,
             "latency_ms": self.latency_ms,
@@ -88,12 +115,12 @@ class EvalReport:
         }
 
     def to_markdown(self) -> str:
-        """A per-task success table followed by one overall line."""
-        lines = ["| task | episodes | successes | success rate |", "|---|---:|---:|---:|"]
+        """A per-task success table (with 95 % Wilson intervals) followed by one overall line."""
+        lines = ["| task | episodes | successes | success rate | 95 % CI |", "|---|---:|---:|---:|---:|"]
         for family, row in self.per_task.items():
-            lines.append(f"| {family} | {row['episodes']} | {row['successes']} | {100 * row['success_rate']:.1f} % |")
-        successes = sum(e.success for e in self.episodes)
-        overall = f"**{self.policy or 'policy'}**: {successes}/{len(self.episodes)} successes ({100 * self.success_rate:.1f} %), mean length {self.mean_length:.1f} steps"
+            low, high = row["wilson_95"]
+            lines.append(f"| {family} | {row['episodes']} | {row['successes']} | {100 * row['success_rate']:.1f} % | {100 * low:.1f}–{100 * high:.1f} % |")
+        overall = f"**{self.policy or 'policy'}**: {format_rate(self.successes, len(self.episodes))} successes, mean length {self.mean_length:.1f} steps"
         if self.acceptance_rate is not None:
             overall += f", acceptance {100 * self.acceptance_rate:.1f} %"
         if self.latency_ms is not None:
@@ -207,7 +234,8 @@ def format_comparison(reports: Mapping[str, EvalReport]) -> str:
     if "baseline" not in reports or "speculative" not in reports:
         return ""
     base, spec = reports["baseline"], reports["speculative"]
-    line = f"speculative vs baseline: success {100 * spec.success_rate:.1f} % vs {100 * base.success_rate:.1f} %"
+    line = (f"speculative vs baseline: success {format_rate(spec.successes, len(spec.episodes))} vs "
+            f"{format_rate(base.successes, len(base.episodes))}")
     if base.latency_ms and spec.latency_ms:
         line += (f", chunk latency p50 {spec.latency_ms['p50']:.2f} ms vs {base.latency_ms['p50']:.2f} ms "
                  f"({base.latency_ms['p50'] / spec.latency_ms['p50']:.2f}x)")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rsd.envs.evaluate import evaluate
+from rsd.envs.evaluate import evaluate, format_rate, wilson_interval
 from rsd.envs.expert import ScriptedExpert
 from rsd.envs.tabletop import TabletopEnv
 from rsd.errors import ConfigError
@@ -43,7 +43,8 @@ def test_evaluate_scripted_policy_succeeds_and_reports(tmp_path):
     videos = sorted(tmp_path.glob("*.gif"))
     assert len(videos) == 5 and videos[0].read_bytes()[:6] in (b"GIF89a", b"GIF87a")
     data = json.loads(json.dumps(report.to_json()))
-    assert {"success_rate", "mean_length", "acceptance_rate", "latency_ms", "per_task", "episodes"} <= set(data)
+    assert {"success_rate", "wilson_95", "mean_length", "acceptance_rate", "latency_ms", "per_task", "episodes"} <= set(data)
+    assert data["wilson_95"][0] <= data["success_rate"] <= data["wilson_95"][1]
     assert 0.0 <= data["success_rate"] <= 1.0 and data["mean_length"] > 0
     assert 0.7 <= data["acceptance_rate"] <= 0.8 and data["latency_ms"] == {"p50": 2.0, "mean": 2.5}
     assert sum(row["episodes"] for row in data["per_task"].values()) == 5
@@ -74,3 +75,13 @@ def test_bad_arguments_raise(tmp_path):
         evaluate(ExpertPolicy(env), env, seeds=[], progress=False)
     with pytest.raises(ConfigError, match="gif"):
         evaluate(ExpertPolicy(env), env, seeds=[0], video_dir=tmp_path, video_format="avi", progress=False)
+
+
+def test_wilson_interval_matches_known_values_and_covers_the_edges():
+    low, high = wilson_interval(28, 50)  # textbook value for 28/50: 0.423 .. 0.688
+    assert low == pytest.approx(0.4233, abs=1e-3) and high == pytest.approx(0.6878, abs=1e-3)
+    assert wilson_interval(0, 50)[0] == pytest.approx(0.0) and 0.0 < wilson_interval(0, 50)[1] < 0.08
+    assert wilson_interval(50, 50)[1] == pytest.approx(1.0) and 0.92 < wilson_interval(50, 50)[0] < 1.0
+    assert "28/50 (56.0 %, 95 % CI 42.3–68.8 %)" == format_rate(28, 50)
+    with pytest.raises(ConfigError, match="successes"):
+        wilson_interval(3, 2)
