@@ -17,6 +17,8 @@ from typing import Any
 import click
 
 from rsd.config import TrainConfig, get_preset, to_dict
+from rsd.data.cli_commands import convert_command, data_source_options
+from rsd.data.source import DataSource
 from rsd.envs.cli_commands import eval_command, generate_demos_command
 from rsd.errors import RsdError
 from rsd.export.cli_commands import export_draft_command, inspect_command
@@ -85,10 +87,10 @@ def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
 
 
 @main.command("train-tokenizer")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Actions: LIBERO-layout HDF5 or NPZ.")
+@data_source_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer folder to write.")
 @_train_options
-def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
+def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
                             seed: int | None) -> None:
     """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
     from rsd.training.tokenizer import train_tokenizer_from_file
@@ -98,12 +100,12 @@ def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None
 
 
 @main.command("train-policy")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@data_source_options
 @click.option("--tokenizer", required=True, type=click.Path(exists=True, file_okay=False), help="Trained tokenizer folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Policy folder to write.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the RFSQ head on a frozen backbone.")
 @_train_options
-def train_policy_command(data: str, tokenizer: str, out: str, freeze_backbone: bool, preset: str, epochs: int | None,
+def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, preset: str, epochs: int | None,
                          batch_size: int | None, lr: float | None, seed: int | None) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens."""
     from rsd.training.policy import train_policy
@@ -114,12 +116,12 @@ def train_policy_command(data: str, tokenizer: str, out: str, freeze_backbone: b
 
 @main.command("collect-features")
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (the frozen main model).")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@data_source_options
 @click.option("--exit-layer", required=True, type=int, help="Layer k whose query hidden state the draft reads.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder (resumed if it exists).")
 @click.option("--shard-size", default=2048, show_default=True, help="Frames per shard.")
 @click.option("--batch-size", default=64, show_default=True, help="Frames per forward pass.")
-def collect_features_command(policy: str, data: str, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
+def collect_features_command(policy: str, data: DataSource, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
     """Store exit-layer hidden states, main logits and tokens for every frame (sharded, resumable)."""
     from rsd.training.features import collect_features
 
@@ -206,6 +208,7 @@ def demo(out: str, quick: bool) -> None:
 
 
 main.add_command(generate_demos_command)
+main.add_command(convert_command)
 main.add_command(eval_command)
 main.add_command(export_draft_command)
 main.add_command(inspect_command)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rsd.config import TrainConfig, get_preset, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.data.dataset import FrameDataset, compute_statistics
-from rsd.data.hdf5 import read_demos
+from rsd.data.source import DataSource, as_source, read_episodes, source_statistics
 from rsd.data.stats import DatasetStatistics
 from rsd.errors import ConfigError, DataError
 from rsd.models.heads import RFSQHead
@@ -38,7 +38,7 @@ from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 
 
 def train_policy(
-    data: str | Path,
+    data: str | Path | DataSource,
     tokenizer: str | Path,
     out: str | Path,
     preset: str = "tiny",
@@ -54,21 +54,24 @@ def train_policy(
     action_tokenizer = ActionTokenizer.load(tokenizer)
     if action_tokenizer.config != spec.model.tokenizer:
         raise ConfigError(f"train-policy: the tokenizer's shape {action_tokenizer.config} differs from preset {preset!r}'s {spec.model.tokenizer}.")
-    episodes = read_demos(data)
+    source = as_source(data)
+    episodes = read_episodes(source)
     if len(episodes) < 2:
         raise DataError(f"{data}: expected at least 2 episodes to split into training and validation, got {len(episodes)}.")
     dataset = FrameDataset(episodes, action_tokenizer.config.chunk_len)
+    _check_inputs(source, dataset, spec.model.num_images, spec.model.proprio_dim, preset)
     train_eps, val_eps = split_episodes([e.episode_id for e in episodes], train.val_fraction, train.seed)
     train_stats = compute_statistics([e for e in episodes if e.episode_id in set(train_eps)])
+    own = source_statistics(source)
     statistics = DatasetStatistics(
         action=action_tokenizer.stats,
-        proprio=train_stats.proprio,
+        proprio=own.proprio if own is not None and own.proprio is not None else train_stats.proprio,
         num_transitions=train_stats.num_transitions,
         num_trajectories=train_stats.num_trajectories,
     )
     vla = PrismaticVLA(spec.model)
     head = RFSQHead(spec.model.llm.hidden_size, spec.model.tokenizer)
-    main = MainModel(vla, head, action_tokenizer, statistics, dataset_key or Path(data).stem)
+    main = MainModel(vla, head, action_tokenizer, statistics, dataset_key or Path(source.path).stem)
     main.tokenizer.requires_grad_(False)
     if freeze_backbone:
         vla.requires_grad_(False)
@@ -122,6 +125,18 @@ def train_policy(
     }
     (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_inputs(source: DataSource, dataset: FrameDataset, num_images: int, proprio_dim: int, preset: str) -> None:
+    """The data's cameras and proprio against what the preset's model takes, before any training."""
+    if len(dataset.cameras) != num_images:
+        raise DataError(f"{source.path}: preset {preset!r} takes {num_images} camera(s), the data has {len(dataset.cameras)} "
+                        f"({dataset.cameras}); choose them with --camera (DataSource.cameras).")
+    proprio = dataset.episodes[0].proprio
+    width = 0 if proprio is None else proprio.shape[1]
+    if width != proprio_dim:
+        raise DataError(f"{source.path}: preset {preset!r} takes proprio of {proprio_dim} dims, the data gives {width}; "
+                        "choose keys with --state-key or --no-state (DataSource.proprio_keys).")
 
 
 def policy_layer_weights(tokenizer: ActionTokenizer) -> torch.Tensor:
