@@ -150,7 +150,7 @@ class LeRobotFolder:
             raise DataError(f"{path}: {what}: expected a readable parquet file, pyarrow failed: {error}.") from error
 
     def _v3_entries(self) -> list[_EpisodeEntry]:
-        """Episode entries from `meta/episodes/*/*.parquet` and `meta/tasks.parquet` (v3.0)."""
+        """Episode entries from `meta/episodes/*/*.parquet` (v3.0): data file, video files and start times per episode."""
         files = sorted((self.root / EPISODES_DIR).glob("*/*.parquet"))
         if not files:
             raise DataError(f"{self.root / EPISODES_DIR}: expected episode metadata chunk-XXX/file-YYY.parquet, got none.")
@@ -214,8 +214,16 @@ class LeRobotFolder:
         path = self.root / "meta/tasks.jsonl"
         if not path.is_file():
             raise DataError(f"{self.root}: expected meta/tasks.jsonl (LeRobot {self.version}), got no such file.")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return {int(r["task_index"]): str(r["task"]) for r in rows}
+        tasks = {}
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                tasks[int(row["task_index"])] = str(row["task"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise DataError(f"{path}: line {number}: expected a JSON object with task_index and task, got {line[:80]!r}.") from error
+        return tasks
 
 
 def _resolve_keys(folder: LeRobotFolder, wanted: Sequence[str] | None, available: list[str], what: str) -> list[str]:

@@ -156,11 +156,15 @@ def source_statistics(data: str | Path | DataSource) -> DatasetStatistics | None
 
 def source_fingerprint(data: str | Path | DataSource) -> str:
     """sha256 identifying the data and its mapping: the file's own sha256 for an HDF5 file with the default mapping,
-    else a hash of every file's sha256 (a folder's, by relative path) together with the mapping."""
+    else a hash of the mapping and of every data file's sha256 (a LeRobot folder's meta/, data/, videos/, by relative path)."""
     source = as_source(data)
     path = Path(source.path)
     if source.format != "lerobot" and source.is_default_mapping():
         return sha256_file(path)
-    files = {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()} if path.is_dir() else {path.name: sha256_file(path)}
+    if path.is_dir():
+        found = sorted(p for top in ("meta", "data", "videos") for p in (path / top).rglob("*") if p.is_file())
+        files = {str(p.relative_to(path)): sha256_file(p) for p in found}
+    else:
+        files = {path.name: sha256_file(path)}
     mapping = {k: v for k, v in dataclasses.asdict(source).items() if k != "path"}
     return hashlib.sha256(json.dumps({"files": files, "mapping": mapping}, sort_keys=True).encode()).hexdigest()
