@@ -7,22 +7,28 @@ Usage:
     rsd --help
     rsd presets tiny
     rsd demo --quick --out runs/quick
+    rsd train-policy --data data/libero_lerobot --camera image --image-size 64 --tokenizer runs/lr/tokenizer --out runs/lr/policy
+    rsd convert --to lerobot --data runs/demo/demos.hdf5 --out runs/demo/lerobot
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rsd.config import TrainConfig, to_dict
 from rsd.errors import RsdError
 from rsd.presets import get_preset
+
+if TYPE_CHECKING:
+    from rsd.data.source import DataSource
 
 
 class RsdGroup(click.Group):
@@ -73,6 +79,42 @@ def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def data_source_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`--data` and the options mapping a dataset's keys (shared by every command reading `--data`); the command
+    receives them as one `data: rsd.data.source.DataSource`, which checks the values."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, data: str, camera: tuple[str, ...], state_key: tuple[str, ...], no_state: bool, action_key: str | None,
+                instruction: str | None, image_size: int | None, image_convention: str, stats: str, **kwargs: Any) -> Any:
+        from rsd.data.source import DataSource
+
+        if no_state and state_key:
+            raise click.BadParameter("give --state-key or --no-state, not both", param_hint="--no-state")
+        proprio_keys = () if no_state else (state_key or None)
+        source = DataSource(data, cameras=camera or None, proprio_keys=proprio_keys, action_key=action_key, instruction=instruction,
+                            image_size=image_size, image_convention=image_convention, statistics=stats)
+        return function(*args, data=source, **kwargs)
+
+    for option in reversed(
+        [
+            click.option("--data", required=True, type=click.Path(exists=True),
+                         help="LeRobotDataset folder (v3.0 or v2.x) or robomimic/LIBERO HDF5 file."),
+            click.option("--camera", multiple=True, help="Camera to load (repeat for several; LeRobot key or name, HDF5 name). Default: all."),
+            click.option("--state-key", multiple=True, help="Key concatenated into proprio (repeat). Default: observation.state / LIBERO's."),
+            click.option("--no-state", is_flag=True, help="Load no proprio."),
+            click.option("--action-key", default=None, help="Action key (default: action for LeRobot, actions for HDF5)."),
+            click.option("--instruction", default=None, help="Instruction for every episode (default: the dataset's task strings)."),
+            click.option("--image-size", type=int, default=None, help="Resize frames to this square size (default: as stored)."),
+            click.option("--image-convention", type=click.Choice(["auto", "opencv", "opengl"]), default="auto", show_default=True,
+                         help="opengl: frames stored upside down (rotated 180° on reading); auto: HDF5 attr, LeRobot upright."),
+            click.option("--stats", type=click.Choice(["dataset", "train"]), default="dataset", show_default=True,
+                         help="dataset: the dataset's own q01/q99 when it has them; train: from the training episodes."),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @main.command("synthetic-actions")
 @click.option("--episodes", default=200, show_default=True, help="Episodes to generate.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the generator.")
@@ -87,10 +129,10 @@ def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
 
 
 @main.command("train-tokenizer")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Actions: LIBERO-layout HDF5 or NPZ.")
+@data_source_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer folder to write.")
 @_train_options
-def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
+def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
                             seed: int | None) -> None:
     """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
     from rsd.training.tokenizer import train_tokenizer_from_file
@@ -100,28 +142,35 @@ def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None
 
 
 @main.command("train-policy")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@data_source_options
 @click.option("--tokenizer", required=True, type=click.Path(exists=True, file_okay=False), help="Trained tokenizer folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Policy folder to write.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the RFSQ head on a frozen backbone.")
+@click.option("--select-by", type=click.Choice(["rollouts", "val_l1"]), default=None,
+              help="Keep the epoch with the best closed-loop success or validation L1 (default: the preset's).")
+@click.option("--rollout-env", default=None, help="Environment of the selection rollouts (default: the one an HDF5 file records).")
 @_train_options
-def train_policy_command(data: str, tokenizer: str, out: str, freeze_backbone: bool, preset: str, epochs: int | None,
-                         batch_size: int | None, lr: float | None, seed: int | None) -> None:
+def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
+                         preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens."""
     from rsd.training.policy import train_policy
 
-    summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone)
+    options = get_preset(preset).policy_options
+    if select_by is not None:
+        options = dataclasses.replace(options, select_by=select_by)
+    summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
+                           options=options, rollout_env=rollout_env)
     click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 
 
 @main.command("collect-features")
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (the frozen main model).")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@data_source_options
 @click.option("--exit-layer", required=True, type=int, help="Layer k whose query hidden state the draft reads.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder (resumed if it exists).")
 @click.option("--shard-size", default=2048, show_default=True, help="Frames per shard.")
 @click.option("--batch-size", default=64, show_default=True, help="Frames per forward pass.")
-def collect_features_command(policy: str, data: str, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
+def collect_features_command(policy: str, data: DataSource, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
     """Store exit-layer hidden states, main logits and tokens for every frame (sharded, resumable)."""
     from rsd.training.features import collect_features
 
@@ -226,6 +275,21 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
         f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "
         f"{summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s)"
     )
+
+
+@main.command("convert")
+@click.option("--to", "to", required=True, type=click.Choice(["lerobot", "hdf5"]), help="Format to write.")
+@click.option("--out", required=True, type=click.Path(), help="LeRobot folder or HDF5 file to write.")
+@click.option("--fps", default=20, show_default=True, help="Frame rate recorded in the LeRobot metadata.")
+@click.option("--video", type=click.Choice(["high", "lerobot"]), default="high", show_default=True,
+              help="high: H.264 4:4:4 CRF 0 (near lossless); lerobot: LeRobot's AV1 CRF 30 (small, lossy).")
+@click.option("--robot-type", default=None, help="robot_type written to meta/info.json (HDF5: the env name).")
+@data_source_options
+def convert_command(data: DataSource, to: str, out: str, fps: int, video: str, robot_type: str | None) -> None:
+    """Convert demonstrations between rsd's HDF5 layout and a LeRobot v3.0 dataset folder."""
+    from rsd.data.convert import convert
+
+    click.echo(json.dumps(convert(data, out, to, fps=fps, video=video, robot_type=robot_type)))
 
 
 @main.command("eval")

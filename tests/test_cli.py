@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from rsd.cli import main
 
-COMMANDS = ("bench-latency", "calibrate", "collect-features", "demo", "eval", "export-draft", "generate-demos", "inspect",
+COMMANDS = ("bench-latency", "calibrate", "collect-features", "convert", "demo", "eval", "export-draft", "generate-demos", "inspect",
             "inspect-main", "presets", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
 
 
@@ -22,3 +22,20 @@ def test_help_lists_every_command() -> None:
 def test_rsd_errors_become_one_clear_line() -> None:
     result = CliRunner().invoke(main, ["presets", "tiyn"])
     assert result.exit_code == 1 and "ConfigError" in result.output and "Did you mean 'tiny'" in result.output
+
+
+def test_option_choices_are_the_librarys() -> None:
+    """The choices spelled out in the commands (so `rsd --help` imports no torch) are the ones the library checks."""
+    from rsd.config import SELECT_BY
+    from rsd.data.convert import TARGETS
+    from rsd.data.source import IMAGE_CONVENTIONS, STATISTICS
+    from rsd.data.video import VIDEO_SETTINGS
+
+    def choices(command: str, option: str) -> list[str]:
+        (param,) = [p for p in main.commands[command].params if p.name == option]
+        return list(param.type.choices)
+
+    assert choices("train-policy", "image_convention") == list(IMAGE_CONVENTIONS)
+    assert choices("train-policy", "stats") == list(STATISTICS)
+    assert choices("train-policy", "select_by") == list(SELECT_BY)
+    assert choices("convert", "to") == list(TARGETS) and choices("convert", "video") == sorted(VIDEO_SETTINGS)

@@ -113,15 +113,16 @@ def _instruction(path: Path, data: h5py.Group, demo: h5py.Group) -> str:
     )
 
 
-def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str] | None, proprio_keys: Sequence[str] | None, rotate: bool) -> Episode:
+def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str] | None, proprio_keys: Sequence[str] | None, rotate: bool,
+                  action_key: str = "actions", instruction: str | None = None) -> Episode:
     """One `data/demo_<i>` group as an Episode, checking every shape against the actions' length T."""
     demo = data[name]
     key = f"data/{name}"
-    if "actions" not in demo:
-        raise DataError(f"{path}: expected dataset '{key}/actions' [T, A], got keys {sorted(demo)}.")
-    actions = demo["actions"][()]
+    if action_key not in demo:
+        raise DataError(f"{path}: expected dataset '{key}/{action_key}' [T, A], got keys {sorted(demo)}.")
+    actions = demo[action_key][()]
     if actions.ndim != 2 or actions.shape[0] == 0:
-        raise DataError(f"{path}: expected '{key}/actions' of shape [T, A] with T > 0, got {actions.shape}.")
+        raise DataError(f"{path}: expected '{key}/{action_key}' of shape [T, A] with T > 0, got {actions.shape}.")
     steps = actions.shape[0]
     if "obs" not in demo:
         raise DataError(f"{path}: expected group '{key}/obs', got keys {sorted(demo)}.")
@@ -151,13 +152,14 @@ def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str
             parts.append(part)
         proprio = np.concatenate(parts, axis=1).astype(np.float32)
     episode_id = int(DEMO_NAME.fullmatch(name).group(1))
-    return Episode(episode_id, _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
+    return Episode(episode_id, instruction or _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
 
 
 def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """The environment a demonstration file was recorded in, `(env_name, env_kwargs)` from `data.attrs["env_args"]`.
 
-    None when the file does not say (files written by other tools may lack `env_args` or name an env rsd does not build).
+    None when the file does not say (files written by other tools may lack `env_args`); the name may be a label rsd does
+    not build, as in files converted from a LeRobot folder (`rsd.envs.base.is_env_name` tells).
     """
     with h5py.File(path, "r") as file:
         attrs = file["data"].attrs if "data" in file else {}
@@ -168,12 +170,14 @@ def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     return (name, dict(args.get("env_kwargs") or {})) if isinstance(name, str) and name else None
 
 
-def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None) -> list[Episode]:
+def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None, action_key: str = "actions",
+               image_convention: str | None = None, instruction: str | None = None) -> list[Episode]:
     """Read every `data/demo_<i>` of a robomimic/LIBERO file as Episodes, in numeric demo order.
 
     `cameras`: camera names to load (`agentview` for `obs/agentview_rgb`; default all). `proprio_keys`: obs
     datasets concatenated into proprio (default ee_pos + ee_ori + gripper_states when all exist, else None;
-    `[]` for none).
+    `[]` for none). `image_convention`: "opengl" rotates frames 180°, "opencv" keeps them; None: the file's
+    `macros_image_convention` attr decides. `instruction`: used for every demo instead of the file's own.
     """
     path = Path(path)
     if not path.is_file():
@@ -186,5 +190,6 @@ def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys:
         if "data" not in file:
             raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
         data = file["data"]
-        rotate = _text(data.attrs.get("macros_image_convention", "")) == "opengl"
-        return [_read_episode(path, data, name, cameras, proprio_keys, rotate) for name in _demo_names(path, data)]
+        convention = image_convention or _text(data.attrs.get("macros_image_convention", ""))
+        return [_read_episode(path, data, name, cameras, proprio_keys, convention == "opengl", action_key, instruction)
+                for name in _demo_names(path, data)]

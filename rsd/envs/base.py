@@ -109,6 +109,15 @@ def env_family(name: str) -> tuple[str, str]:
     raise ConfigError(f"env: expected one of {list(ENV_NAMES)}, got {name!r}.{hint}")
 
 
+def is_env_name(name: str) -> bool:
+    """True when `name` is an environment name `make_env` builds (its family is known; the simulator is not imported)."""
+    try:
+        env_family(name)
+    except ConfigError:
+        return False
+    return True
+
+
 def make_env(name: str, **kwargs: Any) -> Env:
     """Build the environment called `name`: "tabletop", "robosuite:<Task>" or "libero:<spec>"."""
     family, spec = env_family(name)

@@ -8,7 +8,7 @@ import h5py
 import pytest
 
 from rsd.config import PolicyTrainConfig
-from rsd.data.hdf5 import read_demos
+from rsd.data.hdf5 import read_demos, write_demos
 from rsd.envs.demos import generate_demos
 from rsd.errors import ConfigError
 from rsd.presets import get_preset
@@ -41,12 +41,14 @@ def test_rollout_selection_keeps_the_most_successful_epoch(demos, tmp_path):
 
 
 def test_rollout_selection_needs_an_environment(demos, tmp_path):
-    foreign = tmp_path / "foreign.hdf5"
+    foreign, converted = tmp_path / "foreign.hdf5", tmp_path / "converted.hdf5"
     with h5py.File(demos / "demos.hdf5", "r") as source, h5py.File(foreign, "w") as target:
         source.copy("data", target)
         del target["data"].attrs["env_args"]
+    write_demos(converted, read_demos(demos / "demos.hdf5"), env_name="demos_lerobot")  # as `rsd convert --to hdf5` names it
     train = dataclasses.replace(get_preset("tiny").policy_train, epochs=1, batch_size=64, val_fraction=0.34)
-    with pytest.raises(ConfigError, match="--rollout-env"):
-        train_policy(foreign, demos / "tokenizer", tmp_path / "p1", train=train, progress=False)
+    for data in (foreign, converted):  # no env recorded; an env name rsd does not build
+        with pytest.raises(ConfigError, match="--rollout-env"):
+            train_policy(data, demos / "tokenizer", tmp_path / "p1", train=train, progress=False)
     summary = train_policy(foreign, demos / "tokenizer", tmp_path / "p2", train=train, options=PolicyTrainConfig(select_by="val_l1"), progress=False)
     assert summary["best"]["epoch"] == 1 and "rollout_success" not in summary["best"]
