@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from rsd.config import TrainConfig, get_preset, to_dict
-from rsd.envs.cli_commands import eval_command, generate_demos_command
+from rsd.envs.cli_commands import check_expert_command, eval_command, generate_demos_command
 from rsd.errors import RsdError
 from rsd.export.cli_commands import export_draft_command, inspect_command
 from rsd.models.cli_commands import inspect_main_command
@@ -206,6 +206,7 @@ def demo(out: str, quick: bool) -> None:
 
 
 main.add_command(generate_demos_command)
+main.add_command(check_expert_command)
 main.add_command(eval_command)
 main.add_command(export_draft_command)
 main.add_command(inspect_command)

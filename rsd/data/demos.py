@@ -3,7 +3,8 @@
 The tabletop expert (`rsd.envs.expert.ScriptedExpert`) runs on seeds `seed .. seed + episodes - 1`; only
 successful episodes are kept (the count of failures is reported), so every demonstration solves its task.
 `robosuite:<Task>` is handed to the robosuite adapter (`rsd.envs.robosuite.generate_robosuite_demos`, its own
-expert), which writes the same layout.
+expert), `libero:<suite>` to `rsd.envs.libero_demos.generate_libero_demos` (resumable, parallel); both write the
+same layout.
 
 Usage:
     summary = generate_demos("tabletop", episodes=200, out="runs/demo/demos.hdf5", seed=0)
@@ -88,16 +89,25 @@ def generate_demos(
     image_size: int = 64,
     task_family: str = "any",
     progress: bool = True,
+    libero_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the expert for `episodes` seeds and write the successful ones to `out`; return counts and speed (`record_demos`)."""
+    """Run the expert for `episodes` seeds and write the successful ones to `out`; return counts and speed (`record_demos`).
+
+    `libero_options` (libero:<suite> only) go to `generate_libero_demos`: tasks, workers, assets, render_size, init.
+    """
     if episodes <= 0:
         raise ConfigError(f"generate-demos --episodes: expected an int > 0, got {episodes}.")
+    if env.startswith("libero:"):
+        from rsd.envs.libero_demos import generate_libero_demos
+
+        return generate_libero_demos(env.partition(":")[2], episodes, out, seed=seed, image_size=image_size, progress=progress,
+                                     **(libero_options or {}))
     if env.startswith("robosuite:"):
         from rsd.envs.robosuite import generate_robosuite_demos
 
         return generate_robosuite_demos(env.partition(":")[2], episodes, out, seed=seed, image_size=image_size, progress=progress)
     if env != "tabletop":
-        raise ConfigError(f"generate-demos --env: expected 'tabletop' or 'robosuite:<Task>', got {env!r}.")
+        raise ConfigError(f"generate-demos --env: expected 'tabletop', 'robosuite:<Task>' or 'libero:<suite>', got {env!r}.")
     env_kwargs: dict[str, Any] = {"image_size": image_size, "task_family": task_family}
     world = TabletopEnv(**env_kwargs)
     return record_demos(world, ScriptedExpert(world), range(seed, seed + episodes), out, env, env_kwargs, ("agentview",), progress)
