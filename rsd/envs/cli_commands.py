@@ -80,7 +80,13 @@ def check_expert_command(env_name: str, tasks: str | None, trials: int, init: st
     if prefix != "libero" or not suite:
         raise click.BadParameter(f"--env: expected libero:<suite>, got {env_name!r}.")
     task_ids = _ids(tasks, "--tasks") or list(range(len(get_suite(suite).tasks)))
-    results = check_expert(suite, task_ids, range(trials), workers=workers, init=init, assets=libero_assets)
+
+    def write(results: dict[int, list[tuple[int, bool, int]]]) -> None:
+        if json_path:  # after every job, so an interrupted run keeps what it measured
+            Path(json_path).write_text(json.dumps({str(t): [{"trial": a, "success": b, "steps": c} for a, b, c in rows]
+                                                   for t, rows in results.items()}, indent=1) + "\n")
+
+    results = check_expert(suite, task_ids, range(trials), workers=workers, init=init, assets=libero_assets, on_result=write)
     click.echo("| task | episodes | successes | mean steps (successes) |\n|---:|---:|---:|---:|")
     for task, rows in results.items():
         wins = [steps for _, ok, steps in rows if ok]
@@ -89,9 +95,6 @@ def check_expert_command(env_name: str, tasks: str | None, trials: int, init: st
     total = sum(len(rows) for rows in results.values())
     wins = sum(ok for rows in results.values() for _, ok, _ in rows)
     click.echo(f"\nexpert on {suite} ({init} init): {wins}/{total} successes ({100 * wins / total:.1f} %)")
-    if json_path:
-        Path(json_path).write_text(json.dumps({str(t): [{"trial": a, "success": b, "steps": c} for a, b, c in rows]
-                                               for t, rows in results.items()}, indent=1) + "\n")
 
 
 @click.command("eval")

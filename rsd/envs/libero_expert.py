@@ -21,7 +21,7 @@ Usage:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,11 +351,15 @@ def check_expert(
     init: str = "suite",
     assets: str | None = None,
     progress: bool = True,
+    on_result: Callable[[dict[int, list[tuple[int, bool, int]]]], None] | None = None,
+    trials_per_job: int = 5,
 ) -> dict[int, list[tuple[int, bool, int]]]:
     """Success of the expert on every (task, trial) without rendering; `{task: [(trial, success, steps)]}`.
 
     `init="suite"`: trial = the suite's init state (0..49, the evaluation protocol's); `"sampled"`: a fresh placement
-    seeded by the trial. Tasks run in `workers` spawned processes (one torch thread each), in runs of 10 trials.
+    seeded by the trial. Jobs of `trials_per_job` trials run in `workers` spawned processes (one torch thread
+    each), the first trials of every task before the later ones, so a stopped run has covered every task;
+    `on_result` sees the results so far after each job.
     """
     import contextlib
     import multiprocessing
@@ -365,7 +369,7 @@ def check_expert(
     if workers <= 0 or not tasks or not trials:
         raise ConfigError(f"check_expert: expected workers > 0 and at least one task and trial, got {workers}, {list(tasks)}, {list(trials)}.")
     trials = list(trials)
-    jobs = [(suite, int(task), trials[i : i + 10], init, assets) for task in tasks for i in range(0, len(trials), 10)]
+    jobs = [(suite, int(task), trials[i : i + trials_per_job], init, assets) for i in range(0, len(trials), trials_per_job) for task in tasks]
     results: dict[int, list[tuple[int, bool, int]]] = {int(task): [] for task in tasks}
     bar = tqdm(total=len(tasks) * len(trials), desc=f"expert {suite}", unit="episode", disable=not progress)
     with contextlib.ExitStack() as stack:
@@ -379,5 +383,7 @@ def check_expert(
             bar.update(len(rows))
             done = [ok for task_rows in results.values() for _, ok, _ in task_rows]
             bar.set_postfix(success=f"{sum(done)}/{len(done)}")
+            if on_result is not None:
+                on_result({t: sorted(r) for t, r in results.items()})
     bar.close()
     return {task: sorted(rows) for task, rows in results.items()}
