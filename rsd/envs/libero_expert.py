@@ -59,16 +59,6 @@ class Footprint:
         return float(projected.max() - projected.min())
 
 
-def _quat_wxyz_to_matrix(quat: np.ndarray) -> np.ndarray:
-    """Rotation matrix `[3, 3]` of a MuJoCo quaternion (w, x, y, z)."""
-    w, x, y, z = quat / np.linalg.norm(quat)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
 def _rotvec(matrix: np.ndarray) -> np.ndarray:
     """Axis-angle vector `[3]` of a rotation matrix `[3, 3]`."""
     angle = float(np.arccos(np.clip((np.trace(matrix) - 1.0) / 2.0, -1.0, 1.0)))
