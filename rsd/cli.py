@@ -9,6 +9,9 @@ Usage:
     rsd demo --quick --out runs/quick
     rsd train-policy --data data/libero_lerobot --camera image --image-size 64 --tokenizer runs/lr/tokenizer --out runs/lr/policy
     rsd convert --to lerobot --data runs/demo/demos.hdf5 --out runs/demo/lerobot
+    rsd generate-demos --env libero:libero_spatial --tasks 0,1 --episodes 30 --workers 2 --out runs/libero/demos.hdf5
+    rsd check-expert --env libero:libero_spatial --trials 50 --workers 2
+    rsd eval --policy runs/libero/policy --env libero:libero_spatial/0 --image-size 64 --episodes 10 --workers 2
 """
 
 from __future__ import annotations
@@ -210,13 +213,18 @@ def calibrate(draft: str, features: str, out: str | None, eps: float, target_ris
 
 
 def _int_list(text: str | None) -> list[int] | None:
-    """Parse "8,16,24" into [8, 16, 24]."""
+    """Parse "8,16,24" into [8, 16, 24]; a part "5-7" is the range 5, 6, 7."""
     if not text:
         return None
+    numbers: list[int] = []
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        for part in (p.strip() for p in text.split(",")):
+            if part:
+                low, _, high = part.partition("-")
+                numbers.extend(range(int(low), int(high) + 1) if high else [int(low)])
     except ValueError as error:
-        raise click.BadParameter(f"expected comma-separated integers such as 8,16,24, got {text!r}") from error
+        raise click.BadParameter(f"expected comma-separated integers or ranges such as 8,16,24 or 0-9, got {text!r}") from error
+    return numbers
 
 
 @main.command("bench-latency")
@@ -258,23 +266,62 @@ def demo(out: str, quick: bool) -> None:
 
 
 @main.command("generate-demos")
-@click.option("--env", "env_name", default="tabletop", show_default=True, help="tabletop or robosuite:<Task>.")
-@click.option("--episodes", default=200, show_default=True, help="Expert episodes to run (failures are dropped).")
+@click.option("--env", "env_name", default="tabletop", show_default=True, help="tabletop, robosuite:<Task> or libero:<suite>[/<task>].")
+@click.option("--episodes", default=200, show_default=True, help="Expert episodes to run (libero: per task; failures are dropped).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write (LIBERO layout).")
 @click.option("--seed", default=0, show_default=True, help="First seed (episodes use seed .. seed+episodes-1).")
 @click.option("--image-size", default=64, show_default=True, help="Side of the rendered camera frames.")
 @click.option("--task-family", default=None, type=click.Choice(["any", "pick_place", "next_to"]),
               help="Tabletop task family (default: the world's own, both families).")
-def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None) -> None:
-    """Write scripted-expert demonstrations to an HDF5 file."""
+@click.option("--tasks", default=None, help="libero: task ids of the suite, e.g. 0,1 or 0-9 (default: all).")
+@click.option("--workers", default=1, show_default=True, help="libero: episodes run in this many processes.")
+@click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
+              help="libero: scene assets folder (default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
+def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
+                           workers: int, libero_assets: str | None) -> None:
+    """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
     from rsd.envs.demos import generate_demos
 
-    options = {} if task_family is None else {"task_family": task_family}
+    libero = env_name.startswith("libero:")
+    if not libero and (tasks or workers != 1 or libero_assets):
+        raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
+    if task_family is not None and env_name != "tabletop":
+        raise click.BadParameter(f"--task-family applies to the tabletop world, got --env {env_name}.")
+    options: dict[str, Any] = {} if task_family is None else {"task_family": task_family}
+    if libero:
+        options.update(tasks=_int_list(tasks), workers=workers, assets=libero_assets)
     summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, **options)
+    if "per_task" in summary:
+        click.echo("per task (kept/failed): " + ", ".join(f"{t}: {k}/{f}" for t, (k, f) in summary["per_task"].items()))
     click.echo(
         f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "
         f"{summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s)"
     )
+
+
+@main.command("check-expert")
+@click.option("--env", "env_name", required=True, help="libero:<suite>, e.g. libero:libero_spatial.")
+@click.option("--tasks", default=None, help="Task ids, e.g. 0-9 or 0,4 (default: all of the suite).")
+@click.option("--trials", default=50, show_default=True, help="Init states 0 .. N-1 of each task (the protocol's trials).")
+@click.option("--init", default="suite", show_default=True, type=click.Choice(["suite", "sampled"]), help="Fixed init states or sampled placements.")
+@click.option("--workers", default=1, show_default=True, help="Processes running tasks side by side.")
+@click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None, help="Scene assets folder (default: found).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every episode's outcome as JSON (after every job).")
+def check_expert_command(env_name: str, tasks: str | None, trials: int, init: str, workers: int, libero_assets: str | None,
+                         json_path: str | None) -> None:
+    """Success rate of the scripted LIBERO expert per task, without rendering (physics only)."""
+    prefix, _, suite = env_name.partition(":")
+    if prefix != "libero" or not suite:
+        raise click.BadParameter(f"--env: expected libero:<suite>, got {env_name!r}.")
+    from rsd.envs.libero_demos import check_expert, format_expert_table
+
+    def write(results: dict[int, list[tuple[int, bool, int]]]) -> None:
+        if json_path:  # after every job, so an interrupted run keeps what it measured
+            Path(json_path).write_text(json.dumps({str(t): [{"trial": a, "success": b, "steps": c} for a, b, c in rows]
+                                                   for t, rows in results.items()}, indent=1) + "\n")
+
+    results = check_expert(suite, _int_list(tasks), range(trials), workers=workers, init=init, assets=libero_assets, on_result=write)
+    click.echo(format_expert_table(suite, init, results))
 
 
 @main.command("convert")
@@ -306,20 +353,19 @@ def convert_command(data: DataSource, to: str, out: str, fps: int, video: str, r
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the reports as JSON.")
 @click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
-              help="LIBERO scene assets folder (libero:* environments; default: LIBERO's config).")
+              help="LIBERO scene assets folder (libero:* environments; default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
+@click.option("--workers", default=1, show_default=True, help="Episodes run in this many processes (latency is then not reported).")
 def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
                  device: str | None, engine: str, tau: float | None, json_path: str | None, image_size: int | None,
-                 libero_assets: str | None) -> None:
+                 libero_assets: str | None, workers: int) -> None:
     """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
     from rsd.envs.evaluate import compare_policies, format_comparison
-    from rsd.runtime.policy import load_main
 
     if libero_assets and not env_name.startswith("libero:"):
         raise click.BadParameter(f"--libero-assets applies to libero:* environments, got --env {env_name}.")
     env_kwargs = {k: v for k, v in {"image_size": image_size, "assets": libero_assets}.items() if v is not None}
-    reports = compare_policies(load_main(policy, device, None), env_name, list(range(seed, seed + episodes)), bundle=bundle,
-                               engine=engine, taus={"speculative": tau}, video_dir=video, video_format=video_format,
-                               env_kwargs=env_kwargs)
+    reports = compare_policies(policy, env_name, list(range(seed, seed + episodes)), bundle=bundle, engine=engine, taus={"speculative": tau},
+                               video_dir=video, video_format=video_format, env_kwargs=env_kwargs, device=device, workers=workers)
     for name, report in reports.items():
         click.echo(f"## {name}\n\n{report.to_markdown()}")
     if line := format_comparison(reports):

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 
 from rsd.cli import main
 
-COMMANDS = ("bench-latency", "calibrate", "collect-features", "convert", "demo", "eval", "export-draft", "generate-demos", "inspect",
-            "inspect-main", "presets", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
+COMMANDS = ("bench-latency", "calibrate", "check-expert", "collect-features", "convert", "demo", "eval", "export-draft", "generate-demos",
+            "inspect", "inspect-main", "presets", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
 
 
 def test_help_lists_every_command() -> None:
@@ -22,6 +22,21 @@ def test_help_lists_every_command() -> None:
 def test_rsd_errors_become_one_clear_line() -> None:
     result = CliRunner().invoke(main, ["presets", "tiyn"])
     assert result.exit_code == 1 and "ConfigError" in result.output and "Did you mean 'tiny'" in result.output
+
+
+def test_options_of_another_environment_are_refused(tmp_path) -> None:
+    out = str(tmp_path / "d.hdf5")
+    for extra in (["--workers", "2"], ["--tasks", "0-3"]):
+        result = CliRunner().invoke(main, ["generate-demos", "--episodes", "1", "--out", out, *extra])
+        assert result.exit_code == 2 and "apply to libero:* environments" in result.output
+    result = CliRunner().invoke(main, ["check-expert", "--env", "tabletop"])
+    assert result.exit_code == 2 and "expected libero:<suite>" in result.output
+
+
+def test_int_lists_take_ranges() -> None:
+    from rsd.cli import _int_list
+
+    assert _int_list("0,3,5-7") == [0, 3, 5, 6, 7] and _int_list("8, 16,24") == [8, 16, 24] and _int_list(None) is None
 
 
 def test_option_choices_are_the_librarys() -> None:
