@@ -41,6 +41,7 @@ from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
+from rsd.training.schedule import one_cycle
 
 
 def train_policy(
@@ -98,7 +99,7 @@ def train_policy(
         targets = tokens_to_layers(action_tokenizer.encode(torch.as_tensor(dataset.all_actions(), dtype=torch.float32)))
     layer_weights = policy_layer_weights(action_tokenizer)
     steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos")
+    scheduler = one_cycle(optimizer, train.lr, steps)
     rng = np.random.default_rng(train.seed)
     augment_rng = np.random.default_rng([train.seed, 1])
     history: list[dict[str, Any]] = []

@@ -31,6 +31,7 @@ from rsd.data.stats import ActionStats
 from rsd.errors import DataError
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer
+from rsd.training.schedule import one_cycle
 
 PARTIAL_WEIGHT = 0.25  # weight of the mean partial-reconstruction MSE in the loss
 
@@ -67,8 +68,7 @@ def train_tokenizer(
     _, clipped_train = tokenizer.normalize(train_chunks, warn=False)
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_chunks) / train.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=train.epochs * steps_per_epoch,
-                                                    pct_start=0.05, anneal_strategy="cos")
+    scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(train.seed)
     history = []
     started = time.perf_counter()
