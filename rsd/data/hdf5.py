@@ -11,6 +11,15 @@ also carries an attr `language_instruction`, which the reader prefers. Files wri
 `macros_image_convention = "opengl"` (frames upside down): the reader rotates those frames by 180°, as the
 simulator adapters (`rsd.envs.sim_common`) and OpenVLA's LIBERO datasets do, so training matches evaluation.
 
+Actions are read in the units the recording environment's `step` takes in rsd. rsd's own files store exactly
+that (tabletop and robosuite: the controller's gripper -1 open / +1 close; `libero:*`: OpenVLA's LIBERO units,
+gripper 1 open / 0 closed). Files LIBERO's own tools recorded (`recorded_by_libero`) store LIBERO's controller
+command, gripper -1 open / +1 close, while rsd's LIBERO env takes OpenVLA's units (it maps them back for the
+controller: `rsd.envs.sim_common.libero_env_action`, OpenVLA-OFT's protocol); their gripper is therefore mapped
+to `(1 - g) / 2` on reading (-1 -> 1 open, +1 -> 0 closed), the inverse of that mapping, as OpenVLA's LIBERO data
+transform does. Without it a policy trained on LIBERO's datasets would close the gripper where the demonstrator
+opened it.
+
 Usage:
     write_demos("runs/demo/demos.hdf5", episodes, env_name="tabletop")
     episodes = read_demos("runs/demo/demos.hdf5")             # list[Episode], ordered by demo index
@@ -19,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +43,9 @@ from rsd.errors import DataError
 PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # LIBERO's proprio, 3 + 3 + 2 = 8 dims
 PROPRIO_SPLIT = {"ee_pos": slice(0, 3), "ee_ori": slice(3, 6), "gripper_states": slice(6, 8)}
 DEMO_NAME = re.compile(r"demo_(\d+)")
+LIBERO_ACTION_DIM = 7  # xyz delta, axis-angle delta, gripper
+
+log = logging.getLogger(__name__)
 
 
 def write_demos(
@@ -170,6 +183,21 @@ def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     return (name, dict(args.get("env_kwargs") or {})) if isinstance(name, str) and name else None
 
 
+def recorded_by_libero(data: h5py.Group) -> bool:
+    """True for a file LIBERO's own tools recorded, whose actions hold LIBERO's controller gripper (-1 open / +1 close).
+
+    LIBERO's `create_dataset.py` names the task's BDDL file in `data.attrs["bddl_file_name"]`; OpenVLA's no-noops
+    regeneration of those files keeps no file attrs at all. rsd's files (`write_demos`) carry `env_args` and an empty
+    `bddl_file_name`; robomimic's carry `env_args` and no BDDL file.
+    """
+    return bool(_text(data.attrs.get("bddl_file_name", ""))) or "env_args" not in data.attrs
+
+
+def libero_gripper_to_policy(gripper: np.ndarray) -> np.ndarray:
+    """LIBERO's recorded gripper command (-1 open / +1 close) in OpenVLA's LIBERO policy units (1 open / 0 closed)."""
+    return ((1.0 - np.clip(gripper, -1.0, 1.0)) / 2.0).astype(np.float32)
+
+
 def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None, action_key: str = "actions",
                image_convention: str | None = None, instruction: str | None = None) -> list[Episode]:
     """Read every `data/demo_<i>` of a robomimic/LIBERO file as Episodes, in numeric demo order.
@@ -178,6 +206,7 @@ def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys:
     datasets concatenated into proprio (default ee_pos + ee_ori + gripper_states when all exist, else None;
     `[]` for none). `image_convention`: "opengl" rotates frames 180°, "opencv" keeps them; None: the file's
     `macros_image_convention` attr decides. `instruction`: used for every demo instead of the file's own.
+    A file LIBERO recorded has its 7-dim actions' gripper mapped to rsd's LIBERO units (module docstring).
     """
     path = Path(path)
     if not path.is_file():
@@ -191,5 +220,10 @@ def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys:
             raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
         data = file["data"]
         convention = image_convention or _text(data.attrs.get("macros_image_convention", ""))
-        return [_read_episode(path, data, name, cameras, proprio_keys, convention == "opengl", action_key, instruction)
-                for name in _demo_names(path, data)]
+        episodes = [_read_episode(path, data, name, cameras, proprio_keys, convention == "opengl", action_key, instruction)
+                    for name in _demo_names(path, data)]
+        if recorded_by_libero(data) and episodes[0].actions.shape[1] == LIBERO_ACTION_DIM:
+            log.info("%s: recorded by LIBERO: gripper actions (-1 open / +1 close) mapped to rsd's LIBERO units (1 open / 0 closed).", path)
+            for episode in episodes:
+                episode.actions[:, -1] = libero_gripper_to_policy(episode.actions[:, -1])
+        return episodes
