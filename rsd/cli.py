@@ -280,19 +280,21 @@ def demo(out: str, quick: bool) -> None:
 def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
                            workers: int, libero_assets: str | None) -> None:
     """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
-    from rsd.envs.demos import generate_demos
-
-    libero = env_name.startswith("libero:")
-    if not libero and (tasks or workers != 1 or libero_assets):
+    if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
         raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
     if task_family is not None and env_name != "tabletop":
         raise click.BadParameter(f"--task-family applies to the tabletop world, got --env {env_name}.")
-    options: dict[str, Any] = {} if task_family is None else {"task_family": task_family}
-    if libero:
-        options.update(tasks=_int_list(tasks), workers=workers, assets=libero_assets)
-    summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, **options)
-    if "per_task" in summary:
+    if env_name.startswith("libero:"):
+        from rsd.envs.libero_demos import generate_libero_demos
+
+        summary = generate_libero_demos(env_name.partition(":")[2], episodes, out, tasks=_int_list(tasks), seed=seed, image_size=image_size,
+                                        workers=workers, assets=libero_assets)
         click.echo("per task (kept/failed): " + ", ".join(f"{t}: {k}/{f}" for t, (k, f) in summary["per_task"].items()))
+    else:
+        from rsd.envs.demos import generate_demos
+
+        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size,
+                                 **({} if task_family is None else {"task_family": task_family}))
     click.echo(
         f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "
         f"{summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s)"

@@ -33,6 +33,24 @@ def test_options_of_another_environment_are_refused(tmp_path) -> None:
     assert result.exit_code == 2 and "expected libero:<suite>" in result.output
 
 
+def test_libero_demos_go_to_the_resumable_recorder(tmp_path, monkeypatch) -> None:
+    import rsd.envs.libero_demos
+
+    calls = []
+
+    def fake(suite, episodes, out, **options):
+        calls.append((suite, episodes, out, options))
+        return {"episodes": 3, "failed": 1, "steps": 10, "seconds": 1.0, "steps_per_second": 10.0, "out": out, "per_task": {0: [2, 0], 1: [1, 1]}}
+
+    monkeypatch.setattr(rsd.envs.libero_demos, "generate_libero_demos", fake)
+    out = str(tmp_path / "d.hdf5")
+    result = CliRunner().invoke(main, ["generate-demos", "--env", "libero:libero_spatial", "--tasks", "0-1", "--workers", "2", "--episodes", "2",
+                                       "--out", out])
+    assert result.exit_code == 0, result.output
+    assert calls == [("libero_spatial", 2, out, {"tasks": [0, 1], "seed": 0, "image_size": 64, "workers": 2, "assets": None})]
+    assert "per task (kept/failed): 0: 2/0, 1: 1/1" in result.output
+
+
 def test_int_lists_take_ranges() -> None:
     from rsd.cli import _int_list
 
