@@ -7,22 +7,31 @@ Usage:
     rsd --help
     rsd presets tiny
     rsd demo --quick --out runs/quick
+    rsd train-policy --data data/libero_lerobot --camera image --image-size 64 --tokenizer runs/lr/tokenizer --out runs/lr/policy
+    rsd convert --to lerobot --data runs/demo/demos.hdf5 --out runs/demo/lerobot
+    rsd generate-demos --env libero:libero_spatial --tasks 0,1 --episodes 30 --workers 2 --out runs/libero/demos.hdf5
+    rsd check-expert --env libero:libero_spatial --trials 50 --workers 2
+    rsd eval --policy runs/libero/policy --env libero:libero_spatial/0 --image-size 64 --episodes 10 --workers 2
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rsd.config import TrainConfig, to_dict
 from rsd.errors import RsdError
 from rsd.presets import get_preset
+
+if TYPE_CHECKING:
+    from rsd.data.source import DataSource
 
 
 class RsdGroup(click.Group):
@@ -73,6 +82,42 @@ def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def data_source_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`--data` and the options mapping a dataset's keys (shared by every command reading `--data`); the command
+    receives them as one `data: rsd.data.source.DataSource`, which checks the values."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, data: str, camera: tuple[str, ...], state_key: tuple[str, ...], no_state: bool, action_key: str | None,
+                instruction: str | None, image_size: int | None, image_convention: str, stats: str, **kwargs: Any) -> Any:
+        from rsd.data.source import DataSource
+
+        if no_state and state_key:
+            raise click.BadParameter("give --state-key or --no-state, not both", param_hint="--no-state")
+        proprio_keys = () if no_state else (state_key or None)
+        source = DataSource(data, cameras=camera or None, proprio_keys=proprio_keys, action_key=action_key, instruction=instruction,
+                            image_size=image_size, image_convention=image_convention, statistics=stats)
+        return function(*args, data=source, **kwargs)
+
+    for option in reversed(
+        [
+            click.option("--data", required=True, type=click.Path(exists=True),
+                         help="LeRobotDataset folder (v3.0 or v2.x) or robomimic/LIBERO HDF5 file."),
+            click.option("--camera", multiple=True, help="Camera to load (repeat for several; LeRobot key or name, HDF5 name). Default: all."),
+            click.option("--state-key", multiple=True, help="Key concatenated into proprio (repeat). Default: observation.state / LIBERO's."),
+            click.option("--no-state", is_flag=True, help="Load no proprio."),
+            click.option("--action-key", default=None, help="Action key (default: action for LeRobot, actions for HDF5)."),
+            click.option("--instruction", default=None, help="Instruction for every episode (default: the dataset's task strings)."),
+            click.option("--image-size", type=int, default=None, help="Resize frames to this square size (default: as stored)."),
+            click.option("--image-convention", type=click.Choice(["auto", "opencv", "opengl"]), default="auto", show_default=True,
+                         help="opengl: frames stored upside down (rotated 180° on reading); auto: HDF5 attr, LeRobot upright."),
+            click.option("--stats", type=click.Choice(["dataset", "train"]), default="dataset", show_default=True,
+                         help="dataset: the dataset's own q01/q99 when it has them; train: from the training episodes."),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @main.command("synthetic-actions")
 @click.option("--episodes", default=200, show_default=True, help="Episodes to generate.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the generator.")
@@ -87,10 +132,10 @@ def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
 
 
 @main.command("train-tokenizer")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Actions: LIBERO-layout HDF5 or NPZ.")
+@data_source_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer folder to write.")
 @_train_options
-def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
+def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
                             seed: int | None) -> None:
     """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
     from rsd.training.tokenizer import train_tokenizer_from_file
@@ -100,28 +145,35 @@ def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None
 
 
 @main.command("train-policy")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@data_source_options
 @click.option("--tokenizer", required=True, type=click.Path(exists=True, file_okay=False), help="Trained tokenizer folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Policy folder to write.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the RFSQ head on a frozen backbone.")
+@click.option("--select-by", type=click.Choice(["rollouts", "val_l1"]), default=None,
+              help="Keep the epoch with the best closed-loop success or validation L1 (default: the preset's).")
+@click.option("--rollout-env", default=None, help="Environment of the selection rollouts (default: the one an HDF5 file records).")
 @_train_options
-def train_policy_command(data: str, tokenizer: str, out: str, freeze_backbone: bool, preset: str, epochs: int | None,
-                         batch_size: int | None, lr: float | None, seed: int | None) -> None:
+def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
+                         preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens."""
     from rsd.training.policy import train_policy
 
-    summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone)
+    options = get_preset(preset).policy_options
+    if select_by is not None:
+        options = dataclasses.replace(options, select_by=select_by)
+    summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
+                           options=options, rollout_env=rollout_env)
     click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 
 
 @main.command("collect-features")
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (the frozen main model).")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
+@data_source_options
 @click.option("--exit-layer", required=True, type=int, help="Layer k whose query hidden state the draft reads.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder (resumed if it exists).")
 @click.option("--shard-size", default=2048, show_default=True, help="Frames per shard.")
 @click.option("--batch-size", default=64, show_default=True, help="Frames per forward pass.")
-def collect_features_command(policy: str, data: str, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
+def collect_features_command(policy: str, data: DataSource, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
     """Store exit-layer hidden states, main logits and tokens for every frame (sharded, resumable)."""
     from rsd.training.features import collect_features
 
@@ -161,13 +213,18 @@ def calibrate(draft: str, features: str, out: str | None, eps: float, target_ris
 
 
 def _int_list(text: str | None) -> list[int] | None:
-    """Parse "8,16,24" into [8, 16, 24]."""
+    """Parse "8,16,24" into [8, 16, 24]; a part "5-7" is the range 5, 6, 7."""
     if not text:
         return None
+    numbers: list[int] = []
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        for part in (p.strip() for p in text.split(",")):
+            if part:
+                low, _, high = part.partition("-")
+                numbers.extend(range(int(low), int(high) + 1) if high else [int(low)])
     except ValueError as error:
-        raise click.BadParameter(f"expected comma-separated integers such as 8,16,24, got {text!r}") from error
+        raise click.BadParameter(f"expected comma-separated integers or ranges such as 8,16,24 or 0-9, got {text!r}") from error
+    return numbers
 
 
 @main.command("bench-latency")
@@ -209,23 +266,79 @@ def demo(out: str, quick: bool) -> None:
 
 
 @main.command("generate-demos")
-@click.option("--env", "env_name", default="tabletop", show_default=True, help="tabletop or robosuite:<Task>.")
-@click.option("--episodes", default=200, show_default=True, help="Expert episodes to run (failures are dropped).")
+@click.option("--env", "env_name", default="tabletop", show_default=True, help="tabletop, robosuite:<Task> or libero:<suite>[/<task>].")
+@click.option("--episodes", default=200, show_default=True, help="Expert episodes to run (libero: per task; failures are dropped).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write (LIBERO layout).")
 @click.option("--seed", default=0, show_default=True, help="First seed (episodes use seed .. seed+episodes-1).")
 @click.option("--image-size", default=64, show_default=True, help="Side of the rendered camera frames.")
 @click.option("--task-family", default=None, type=click.Choice(["any", "pick_place", "next_to"]),
               help="Tabletop task family (default: the world's own, both families).")
-def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None) -> None:
-    """Write scripted-expert demonstrations to an HDF5 file."""
-    from rsd.envs.demos import generate_demos
+@click.option("--tasks", default=None, help="libero: task ids of the suite, e.g. 0,1 or 0-9 (default: all).")
+@click.option("--workers", default=1, show_default=True, help="libero: episodes run in this many processes.")
+@click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
+              help="libero: scene assets folder (default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
+def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
+                           workers: int, libero_assets: str | None) -> None:
+    """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
+    if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
+        raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
+    if task_family is not None and env_name != "tabletop":
+        raise click.BadParameter(f"--task-family applies to the tabletop world, got --env {env_name}.")
+    if env_name.startswith("libero:"):
+        from rsd.envs.libero_demos import generate_libero_demos
 
-    options = {} if task_family is None else {"task_family": task_family}
-    summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, **options)
+        summary = generate_libero_demos(env_name.partition(":")[2], episodes, out, tasks=_int_list(tasks), seed=seed, image_size=image_size,
+                                        workers=workers, assets=libero_assets)
+        click.echo("per task (kept/failed): " + ", ".join(f"{t}: {k}/{f}" for t, (k, f) in summary["per_task"].items()))
+    else:
+        from rsd.envs.demos import generate_demos
+
+        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size,
+                                 **({} if task_family is None else {"task_family": task_family}))
     click.echo(
         f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "
         f"{summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s)"
     )
+
+
+@main.command("check-expert")
+@click.option("--env", "env_name", required=True, help="libero:<suite>, e.g. libero:libero_spatial.")
+@click.option("--tasks", default=None, help="Task ids, e.g. 0-9 or 0,4 (default: all of the suite).")
+@click.option("--trials", default=50, show_default=True, help="Init states 0 .. N-1 of each task (the protocol's trials).")
+@click.option("--init", default="suite", show_default=True, type=click.Choice(["suite", "sampled"]), help="Fixed init states or sampled placements.")
+@click.option("--workers", default=1, show_default=True, help="Processes running tasks side by side.")
+@click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None, help="Scene assets folder (default: found).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every episode's outcome as JSON (after every job).")
+def check_expert_command(env_name: str, tasks: str | None, trials: int, init: str, workers: int, libero_assets: str | None,
+                         json_path: str | None) -> None:
+    """Success rate of the scripted LIBERO expert per task, without rendering (physics only)."""
+    prefix, _, suite = env_name.partition(":")
+    if prefix != "libero" or not suite:
+        raise click.BadParameter(f"--env: expected libero:<suite>, got {env_name!r}.")
+    from rsd.envs.libero_demos import check_expert, format_expert_table
+
+    def write(results: dict[int, list[tuple[int, bool, int]]]) -> None:
+        if json_path:  # after every job, so an interrupted run keeps what it measured
+            Path(json_path).write_text(json.dumps({str(t): [{"trial": a, "success": b, "steps": c} for a, b, c in rows]
+                                                   for t, rows in results.items()}, indent=1) + "\n")
+
+    results = check_expert(suite, _int_list(tasks), range(trials), workers=workers, init=init, assets=libero_assets, on_result=write)
+    click.echo(format_expert_table(suite, init, results))
+
+
+@main.command("convert")
+@click.option("--to", "to", required=True, type=click.Choice(["lerobot", "hdf5"]), help="Format to write.")
+@click.option("--out", required=True, type=click.Path(), help="LeRobot folder or HDF5 file to write.")
+@click.option("--fps", default=20, show_default=True, help="Frame rate recorded in the LeRobot metadata.")
+@click.option("--video", type=click.Choice(["high", "lerobot"]), default="high", show_default=True,
+              help="high: H.264 4:4:4 CRF 0 (near lossless); lerobot: LeRobot's AV1 CRF 30 (small, lossy).")
+@click.option("--robot-type", default=None, help="robot_type written to meta/info.json (HDF5: the env name).")
+@data_source_options
+def convert_command(data: DataSource, to: str, out: str, fps: int, video: str, robot_type: str | None) -> None:
+    """Convert demonstrations between rsd's HDF5 layout and a LeRobot v3.0 dataset folder."""
+    from rsd.data.convert import convert
+
+    click.echo(json.dumps(convert(data, out, to, fps=fps, video=video, robot_type=robot_type)))
 
 
 @main.command("eval")
@@ -242,20 +355,19 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the reports as JSON.")
 @click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
-              help="LIBERO scene assets folder (libero:* environments; default: LIBERO's config).")
+              help="LIBERO scene assets folder (libero:* environments; default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
+@click.option("--workers", default=1, show_default=True, help="Episodes run in this many processes (latency is then not reported).")
 def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
                  device: str | None, engine: str, tau: float | None, json_path: str | None, image_size: int | None,
-                 libero_assets: str | None) -> None:
+                 libero_assets: str | None, workers: int) -> None:
     """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
     from rsd.envs.evaluate import compare_policies, format_comparison
-    from rsd.runtime.policy import load_main
 
     if libero_assets and not env_name.startswith("libero:"):
         raise click.BadParameter(f"--libero-assets applies to libero:* environments, got --env {env_name}.")
     env_kwargs = {k: v for k, v in {"image_size": image_size, "assets": libero_assets}.items() if v is not None}
-    reports = compare_policies(load_main(policy, device, None), env_name, list(range(seed, seed + episodes)), bundle=bundle,
-                               engine=engine, taus={"speculative": tau}, video_dir=video, video_format=video_format,
-                               env_kwargs=env_kwargs)
+    reports = compare_policies(policy, env_name, list(range(seed, seed + episodes)), bundle=bundle, engine=engine, taus={"speculative": tau},
+                               video_dir=video, video_format=video_format, env_kwargs=env_kwargs, device=device, workers=workers)
     for name, report in reports.items():
         click.echo(f"## {name}\n\n{report.to_markdown()}")
     if line := format_comparison(reports):

@@ -11,6 +11,15 @@ also carries an attr `language_instruction`, which the reader prefers. Files wri
 `macros_image_convention = "opengl"` (frames upside down): the reader rotates those frames by 180°, as the
 simulator adapters (`rsd.envs.sim_common`) and OpenVLA's LIBERO datasets do, so training matches evaluation.
 
+Actions are read in the units the recording environment's `step` takes in rsd. rsd's own files store exactly
+that (tabletop and robosuite: the controller's gripper -1 open / +1 close; `libero:*`: OpenVLA's LIBERO units,
+gripper 1 open / 0 closed). Files LIBERO's own tools recorded (`recorded_by_libero`) store LIBERO's controller
+command, gripper -1 open / +1 close, while rsd's LIBERO env takes OpenVLA's units (it maps them back for the
+controller: `rsd.envs.sim_common.libero_env_action`, OpenVLA-OFT's protocol); their gripper is therefore mapped
+to `(1 - g) / 2` on reading (-1 -> 1 open, +1 -> 0 closed), the inverse of that mapping, as OpenVLA's LIBERO data
+transform does. Without it a policy trained on LIBERO's datasets would close the gripper where the demonstrator
+opened it.
+
 Usage:
     write_demos("runs/demo/demos.hdf5", episodes, env_name="tabletop")
     episodes = read_demos("runs/demo/demos.hdf5")             # list[Episode], ordered by demo index
@@ -19,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +43,9 @@ from rsd.errors import DataError
 PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # LIBERO's proprio, 3 + 3 + 2 = 8 dims
 PROPRIO_SPLIT = {"ee_pos": slice(0, 3), "ee_ori": slice(3, 6), "gripper_states": slice(6, 8)}
 DEMO_NAME = re.compile(r"demo_(\d+)")
+LIBERO_ACTION_DIM = 7  # xyz delta, axis-angle delta, gripper
+
+log = logging.getLogger(__name__)
 
 
 def write_demos(
@@ -113,15 +126,16 @@ def _instruction(path: Path, data: h5py.Group, demo: h5py.Group) -> str:
     )
 
 
-def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str] | None, proprio_keys: Sequence[str] | None, rotate: bool) -> Episode:
+def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str] | None, proprio_keys: Sequence[str] | None, rotate: bool,
+                  action_key: str = "actions", instruction: str | None = None) -> Episode:
     """One `data/demo_<i>` group as an Episode, checking every shape against the actions' length T."""
     demo = data[name]
     key = f"data/{name}"
-    if "actions" not in demo:
-        raise DataError(f"{path}: expected dataset '{key}/actions' [T, A], got keys {sorted(demo)}.")
-    actions = demo["actions"][()]
+    if action_key not in demo:
+        raise DataError(f"{path}: expected dataset '{key}/{action_key}' [T, A], got keys {sorted(demo)}.")
+    actions = demo[action_key][()]
     if actions.ndim != 2 or actions.shape[0] == 0:
-        raise DataError(f"{path}: expected '{key}/actions' of shape [T, A] with T > 0, got {actions.shape}.")
+        raise DataError(f"{path}: expected '{key}/{action_key}' of shape [T, A] with T > 0, got {actions.shape}.")
     steps = actions.shape[0]
     if "obs" not in demo:
         raise DataError(f"{path}: expected group '{key}/obs', got keys {sorted(demo)}.")
@@ -151,13 +165,14 @@ def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str
             parts.append(part)
         proprio = np.concatenate(parts, axis=1).astype(np.float32)
     episode_id = int(DEMO_NAME.fullmatch(name).group(1))
-    return Episode(episode_id, _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
+    return Episode(episode_id, instruction or _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
 
 
 def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """The environment a demonstration file was recorded in, `(env_name, env_kwargs)` from `data.attrs["env_args"]`.
 
-    None when the file does not say (files written by other tools may lack `env_args` or name an env rsd does not build).
+    None when the file does not say (files written by other tools may lack `env_args`); the name may be a label rsd does
+    not build, as in files converted from a LeRobot folder (`rsd.envs.base.is_env_name` tells).
     """
     with h5py.File(path, "r") as file:
         attrs = file["data"].attrs if "data" in file else {}
@@ -168,12 +183,30 @@ def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     return (name, dict(args.get("env_kwargs") or {})) if isinstance(name, str) and name else None
 
 
-def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None) -> list[Episode]:
+def recorded_by_libero(data: h5py.Group) -> bool:
+    """True for a file LIBERO's own tools recorded, whose actions hold LIBERO's controller gripper (-1 open / +1 close).
+
+    LIBERO's `create_dataset.py` names the task's BDDL file in `data.attrs["bddl_file_name"]`; OpenVLA's no-noops
+    regeneration of those files keeps no file attrs at all. rsd's files (`write_demos`) carry `env_args` and an empty
+    `bddl_file_name`; robomimic's carry `env_args` and no BDDL file.
+    """
+    return bool(_text(data.attrs.get("bddl_file_name", ""))) or "env_args" not in data.attrs
+
+
+def libero_gripper_to_policy(gripper: np.ndarray) -> np.ndarray:
+    """LIBERO's recorded gripper command (-1 open / +1 close) in OpenVLA's LIBERO policy units (1 open / 0 closed)."""
+    return ((1.0 - np.clip(gripper, -1.0, 1.0)) / 2.0).astype(np.float32)
+
+
+def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None, action_key: str = "actions",
+               image_convention: str | None = None, instruction: str | None = None) -> list[Episode]:
     """Read every `data/demo_<i>` of a robomimic/LIBERO file as Episodes, in numeric demo order.
 
     `cameras`: camera names to load (`agentview` for `obs/agentview_rgb`; default all). `proprio_keys`: obs
     datasets concatenated into proprio (default ee_pos + ee_ori + gripper_states when all exist, else None;
-    `[]` for none).
+    `[]` for none). `image_convention`: "opengl" rotates frames 180°, "opencv" keeps them; None: the file's
+    `macros_image_convention` attr decides. `instruction`: used for every demo instead of the file's own.
+    A file LIBERO recorded has its 7-dim actions' gripper mapped to rsd's LIBERO units (module docstring).
     """
     path = Path(path)
     if not path.is_file():
@@ -186,5 +219,11 @@ def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys:
         if "data" not in file:
             raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
         data = file["data"]
-        rotate = _text(data.attrs.get("macros_image_convention", "")) == "opengl"
-        return [_read_episode(path, data, name, cameras, proprio_keys, rotate) for name in _demo_names(path, data)]
+        convention = image_convention or _text(data.attrs.get("macros_image_convention", ""))
+        episodes = [_read_episode(path, data, name, cameras, proprio_keys, convention == "opengl", action_key, instruction)
+                    for name in _demo_names(path, data)]
+        if recorded_by_libero(data) and episodes[0].actions.shape[1] == LIBERO_ACTION_DIM:
+            log.info("%s: recorded by LIBERO: gripper actions (-1 open / +1 close) mapped to rsd's LIBERO units (1 open / 0 closed).", path)
+            for episode in episodes:
+                episode.actions[:, -1] = libero_gripper_to_policy(episode.actions[:, -1])
+        return episodes

@@ -2,8 +2,8 @@
 
 Every environment (the built-in tabletop world, the robosuite and LIBERO adapters) hands the policy the same
 observation dict, so `rsd.envs.evaluate.evaluate` and `rsd.envs.demos.generate_demos` work with any of them.
-An environment name is `tabletop`, `robosuite:<Task>` or `libero:<spec>`; its family picks the factory and, where
-there is one, the scripted expert that records demonstrations. Simulator adapters are imported only when asked
+An environment name is `tabletop`, `robosuite:<Task>` or `libero:<spec>`; its family picks the factory and the
+scripted expert that records demonstrations (`ScriptedExpert`, `RobosuiteExpert`, `LiberoExpert`). Simulator adapters are imported only when asked
 for (plain imports inside the factories), so the tabletop world needs nothing beyond numpy.
 
 Usage:
@@ -93,8 +93,14 @@ def _robosuite_expert(env: Any) -> Expert:
     return RobosuiteExpert(env)
 
 
+def _libero_expert(env: Any) -> Expert:
+    from rsd.envs.libero_expert import LiberoExpert
+
+    return LiberoExpert(env)
+
+
 ENVS: dict[str, Callable[..., Env]] = {"tabletop": _tabletop, "robosuite": _robosuite, "libero": _libero}
-EXPERTS: dict[str, Callable[[Any], Expert]] = {"tabletop": _tabletop_expert, "robosuite": _robosuite_expert}
+EXPERTS: dict[str, Callable[[Any], Expert]] = {"tabletop": _tabletop_expert, "robosuite": _robosuite_expert, "libero": _libero_expert}
 
 
 def env_family(name: str) -> tuple[str, str]:
@@ -109,6 +115,15 @@ def env_family(name: str) -> tuple[str, str]:
     raise ConfigError(f"env: expected one of {list(ENV_NAMES)}, got {name!r}.{hint}")
 
 
+def is_env_name(name: str) -> bool:
+    """True when `name` is an environment name `make_env` builds (its family is known; the simulator is not imported)."""
+    try:
+        env_family(name)
+    except ConfigError:
+        return False
+    return True
+
+
 def make_env(name: str, **kwargs: Any) -> Env:
     """Build the environment called `name`: "tabletop", "robosuite:<Task>" or "libero:<spec>"."""
     family, spec = env_family(name)
@@ -116,8 +131,6 @@ def make_env(name: str, **kwargs: Any) -> Env:
 
 
 def expert_factory(name: str) -> Callable[[Any], Expert]:
-    """The scripted expert of environment `name`'s family (called with the env), else a ConfigError naming those with one."""
+    """The scripted expert of environment `name`'s family, called with the env (every family has one)."""
     family, _ = env_family(name)
-    if family not in EXPERTS:
-        raise ConfigError(f"expert: expected an environment with a scripted expert ('tabletop' or 'robosuite:<Task>'), got {name!r}.")
     return EXPERTS[family]

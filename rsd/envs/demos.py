@@ -1,9 +1,11 @@
 """Scripted demonstrations written as a LIBERO-layout HDF5 file: the training data of the whole pipeline.
 
 The environment's scripted expert (`rsd.envs.base.expert_factory`: `ScriptedExpert` for the tabletop world,
-`RobosuiteExpert` for robosuite tasks) runs on seeds `seed .. seed + episodes - 1`; only successful episodes are
-kept (the count of failures is reported), so every demonstration solves its task. The file layout is
-`rsd.data.hdf5`'s, whatever the environment.
+`RobosuiteExpert` for robosuite tasks, `LiberoExpert` for LIBERO's) runs on seeds `seed .. seed + episodes - 1`;
+only successful episodes are kept (the count of failures is reported), so every demonstration solves its task.
+The file layout is `rsd.data.hdf5`'s, whatever the environment. LIBERO episodes take minutes when rendered on a
+CPU: `rsd.envs.libero_demos.generate_libero_demos` (what `rsd generate-demos --env libero:...` runs) records them
+with the same `rollout`, one shard per episode, resumable and spread over processes.
 
 Usage:
     summary = generate_demos("tabletop", episodes=200, out="runs/demo/demos.hdf5", seed=0)

@@ -6,12 +6,16 @@ Acceptance covers only this call (from the `calls` / `acceptance_rate` counters 
 the policy's per-chunk "total" stage over its rolling window (its last 2000 chunk predictions), so evaluate a
 fresh policy for latency that covers exactly this run. Videos: GIF needs nothing extra; MP4 needs imageio-ffmpeg.
 `compare_policies` runs the main-only baseline and the speculative policy of a bundle on the same seeds (what
-`rsd eval` and `rsd demo` report).
+`rsd eval` and `rsd demo` report). `evaluate_parallel` spreads the episodes over spawned worker processes (a
+rendered LIBERO episode takes minutes on a CPU): each worker loads its own policy (`PolicySpec`) and env and plays
+its seeds with the same `play_episode`; the parent merges the episodes in seed order and the acceptance exactly
+from the workers' chunk counts. Latency is not reported for parallel runs (the processes share the cores;
+`rsd bench-latency` measures speed).
 
 Usage:
     report = evaluate(policy, "tabletop", seeds=list(range(10_000, 10_050)), video_dir="runs/eval/videos")
     print(report.to_markdown()); json.dumps(report.to_json())
-    reports = compare_policies(load_main("runs/demo/policy", None, None), "tabletop", range(10_000, 10_050), bundle="runs/demo/bundle")
+    reports = compare_policies("runs/demo/policy", "tabletop", range(10_000, 10_050), bundle="runs/demo/bundle", workers=2)
     print(format_comparison(reports))
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import multiprocessing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,11 +35,12 @@ from tqdm import tqdm
 from rsd.envs.base import Env, make_env
 from rsd.errors import ConfigError
 from rsd.models.main import MainModel
-from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
+from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy, load_main
 
 WILSON_Z = 1.959964  # standard normal quantile of a two-sided 95 % interval
 VIDEO_MIN_SIDE = 256  # frames are upscaled (nearest) to at least this side so small renders stay watchable
 VIDEO_FPS = 20
+SEEDS_PER_JOB = 5  # seeds a parallel worker plays before reporting back (progress granularity)
 
 
 def wilson_interval(successes: int, episodes: int, z: float = WILSON_Z) -> tuple[float, float]:
@@ -128,17 +134,25 @@ class EvalReport:
         return "\n".join(lines) + "\n\n" + overall + "\n"
 
 
-def _acceptance(before: dict[str, Any], after: dict[str, Any]) -> float | None:
-    """Acceptance rate over the calls made between two `policy.stats()` snapshots (None when unknown)."""
+def _accepted_chunks(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, int] | None:
+    """`(accepted, calls)`: the chunk predictions made between two `policy.stats()` snapshots; None without counters or calls."""
     rate_after = after.get("acceptance_rate")
-    if rate_after is None or "calls" not in after:  # no counters: the rate as the policy reports it
-        return None if rate_after is None or math.isnan(rate_after) else float(rate_after)
+    if rate_after is None or "calls" not in after:
+        return None
     calls_before, calls_after = int(before.get("calls", 0)), int(after["calls"])
     if calls_after <= calls_before:
         return None
     accepted_before = round(before["acceptance_rate"] * calls_before) if calls_before else 0
-    rate = (round(rate_after * calls_after) - accepted_before) / (calls_after - calls_before)
-    return None if math.isnan(rate) else float(rate)
+    return round(rate_after * calls_after) - accepted_before, calls_after - calls_before
+
+
+def _acceptance(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Acceptance rate over the calls made between two `policy.stats()` snapshots (None when unknown)."""
+    rate_after = after.get("acceptance_rate")
+    if rate_after is not None and "calls" not in after:  # no counters: the rate as the policy reports it
+        return None if math.isnan(rate_after) else float(rate_after)
+    counts = _accepted_chunks(before, after)
+    return None if counts is None else counts[0] / counts[1]
 
 
 def _latency(stats: dict[str, Any]) -> dict[str, float] | None:
@@ -160,6 +174,38 @@ def _write_video(path: Path, frames: list[np.ndarray], video_format: str) -> Non
         imageio.mimwrite(path, list(big), format="FFMPEG", fps=VIDEO_FPS, macro_block_size=1)
 
 
+def _check_video_options(video_dir: str | Path | None, video_format: str) -> None:
+    """A ConfigError for a video format other than gif/mp4, or mp4 without imageio-ffmpeg; creates `video_dir`."""
+    if video_format not in ("gif", "mp4"):
+        raise ConfigError(f"evaluate.video_format: expected 'gif' or 'mp4', got {video_format!r}.")
+    if video_dir is not None and video_format == "mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise ConfigError("evaluate: expected imageio-ffmpeg for MP4 videos, got none installed; use --video-format gif or pip install imageio-ffmpeg.")
+    if video_dir is not None:
+        Path(video_dir).mkdir(parents=True, exist_ok=True)
+
+
+def play_episode(policy: Any, world: Env, seed: int, video_dir: str | Path | None = None, video_format: str = "gif") -> EpisodeResult:
+    """One episode of `policy` (`reset()`, `act(obs)`) in `world` from `seed`, ended by the env (success or max_steps).
+
+    With `video_dir` the episode's frames are written there as `seed<seed>_<success|failure>.<video_format>`.
+    """
+    obs = world.reset(seed)
+    policy.reset()
+    instruction = obs["instruction"]
+    family = str(world.task_family)
+    frames = [world.render()] if video_dir is not None else None
+    success, done, length = False, False, 0
+    while not done and length < world.max_steps:  # the env ends the episode by max_steps at the latest
+        obs, _, done, info = world.step(policy.act(obs))
+        length += 1
+        success = bool(info["success"])
+        if frames is not None:
+            frames.append(world.render())
+    if frames is not None:
+        _write_video(Path(video_dir) / f"seed{seed}_{'success' if success else 'failure'}.{video_format}", frames, video_format)
+    return EpisodeResult(int(seed), instruction, family, success, length)
+
+
 def evaluate(
     policy: Any,
     env: str | Env,
@@ -172,40 +218,106 @@ def evaluate(
     """Run `policy` for one episode per seed in `env` (a name for `make_env`, or an Env); return the report."""
     if not seeds:
         raise ConfigError("evaluate.seeds: expected at least one seed, got none.")
-    if video_format not in ("gif", "mp4"):
-        raise ConfigError(f"evaluate.video_format: expected 'gif' or 'mp4', got {video_format!r}.")
-    if video_dir is not None and video_format == "mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
-        raise ConfigError("evaluate: expected imageio-ffmpeg for MP4 videos, got none installed; use --video-format gif or pip install imageio-ffmpeg.")
+    _check_video_options(video_dir, video_format)
     world = make_env(env, **(env_kwargs or {})) if isinstance(env, str) else env
-    if video_dir is not None:
-        Path(video_dir).mkdir(parents=True, exist_ok=True)
     before = policy.stats()
     results: list[EpisodeResult] = []
     bar = tqdm(seeds, desc=f"evaluate {type(policy).__name__}", unit="episode", disable=not progress)
     for seed in bar:
-        obs = world.reset(seed)
-        policy.reset()
-        instruction = obs["instruction"]
-        family = str(world.task_family)
-        frames = [world.render()] if video_dir is not None else None
-        success, done, length = False, False, 0
-        while not done and length < world.max_steps:  # the env ends the episode by max_steps at the latest
-            obs, _, done, info = world.step(policy.act(obs))
-            length += 1
-            success = bool(info["success"])
-            if frames is not None:
-                frames.append(world.render())
-        results.append(EpisodeResult(int(seed), instruction, family, success, length))
-        if frames is not None:
-            _write_video(Path(video_dir) / f"seed{seed}_{'success' if success else 'failure'}.{video_format}", frames, video_format)
+        results.append(play_episode(policy, world, seed, video_dir, video_format))
         bar.set_postfix(success=f"{np.mean([r.success for r in results]):.2f}")
     after = policy.stats()
     acceptance = None if type(policy).__name__ == "MainOnlyPolicy" else _acceptance(before, after)
     return EvalReport(results, acceptance, _latency(after), type(policy).__name__)
 
 
+@dataclass(frozen=True)
+class PolicySpec:
+    """Which policy runs on a main model: the baseline, or with a bundle the speculative policy at a threshold."""
+
+    bundle: str | None = None  # exported bundle: SpeculativePolicy; None: MainOnlyPolicy
+    engine: str = "auto"  # bundle engine
+    tau: float | None = None  # gate threshold (None: the bundle's)
+
+    @property
+    def name(self) -> str:
+        """The policy class it builds."""
+        return "SpeculativePolicy" if self.bundle else "MainOnlyPolicy"
+
+    def build(self, main: MainModel) -> Any:
+        """The policy on `main`."""
+        if self.bundle:
+            return SpeculativePolicy.from_bundle(self.bundle, main=main, engine=self.engine, tau=self.tau)
+        return MainOnlyPolicy(main)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(policy_dir: str, device: str | None, spec: dict[str, Any], env_name: str, env_kwargs: dict[str, Any]) -> None:
+    """Build this worker's policy and env once (one torch thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER.update(policy=PolicySpec(**spec).build(load_main(policy_dir, device, None)), env=make_env(env_name, **env_kwargs))
+
+
+def _play(job: tuple[list[int], str | None, str]) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+    """Play `seeds` with this worker's policy; the episodes as dicts and the `(accepted, calls)` chunk counts."""
+    seeds, video_dir, video_format = job
+    policy = _WORKER["policy"]
+    before = policy.stats()
+    episodes = [asdict(play_episode(policy, _WORKER["env"], seed, video_dir, video_format)) for seed in seeds]
+    return episodes, _accepted_chunks(before, policy.stats())
+
+
+def evaluate_parallel(
+    policy_dir: str | Path,
+    spec: PolicySpec,
+    env: str,
+    seeds: Sequence[int],
+    workers: int,
+    env_kwargs: dict[str, Any] | None = None,
+    video_dir: str | Path | None = None,
+    video_format: str = "gif",
+    device: str | None = None,
+    progress: bool = True,
+    seeds_per_job: int = SEEDS_PER_JOB,
+) -> EvalReport:
+    """Evaluate `spec`'s policy on the main model in `policy_dir` on every seed of `env` (a `make_env` name) in
+    `workers` spawned processes, each loading the model on `device` and building its own env.
+
+    Seeds go to the workers in contiguous runs of `seeds_per_job` (LIBERO's suite mode keeps one task per run of 50
+    seeds, so a worker rarely rebuilds its simulator); every episode is played by `play_episode`, as in `evaluate`.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("evaluate_parallel.seeds: expected at least one seed, got none.")
+    if not isinstance(env, str):
+        raise ConfigError(f"evaluate_parallel.env: expected an environment name (each worker builds its own), got {type(env).__name__}.")
+    if workers <= 0 or seeds_per_job <= 0:
+        raise ConfigError(f"evaluate_parallel: expected workers > 0 and seeds_per_job > 0, got {workers} and {seeds_per_job}.")
+    _check_video_options(video_dir, video_format)
+    jobs = [(seeds[i : i + seeds_per_job], None if video_dir is None else str(video_dir), video_format) for i in range(0, len(seeds), seeds_per_job)]
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked GL contexts or torch threads
+    episodes: list[EpisodeResult] = []
+    accepted = calls = 0
+    bar = tqdm(total=len(seeds), desc=f"evaluate {spec.name} x{workers}", unit="episode", disable=not progress)
+    with context.Pool(min(workers, len(jobs)), initializer=_init_worker,
+                      initargs=(str(policy_dir), device, asdict(spec), env, env_kwargs or {})) as pool:
+        for results, counts in pool.imap_unordered(_play, jobs):
+            episodes.extend(EpisodeResult(**r) for r in results)
+            if counts is not None:
+                accepted, calls = accepted + counts[0], calls + counts[1]
+            bar.update(len(results))
+            bar.set_postfix(success=f"{np.mean([e.success for e in episodes]):.2f}")
+    bar.close()
+    episodes.sort(key=lambda e: e.seed)
+    return EvalReport(episodes, accepted / calls if spec.bundle and calls else None, None, spec.name)
+
+
 def compare_policies(
-    main: MainModel,
+    main: MainModel | str | Path,
     env: str | Env,
     seeds: Sequence[int],
     bundle: str | Path | None = None,
@@ -214,19 +326,31 @@ def compare_policies(
     video_dir: str | Path | None = None,
     video_format: str = "gif",
     env_kwargs: dict[str, Any] | None = None,
+    device: str | None = None,
+    workers: int = 1,
 ) -> dict[str, EvalReport]:
     """`MainOnlyPolicy` ("baseline") and, with a bundle, `SpeculativePolicy` on the same seeds; one report per policy.
 
-    `taus` names the speculative policies: `{"speculative": None}` (the bundle's own tau) unless given; every entry
-    runs the bundle's engines at that threshold (None: the bundle's). Videos go to `video_dir/<policy name>`.
+    `main` is the loaded main model or its policy folder (loaded on `device`). `taus` names the speculative
+    policies: `{"speculative": None}` (the bundle's own tau) unless given; every entry runs the bundle's engines at
+    that threshold (None: the bundle's). Videos go to `video_dir/<policy name>`. With `workers > 1` every policy
+    is evaluated by `evaluate_parallel`, whose workers load the folder themselves (so `main` must be the folder).
     """
-    policies: dict[str, Any] = {"baseline": MainOnlyPolicy(main)}
+    if workers <= 0:
+        raise ConfigError(f"compare_policies.workers: expected an int > 0, got {workers}.")
+    if workers > 1 and isinstance(main, MainModel):
+        raise ConfigError("compare_policies: workers > 1 load the policy in every worker process; expected its folder, got a loaded MainModel.")
+    specs = {"baseline": PolicySpec()}
     if bundle is not None:
         for name, tau in (taus or {"speculative": None}).items():
-            policies[name] = SpeculativePolicy.from_bundle(bundle, main=main, engine=engine, tau=tau)
-    return {name: evaluate(policy, env, seeds, video_dir=None if video_dir is None else Path(video_dir) / name,
-                           video_format=video_format, env_kwargs=env_kwargs)
-            for name, policy in policies.items()}
+            specs[name] = PolicySpec(str(bundle), engine, tau)
+    videos = {name: None if video_dir is None else Path(video_dir) / name for name in specs}
+    if workers > 1:
+        return {name: evaluate_parallel(main, spec, env, seeds, workers, env_kwargs, videos[name], video_format, device)
+                for name, spec in specs.items()}
+    model = main if isinstance(main, MainModel) else load_main(main, device, None)
+    return {name: evaluate(spec.build(model), env, seeds, video_dir=videos[name], video_format=video_format, env_kwargs=env_kwargs)
+            for name, spec in specs.items()}
 
 
 def format_comparison(reports: Mapping[str, EvalReport]) -> str:

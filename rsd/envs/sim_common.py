@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from rsd.data.stats import DatasetStatistics, read_dataset_statistics
+from rsd.data.video import resize_frame
 from rsd.envs.rotations import quat2axisangle
 from rsd.errors import ConfigError, DataError, ShapeError
 
@@ -91,10 +92,7 @@ def resize_image(image: np.ndarray, size: int, jpeg: bool = True) -> np.ndarray:
     """
     if size <= 0:
         raise ConfigError(f"resize_image: expected size > 0, got {size}.")
-    frame = jpeg_roundtrip(image) if jpeg else check_frame(image)
-    if frame.shape[:2] == (size, size):
-        return frame
-    return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+    return resize_frame(jpeg_roundtrip(image) if jpeg else check_frame(image), size)
 
 
 @dataclass(frozen=True)

@@ -299,7 +299,8 @@ def inspect_main_folder(path: str | Path) -> dict[str, Any]:
         "path": str(folder),
         "variant": variant,
         "layout": config.layout,
-        "vision": [{"timm_name": v.timm_name, "img_size": v.img_size} for v in config.vision],
+        "vision": [{"timm_name": v.timm_name, "img_size": v.img_size} if isinstance(v, ViTConfig) else {"conv": v.tokens, "img_size": v.img_size}
+                   for v in config.vision],
         "llm": {"hidden_size": llm.hidden_size, "num_layers": llm.num_layers, "num_heads": llm.num_heads,
                 "num_kv_heads": llm.num_kv_heads, "intermediate_size": llm.intermediate_size, "vocab_size": llm.vocab_size},
         "proprio_dim": config.proprio_dim,

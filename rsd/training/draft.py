@@ -36,6 +36,7 @@ from rsd.errors import ConfigError
 from rsd.models.draft import DraftHead
 from rsd.presets import get_preset
 from rsd.training.features import Features, episode_ids, load_features
+from rsd.training.schedule import one_cycle
 
 Targets = Literal["main", "ground_truth"]
 
@@ -85,9 +86,7 @@ def train_draft(
     draft = DraftHead(config)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / train.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=train.lr, total_steps=train.epochs * steps_per_epoch, pct_start=0.05, anneal_strategy="cos"
-    )
+    scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
     target_tokens = (feats.main_tokens if targets == "main" else feats.gt_tokens)[:, : tok.coarse_layers]
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None

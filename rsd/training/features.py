@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rsd.data.dataset import FrameDataset
-from rsd.data.hdf5 import read_demos
+from rsd.data.source import DataSource, as_source, read_episodes, source_fingerprint
 from rsd.errors import CheckpointError, ConfigError
 from rsd.io import FORMAT_VERSION, read_manifest, sha256_file
 from rsd.models.main import MainModel
@@ -60,7 +60,7 @@ class Features:
 
 def collect_features(
     policy: str | Path,
-    data: str | Path,
+    data: str | Path | DataSource,
     exit_layer: int,
     out: str | Path,
     shard_size: int = 2048,
@@ -73,10 +73,11 @@ def collect_features(
         raise ConfigError(f"collect-features --exit-layer: expected an int in 0..{main.num_layers}, got {exit_layer}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    episodes = read_demos(data)
+    source = as_source(data)
+    episodes = read_episodes(source)
     dataset = FrameDataset(episodes, main.tokenizer.config.chunk_len)
     total = len(dataset)
-    index = _open_index(out, main, exit_layer, data, total, shard_size)
+    index = _open_index(out, main, exit_layer, source, total, shard_size)
     main.tokenizer.save(out / "tokenizer")
     tok = main.tokenizer.config
     num_shards = (total + shard_size - 1) // shard_size
@@ -117,12 +118,12 @@ def collect_features(
     return {"frames": total, "shards": num_shards, "computed_frames": computed, "exit_layer": exit_layer, "out": str(out)}
 
 
-def _open_index(out: Path, main: MainModel, exit_layer: int, data: str | Path, total: int, shard_size: int) -> dict[str, Any]:
+def _open_index(out: Path, main: MainModel, exit_layer: int, source: DataSource, total: int, shard_size: int) -> dict[str, Any]:
     """Read the existing index (refusing another main model, exit layer or dataset) or start a new one."""
     identity = {
         "main_fingerprint": main.fingerprint,
         "exit_layer": exit_layer,
-        "data_sha256": sha256_file(data),
+        "data_sha256": source_fingerprint(source),
         "frames": total,
         "shard_size": shard_size,
     }
@@ -142,7 +143,7 @@ def _open_index(out: Path, main: MainModel, exit_layer: int, data: str | Path, t
         **identity,
         "hidden_size": main.hidden_size,
         "num_layers": main.num_layers,
-        "data": str(data),
+        "data": source.path,
         "shards": [],
         "complete": False,
     }

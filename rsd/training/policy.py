@@ -3,7 +3,9 @@
 Each frame's target is the tokenizer's tokens of the H-step action chunk starting at that frame (all L
 residual layers); the loss is the cross-entropy over tokens, weighted per layer. The tokenizer is frozen and
 its action statistics are the policy's, so un-normalisation at run time is exactly the inverse of what
-training saw; proprio statistics come from the training episodes. The validation split is by episode and
+training saw; proprio statistics come from the training episodes (or the dataset's own, as for the tokenizer).
+`data` is an HDF5 file or a LeRobot folder with its key mapping (`rsd.data.source.DataSource`); its cameras and
+proprio must match what the preset's model takes. The validation split is by episode and
 reports per-layer token accuracy and the decoded-action error against the demonstrated chunk. The per-layer
 cross-entropies are weighted by `policy_layer_weights` (coarse layers count more).
 `freeze_backbone=True` trains only the head (for big frozen backbones).
@@ -30,8 +32,10 @@ from tqdm import tqdm
 from rsd.config import PolicyTrainConfig, TrainConfig, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.data.dataset import FrameDataset, compute_statistics
-from rsd.data.hdf5 import read_demos, read_env_spec
+from rsd.data.hdf5 import read_env_spec
+from rsd.data.source import DataSource, as_source, read_episodes, source_statistics
 from rsd.data.stats import DatasetStatistics
+from rsd.envs.base import is_env_name
 from rsd.errors import ConfigError, DataError
 from rsd.models.heads import RFSQHead
 from rsd.models.main import MainModel
@@ -39,12 +43,13 @@ from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
+from rsd.training.schedule import one_cycle
 
 log = logging.getLogger(__name__)
 
 
 def train_policy(
-    data: str | Path,
+    data: str | Path | DataSource,
     tokenizer: str | Path,
     out: str | Path,
     preset: str = "tiny",
@@ -64,31 +69,34 @@ def train_policy(
     spec = get_preset(preset)
     train = train or spec.policy_train
     options = options or spec.policy_options
-    rollout_spec = _rollout_env(data, rollout_env) if options.select_by == "rollouts" else None
+    source = as_source(data)
+    rollout_spec = _rollout_env(source, rollout_env) if options.select_by == "rollouts" else None
     torch.manual_seed(train.seed)
     action_tokenizer = ActionTokenizer.load(tokenizer)
     if action_tokenizer.config != spec.model.tokenizer:
         raise ConfigError(f"train-policy: the tokenizer's shape {action_tokenizer.config} differs from preset {preset!r}'s {spec.model.tokenizer}.")
-    episodes = read_demos(data)
+    episodes = read_episodes(source)
     if len(episodes) < 2:
-        raise DataError(f"{data}: expected at least 2 episodes to split into training and validation, got {len(episodes)}.")
+        raise DataError(f"{source.path}: expected at least 2 episodes to split into training and validation, got {len(episodes)}.")
     dataset = FrameDataset(episodes, action_tokenizer.config.chunk_len)
+    model_config = spec.model
+    if len(dataset.cameras) != model_config.num_images:  # the model reads every chosen camera (e.g. agentview + wrist)
+        log.info("train-policy: %s holds %d cameras %s; the model reads %d images per observation.", source.path, len(dataset.cameras),
+                 dataset.cameras, len(dataset.cameras))
+        model_config = dataclasses.replace(model_config, num_images=len(dataset.cameras))
+    _check_proprio(source, dataset, model_config.proprio_dim, preset)
     train_eps, val_eps = split_episodes([e.episode_id for e in episodes], train.val_fraction, train.seed)
     train_stats = compute_statistics([e for e in episodes if e.episode_id in set(train_eps)])
+    own = source_statistics(source)
     statistics = DatasetStatistics(
         action=action_tokenizer.stats,
-        proprio=train_stats.proprio,
+        proprio=own.proprio if own is not None and own.proprio is not None else train_stats.proprio,
         num_transitions=train_stats.num_transitions,
         num_trajectories=train_stats.num_trajectories,
     )
-    model_config = spec.model
-    cameras = len(episodes[0].images)
-    if cameras != model_config.num_images:  # the preset's camera count follows the data (e.g. agentview + wrist)
-        log.info("train-policy: %d cameras per frame in %s; the model reads %d images per observation.", cameras, data, cameras)
-        model_config = dataclasses.replace(model_config, num_images=cameras)
     vla = PrismaticVLA(model_config)
     head = RFSQHead(model_config.llm.hidden_size, model_config.tokenizer)
-    main = MainModel(vla, head, action_tokenizer, statistics, dataset_key or Path(data).stem)
+    main = MainModel(vla, head, action_tokenizer, statistics, dataset_key or Path(source.path).stem)
     main.tokenizer.requires_grad_(False)
     if freeze_backbone:
         vla.requires_grad_(False)
@@ -100,7 +108,7 @@ def train_policy(
         targets = tokens_to_layers(action_tokenizer.encode(torch.as_tensor(dataset.all_actions(), dtype=torch.float32)))
     layer_weights = policy_layer_weights(action_tokenizer)
     steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos")
+    scheduler = one_cycle(optimizer, train.lr, steps)
     rng = np.random.default_rng(train.seed)
     augment_rng = np.random.default_rng([train.seed, 1])
     history: list[dict[str, Any]] = []
@@ -156,14 +164,16 @@ def train_policy(
     return summary
 
 
-def _rollout_env(data: str | Path, rollout_env: str | None) -> tuple[str, dict[str, Any]]:
-    """The environment (name, kwargs) checkpoint selection runs in: `rollout_env`, else the one the data file names."""
-    recorded = read_env_spec(data)
+def _rollout_env(source: DataSource, rollout_env: str | None) -> tuple[str, dict[str, Any]]:
+    """The environment (name, kwargs) checkpoint selection runs in: `rollout_env`, else the one an HDF5 data file names."""
+    recorded = read_env_spec(source.path) if source.format == "hdf5" else None
+    if recorded is not None and not is_env_name(recorded[0]):  # e.g. a file converted from a LeRobot folder
+        recorded = None
     if rollout_env is not None:
         kwargs = recorded[1] if recorded is not None and recorded[0] == rollout_env else {}
         return rollout_env, kwargs
     if recorded is None:
-        raise ConfigError(f"train-policy: selection by rollouts needs an environment, but {data} records none in data.attrs['env_args']; "
+        raise ConfigError(f"train-policy: selection by rollouts needs an environment, but {source.path} records none (HDF5 data.attrs['env_args']); "
                           "pass --rollout-env (e.g. robosuite:Lift) or --select-by val_l1.")
     return recorded
 
@@ -179,6 +189,15 @@ def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: P
     main.train()
     main.tokenizer.eval()
     return report.success_rate
+
+
+def _check_proprio(source: DataSource, dataset: FrameDataset, proprio_dim: int, preset: str) -> None:
+    """The data's proprio width against what the preset's model takes, before any training."""
+    proprio = dataset.episodes[0].proprio
+    width = 0 if proprio is None else proprio.shape[1]
+    if width != proprio_dim:
+        raise DataError(f"{source.path}: preset {preset!r} takes proprio of {proprio_dim} dims, the data gives {width}; "
+                        "choose keys with --state-key or --no-state (DataSource.proprio_keys).")
 
 
 def policy_layer_weights(tokenizer: ActionTokenizer) -> torch.Tensor:

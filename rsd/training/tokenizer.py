@@ -1,6 +1,7 @@
 """train-tokenizer: fit the RFSQ action tokenizer on the action chunks of training episodes.
 
-Statistics (q01/q99) come from the training episodes only; chunks are H consecutive steps inside one
+Statistics (q01/q99) come from the training episodes only, unless the dataset carries its own over all its
+episodes (a LeRobot folder's `meta/stats.json`, `rsd.data.source.source_statistics`); chunks are H consecutive steps inside one
 episode with the tail padded by the last action; the train/validation split is by episode (docs/pitfalls.md
 #5). The loss is the MSE on normalised actions of the full reconstruction plus a quarter of the mean
 MSE of the partial ones (c = 1..L-1), so the coarse layers the draft predicts decode to a usable chunk.
@@ -24,12 +25,13 @@ import torch
 from tqdm import tqdm
 
 from rsd.config import TokenizerConfig, TrainConfig, to_dict
-from rsd.data.actions import load_action_episodes
 from rsd.data.chunks import chunk_actions, split_episodes
+from rsd.data.source import DataSource, as_source, read_action_episodes, source_statistics
 from rsd.data.stats import ActionStats
 from rsd.errors import DataError
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer
+from rsd.training.schedule import one_cycle
 
 PARTIAL_WEIGHT = 0.25  # weight of the mean partial-reconstruction MSE in the loss
 
@@ -41,8 +43,12 @@ def train_tokenizer(
     out: str | Path,
     episode_ids: Sequence[int] | None = None,
     progress: bool = True,
+    stats: ActionStats | None = None,
 ) -> dict[str, Any]:
-    """Train a tokenizer on per-episode actions `[T_i, A]`, save it to `out` with `report.json`/`report.md`."""
+    """Train a tokenizer on per-episode actions `[T_i, A]`, save it to `out` with `report.json`/`report.md`.
+
+    `stats`: normalisation statistics to use (a dataset's own); None computes q01/q99 from the training episodes.
+    """
     ids = list(range(len(episodes))) if episode_ids is None else [int(i) for i in episode_ids]
     if len(ids) != len(episodes):
         raise DataError(f"train-tokenizer: expected one episode id per episode ({len(episodes)}), got {len(ids)}.")
@@ -52,15 +58,17 @@ def train_tokenizer(
     torch.manual_seed(train.seed)
     train_ids, val_ids = split_episodes(ids, train.val_fraction, train.seed)
     by_id = dict(zip(ids, episodes, strict=False))
-    stats = ActionStats.from_actions(np.concatenate([by_id[i] for i in train_ids]))
+    if stats is not None and stats.dim != config.action_dim:
+        raise DataError(f"train-tokenizer: expected the dataset's statistics to have {config.action_dim} dimensions, got {stats.dim}.")
+    statistics_source = "dataset" if stats is not None else "training episodes"
+    stats = stats or ActionStats.from_actions(np.concatenate([by_id[i] for i in train_ids]))
     train_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in train_ids]), dtype=torch.float32)
     val_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in val_ids]), dtype=torch.float32)
     tokenizer = ActionTokenizer(config, stats)
     _, clipped_train = tokenizer.normalize(train_chunks, warn=False)
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_chunks) / train.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=train.epochs * steps_per_epoch,
-                                                    pct_start=0.05, anneal_strategy="cos")
+    scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(train.seed)
     history = []
     started = time.perf_counter()
@@ -96,6 +104,7 @@ def train_tokenizer(
         "config": to_dict(config),
         "train": to_dict(train),
         "statistics": stats.to_json(),
+        "statistics_source": statistics_source,
     }
     Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
     Path(out, "report.md").write_text(format_tokenizer_report(report))
@@ -141,9 +150,14 @@ def format_tokenizer_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_tokenizer_from_file(data: str | Path, out: str | Path, preset: str = "tiny", train: TrainConfig | None = None,
+def train_tokenizer_from_file(data: str | Path | DataSource, out: str | Path, preset: str = "tiny", train: TrainConfig | None = None,
                               progress: bool = True) -> dict[str, Any]:
-    """Train the preset's tokenizer on the actions of an NPZ or LIBERO-layout HDF5 file (`train-tokenizer`)."""
+    """Train the preset's tokenizer on the actions of an NPZ, LIBERO-layout HDF5 file or LeRobot folder (`train-tokenizer`).
+
+    A LeRobot dataset's own q01/q99 (`meta/stats.json`) are used when present (`DataSource.statistics`).
+    """
     spec = get_preset(preset)
-    episodes, ids = load_action_episodes(data)
-    return train_tokenizer(episodes, spec.tokenizer, train or spec.tokenizer_train, out, ids, progress)
+    source = as_source(data)
+    episodes, ids = read_action_episodes(source)
+    own = source_statistics(source)
+    return train_tokenizer(episodes, spec.tokenizer, train or spec.tokenizer_train, out, ids, progress, own.action if own else None)

@@ -98,6 +98,29 @@ def test_libero_layout_file_loads(tmp_path):
         read_demos(path, cameras=["wrist"])
 
 
+def test_libero_recorded_gripper_becomes_the_libero_envs_units(tmp_path):
+    """LIBERO records its controller's gripper (-1 open / +1 close); rsd's LIBERO env takes OpenVLA's 1 open / 0 closed."""
+    from rsd.envs.sim_common import libero_env_action
+
+    recorded = np.zeros((4, 7))
+    recorded[:, :6] = np.arange(24).reshape(4, 6) / 8
+    recorded[:, 6] = [-1.0, -1.0, 1.0, 1.0]  # open, open, close, close
+    path = tmp_path / "libero.hdf5"
+    write_libero_file(path, actions=recorded)
+    (episode,) = read_demos(path)
+    assert episode.actions[:, 6].tolist() == [1.0, 1.0, 0.0, 0.0] and np.array_equal(episode.actions[:, :6], recorded[:, :6])
+    assert np.array_equal(libero_env_action(episode.actions), recorded)  # the env hands LIBERO's controller what was recorded
+    with h5py.File(path, "a") as file:  # OpenVLA's no-noops regeneration keeps no file attrs at all
+        for key in list(file["data"].attrs):
+            del file["data"].attrs[key]
+    assert read_demos(path, instruction="pick up the black bowl")[0].actions[:, 6].tolist() == [1.0, 1.0, 0.0, 0.0]
+    for env_name, gripper in (("tabletop", [-1.0, -1.0, 1.0, 1.0]), ("libero:libero_spatial/0", [1.0, 1.0, 0.0, 0.0])):
+        episode = make_episode(0, steps=4)  # rsd's own files hold the units their env takes: read as written
+        episode.actions[:, 6] = gripper
+        write_demos(tmp_path / "rsd.hdf5", [episode], env_name=env_name)
+        assert read_demos(tmp_path / "rsd.hdf5")[0].actions[:, 6].tolist() == gripper
+
+
 def test_demos_are_sorted_by_number(tmp_path):
     path = tmp_path / "many.hdf5"
     write_libero_file(path, demos=(10, 2, 9, 0, 1))

@@ -31,8 +31,8 @@ def test_tabletop_demos_are_recorded_with_the_options_given(tmp_path) -> None:
 def test_expert_registry() -> None:
     env = make_env("tabletop")
     assert isinstance(expert_factory("tabletop")(env), ScriptedExpert)
-    with pytest.raises(ConfigError, match="scripted expert"):
-        expert_factory("libero:libero_spatial/0")
+    with pytest.raises(ConfigError, match="expected a LiberoEnv"):
+        expert_factory("libero:libero_spatial/0")(env)
     with pytest.raises(ConfigError, match="Did you mean 'tabletop'"):
         expert_factory("tabeltop")
 
@@ -40,8 +40,8 @@ def test_expert_registry() -> None:
 def test_bad_requests_are_refused_before_anything_runs(tmp_path) -> None:
     with pytest.raises(ConfigError, match="episodes"):
         generate_demos("tabletop", episodes=0, out=tmp_path / "d.hdf5")
-    with pytest.raises(ConfigError, match="scripted expert"):
-        generate_demos("libero:libero_spatial/0", episodes=1, out=tmp_path / "d.hdf5")
+    with pytest.raises(ConfigError, match="Did you mean 'tabletop'"):
+        generate_demos("tabeltop", episodes=1, out=tmp_path / "d.hdf5")
     assert not (tmp_path / "d.hdf5").exists()
 
 

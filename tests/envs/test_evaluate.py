@@ -85,3 +85,23 @@ def test_wilson_interval_matches_known_values_and_covers_the_edges():
     assert "28/50 (56.0 %, 95 % CI 42.3–68.8 %)" == format_rate(28, 50)
     with pytest.raises(ConfigError, match="successes"):
         wilson_interval(3, 2)
+
+
+@pytest.mark.slow
+def test_parallel_evaluation_matches_the_sequential_one(tmp_path):
+    """`rsd eval --workers 2`: the same episodes as one process, merged in seed order; no latency."""
+    from conftest import make_tiny_main
+
+    from rsd.envs.evaluate import PolicySpec, compare_policies, evaluate_parallel
+
+    make_tiny_main().save(tmp_path / "policy")
+    seeds = list(range(5))
+    env_kwargs = {"image_size": 64, "max_steps": 24}  # short episodes: the merge is under test, not the policy
+    sequential = compare_policies(tmp_path / "policy", "tabletop", seeds, env_kwargs=env_kwargs, device="cpu")["baseline"]
+    parallel = evaluate_parallel(tmp_path / "policy", PolicySpec(), "tabletop", seeds, workers=2, env_kwargs=env_kwargs, device="cpu",
+                                 progress=False, seeds_per_job=2)
+    assert [e.seed for e in parallel.episodes] == seeds
+    assert parallel.episodes == sequential.episodes  # same outcomes and lengths, episode by episode
+    assert parallel.acceptance_rate is None and parallel.latency_ms is None and parallel.policy == "MainOnlyPolicy"
+    with pytest.raises(ConfigError, match="expected its folder"):
+        compare_policies(make_tiny_main(), "tabletop", seeds, workers=2)

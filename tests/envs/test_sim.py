@@ -2,8 +2,8 @@
 
 Every test is marked `sim` and skips, saying why, where robosuite, LIBERO or an offscreen OpenGL context is
 missing. Run: `python -m pytest -q -m sim tests/test_sim.py` in an environment with the [sim]/[libero] extras
-and `MUJOCO_GL=egl` (or `osmesa` with Debian's libosmesa6). A LIBERO episode also needs the scene assets: set
-`RSD_LIBERO_ASSETS=DIR` to run `test_libero_episode_follows_the_protocol`.
+and `MUJOCO_GL=egl` (or `osmesa` with Debian's libosmesa6). A LIBERO episode also needs the scene assets, which
+the [libero] extra installs (or `RSD_LIBERO_ASSETS=DIR`); tests/test_libero.py has the expert and demo tests.
 """
 
 from __future__ import annotations
@@ -52,19 +52,23 @@ def test_libero_spatial_lists_ten_tasks_with_init_states():
 
 def test_libero_without_assets_says_how_to_get_them(tmp_path):
     _needs("libero", "libero")
-    from rsd.envs.libero import LiberoAssetsError, make_libero_env
+    from rsd.envs.libero import make_libero_env
+    from rsd.envs.libero_assets import LiberoAssetsError
 
-    with pytest.raises(LiberoAssetsError, match="assets=DIR"):
+    with pytest.raises(LiberoAssetsError, match=r"expected folders .*scenes.* missing"):
         make_libero_env("libero_spatial/0", assets=tmp_path)
 
 
 def test_libero_episode_follows_the_protocol(rendering):
     _needs("libero", "libero")
-    if "RSD_LIBERO_ASSETS" not in os.environ:
-        pytest.skip("needs LIBERO's scene assets (not in its PyPI package): set RSD_LIBERO_ASSETS=DIR")
-    from rsd.envs.libero import make_libero_env
+    from rsd.envs.libero import make_libero_env, resolve_assets
+    from rsd.envs.libero_assets import LiberoAssetsError
 
-    env = make_libero_env("libero_spatial/0", assets=os.environ["RSD_LIBERO_ASSETS"], cameras=("agentview", "robot0_eye_in_hand"))
+    try:
+        resolve_assets()
+    except LiberoAssetsError as error:
+        pytest.skip(f"needs LIBERO's scene assets (pip install -e '.[libero]' installs them): {error}")
+    env = make_libero_env("libero_spatial/0", cameras=("agentview", "robot0_eye_in_hand"))
     obs = env.reset(0)
     assert env.max_steps == 220 and env.instruction == LIBERO_SPATIAL_FIRST and env.statistics_key == "libero_spatial_no_noops"
     assert [frame.shape for frame in obs["image"]] == [(224, 224, 3)] * 2 and obs["proprio"].shape == (8,)
@@ -146,7 +150,8 @@ def test_libero_env_protocol_on_a_stand_in_simulator(tmp_path, monkeypatch):
     _needs("robosuite", "sim")
     import importlib
 
-    from rsd.envs.libero import ASSET_DIRS, import_libero, load_init_states, make_libero_env
+    from rsd.envs.libero import import_libero, load_init_states, make_libero_env
+    from rsd.envs.libero_assets import ASSET_DIRS
 
     import_libero()  # writes LIBERO's config first, so its import does not ask on stdin
     envs = importlib.import_module("libero.libero.envs")

@@ -333,6 +333,7 @@ def test_inspect_main_reports_variant_dims_dtype_and_statistics(oft_folder: Path
     make_tiny_main().save(tmp_path / "policy")
     policy = json.loads(runner.invoke(main, ["inspect-main", str(tmp_path / "policy")], catch_exceptions=False).output)
     assert (policy["variant"], policy["layout"], policy["llm"]["hidden_size"]) == ("rsd-policy", "rsd", 128)
+    assert policy["vision"] == [{"conv": "keypoints", "img_size": 64}]  # the tiny preset's conv backbone
 
 
 def test_bad_layout_options_are_refused(openvla_folder: Path) -> None:

@@ -42,13 +42,15 @@ def test_rollout_selection_keeps_the_most_successful_epoch(demos, tmp_path):
 
 
 def test_rollout_selection_needs_an_environment(demos, tmp_path):
-    foreign = tmp_path / "foreign.hdf5"
+    foreign, converted = tmp_path / "foreign.hdf5", tmp_path / "converted.hdf5"
     with h5py.File(demos / "demos.hdf5", "r") as source, h5py.File(foreign, "w") as target:
         source.copy("data", target)
         del target["data"].attrs["env_args"]
+    write_demos(converted, read_demos(demos / "demos.hdf5"), env_name="demos_lerobot")  # as `rsd convert --to hdf5` names it
     train = dataclasses.replace(get_preset("tiny").policy_train, epochs=1, batch_size=64, val_fraction=0.34)
-    with pytest.raises(ConfigError, match="--rollout-env"):
-        train_policy(foreign, demos / "tokenizer", tmp_path / "p1", train=train, progress=False)
+    for data in (foreign, converted):  # no env recorded; an env name rsd does not build
+        with pytest.raises(ConfigError, match="--rollout-env"):
+            train_policy(data, demos / "tokenizer", tmp_path / "p1", train=train, progress=False)
     summary = train_policy(foreign, demos / "tokenizer", tmp_path / "p2", train=train, options=PolicyTrainConfig(select_by="val_l1"), progress=False)
     assert summary["best"]["epoch"] == 1 and "rollout_success" not in summary["best"]
 
