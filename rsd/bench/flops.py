@@ -108,14 +108,14 @@ def format_flops(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         f = row["flops"]
         stages = " | ".join(f"{f[s] / 1e9:.4g}" for s in STAGES)
+        change = "—" if row is report["rows"][0] else f"{-100 * row['module_saves']:+.1f} %"
         lines.append(f"| {row['config']} | {row['tokens_in']} → {row['tokens_at_exit']} | {stages} | {row['full'] / 1e9:.4g} | "
-                     f"{100 * row['full_share']:.1f} % | {-100 * row['module_saves']:+.1f} % | {row['early_exit'] / 1e9:.4g} | "
-                     f"{100 * row['early_exit_share']:.1f} % |")
+                     f"{100 * row['full_share']:.1f} % | {change} | {row['early_exit'] / 1e9:.4g} | {100 * row['early_exit_share']:.1f} % |")
     first, last = report["rows"][0], report["rows"][-1]
     lines += ["", f"GFLOPs (a multiply-add is 2). vision = backbones + projector or MoE + embeddings; prefix = LLM layers 0..{k - 1}; "
               f"suffix = layers {k}..N-1 + final norm; early exit = vision + prefix + draft + (1 - p)(suffix + head); "
               "'this module' = the change of the full forward against the row above, in % of plain.", "",
-              f"Plain forward {first['full'] / 1e12:.2f} TFLOPs; {last['config'].lstrip('+')} and every module above it with early exit: "
+              f"Plain forward {first['full'] / 1e12:.2f} TFLOPs; every module of the last row with early exit: "
               f"{last['early_exit'] / 1e12:.2f} TFLOPs per chunk ({100 * last['early_exit_share']:.1f} % of plain)."]
     return "\n".join(lines) + "\n"
 

@@ -59,10 +59,9 @@ from torch import nn
 from rsd.config import CogVLAConfig, ViTConfig, VLAConfig
 from rsd.errors import ShapeError
 
-ROUTER_WIDTH = 32  # hidden width of the MoE and LFP routers (CogVLA's routers are as small: ~131K and ~32K parameters)
+ROUTER_WIDTH = 32  # hidden width of the MoE and LFP routers (at D = 4096: 131K and 393K parameters; CogVLA's: ~131K and ~32K)
 VISUAL_START = 1  # the visual tokens follow BOS in every layout
 AGGREGATION_INIT_STD = 0.02  # init of the aggregation tokens (timm's init of learned prefix tokens)
-
 
 
 class SegmentState(Protocol):

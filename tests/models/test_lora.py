@@ -41,8 +41,8 @@ def base(tmp_path_factory):
 
 def fine_tuned(base) -> LoRAMainModel:
     """The base with every CogVLA module and rank-4 adapters, its trainable weights moved as training would."""
-    main = LoRAMainModel.from_base(base, ALL, AdapterConfig(rank=4, alpha=8.0), MainModel.load(base).tokenizer,
-                                   MainModel.load(base).statistics, "test")
+    source = MainModel.load(base)
+    main = LoRAMainModel.from_base(base, ALL, AdapterConfig(rank=4, alpha=8.0), source.tokenizer, source.statistics, "test")
     torch.manual_seed(1)
     with torch.no_grad():
         for parameter in main.parameters():
@@ -124,3 +124,11 @@ def test_parts_that_miss_keys_a_non_finite_router_or_another_base_are_refused(ba
               "test").save(other)
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_lora_checkpoint(tmp_path / "ok" / "lora", base=other)
+
+
+def test_fine_tuning_refuses_a_tokenizer_other_than_the_bases(base) -> None:
+    source = MainModel.load(base)
+    torch.manual_seed(9)
+    other = ActionTokenizer(source.tokenizer.config, source.statistics.action)  # same shape, other weights
+    with pytest.raises(CheckpointError, match="tokenizer differs"):
+        LoRAMainModel.from_base(base, ALL, AdapterConfig(rank=4), other, source.statistics, "test")
