@@ -152,17 +152,32 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--select-by", type=click.Choice(["rollouts", "val_l1"]), default=None,
               help="Keep the epoch with the best closed-loop success or validation L1 (default: the preset's).")
 @click.option("--rollout-env", default=None, help="Environment of the selection rollouts (default: the one an HDF5 file records).")
+@click.option("--aggregation-tokens", type=int, default=0, show_default=True,
+              help="CogVLA: aggregation tokens per ViT whose outputs replace its patches (0: off; CogVLA uses 64 of 256).")
+@click.option("--vit-film", is_flag=True, help="CogVLA: FiLM every ViT block from the mean instruction embedding.")
+@click.option("--moe", is_flag=True, help="CogVLA: mix the two ViTs with an instruction-conditioned router (two-ViT models).")
+@click.option("--lfp-layers", default=None, help="CogVLA: comma-separated LLM layers that prune visual tokens, e.g. 2,4 (CogVLA: 5,10,...,30).")
+@click.option("--action-tokens", type=int, default=0, show_default=True, help="CogVLA CAtten: bidirectional action tokens (0: one causal query).")
+@click.option("--lora-rank", type=int, default=None, help="Fine-tune --base with LoRA adapters of this rank on the LLM (peft).")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+@click.option("--base", type=click.Path(exists=True, file_okay=False), default=None, help="Trained policy folder to fine-tune (with --lora-rank).")
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
+                         aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
+                         lora_rank: int | None, lora_alpha: float | None, base: str | None,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
-    """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens."""
+    """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
+    from rsd.config import AdapterConfig, CogVLAConfig
     from rsd.training.policy import train_policy
 
     options = get_preset(preset).policy_options
     if select_by is not None:
         options = dataclasses.replace(options, select_by=select_by)
+    cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
+                          action_tokens=action_tokens)
+    adapter = None if lora_rank is None else AdapterConfig(rank=lora_rank, alpha=lora_alpha or float(lora_rank))
     summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
-                           options=options, rollout_env=rollout_env)
+                           options=options, rollout_env=rollout_env, cogvla=cogvla if cogvla.enabled else None, adapter=adapter, base=base)
     click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 
 
@@ -242,17 +257,23 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--tau", type=float, default=None, help="Gate threshold for the replay (default: the bundle's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write the latency-vs-acceptance plot (PNG).")
+@click.option("--flops", is_flag=True, help="Count FLOPs per stage and chunk on the meta device instead of timing (with --preset; "
+              "plain and each CogVLA module in the seed's debug order, early exit at the first --exit-layers, --acceptance default 0.7).")
+@click.option("--prompt-tokens", type=int, default=None, help="Prompt tokens of the FLOP count (with --flops; default 24).")
 def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str | None, random_weights: bool, device: str | None,
                           dtype: str | None, iters: int, warmup: int, exit_layers: str | None, acceptance: float | None,
-                          observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None) -> None:
-    """Time draft vs main stages and the speculative policy vs the baseline."""
+                          observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None, flops: bool,
+                          prompt_tokens: int | None) -> None:
+    """Time draft vs main stages and the speculative policy vs the baseline (or count FLOPs with --flops)."""
+    from rsd.bench.flops import flops_json_line
     from rsd.bench.latency import run_bench_latency
     from rsd.bench.report import json_line
 
     report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, _int_list(exit_layers),
-                               acceptance, observations, tau=tau, json_path=json_path, plot_path=plot_path)
+                               acceptance, observations, tau=tau, json_path=json_path, plot_path=plot_path, flops=flops,
+                               prompt_tokens=prompt_tokens)
     click.echo(report["markdown"])
-    click.echo(json_line(report))
+    click.echo(flops_json_line(report) if flops else json_line(report))
 
 
 @main.command()

@@ -154,6 +154,34 @@ class ConvConfig:
 VisionConfig = ViTConfig | ConvConfig
 
 
+@dataclass(frozen=True)
+class CogVLAConfig:
+    """CogVLA's efficiency modules (seed 003; `rsd.models.cogvla`), each off by default and usable alone."""
+
+    aggregation_tokens: int = 0  # learned tokens appended inside each ViT whose outputs replace its patches (0: off; CogVLA: 64 of 256)
+    film: bool = False  # FiLM inside the ViTs: every block's output scaled and shifted by a map of the mean instruction embedding
+    moe: bool = False  # the two ViTs' tokens projected apart and mixed by softmax(MLP(mean instruction embedding)) (replaces the projector)
+    lfp_layers: tuple[int, ...] = ()  # LLM layers before which an instruction-FiLMed router keeps the top visual tokens (CogVLA: 5, 10, ..., 30)
+    lfp_keep: tuple[float, float] = (0.85, 0.15)  # shifted-cosine keep ratio of the visual tokens, first routing layer to last
+    action_tokens: int = 0  # CAtten: the rsd query becomes this many action tokens that attend to each other bidirectionally (0: off)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.aggregation_tokens, int) and self.aggregation_tokens >= 0, "CogVLAConfig", "aggregation_tokens",
+               "an int >= 0", self.aggregation_tokens)
+        layers = self.lfp_layers
+        _check(all(isinstance(i, int) and i >= 0 for i in layers) and list(layers) == sorted(set(layers)), "CogVLAConfig", "lfp_layers",
+               "strictly increasing layer indices >= 0", layers)
+        high, low = self.lfp_keep
+        _check(0.0 < low <= high <= 1.0, "CogVLAConfig", "lfp_keep", "(first, last) keep ratios with 0 < last <= first <= 1", self.lfp_keep)
+        _check(isinstance(self.action_tokens, int) and self.action_tokens >= 0 and self.action_tokens != 1, "CogVLAConfig",
+               "action_tokens", "0 (one causal query) or an int >= 2", self.action_tokens)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any module is on."""
+        return bool(self.aggregation_tokens or self.film or self.moe or self.lfp_layers or self.action_tokens)
+
+
 LAYOUTS = ("rsd", "openvla", "oft")
 OFT_ATTENTION = ("full", "action_block")
 
@@ -178,6 +206,7 @@ class VLAConfig:
     stop_id: int = 2  # oft: the `</s>` id that closes the sequence after the action block
     query_summary: bool = False  # rsd layout: the action query starts from a linear summary of all visual tokens (small models learn far faster)
     center_crop: bool = False  # crop the central 90 % of the image area and resize back (models trained with crop augmentation)
+    cogvla: CogVLAConfig = CogVLAConfig()  # CogVLA's efficiency modules (all off: OpenVLA's shapes)
 
     def __post_init__(self) -> None:
         _check(len(self.vision) >= 1, "VLAConfig", "vision", "at least one ViTConfig or ConvConfig", self.vision)
@@ -198,6 +227,15 @@ class VLAConfig:
         _check(not self.query_summary or self.layout == "rsd", "VLAConfig", "query_summary", "False unless layout is 'rsd'", self.query_summary)
         if self.layout == "openvla":
             _check(self.proprio_dim == 0, "VLAConfig", "proprio_dim", "0 for the openvla layout (OpenVLA takes no proprio)", self.proprio_dim)
+        cog = self.cogvla
+        vits = [v for v in self.vision if isinstance(v, ViTConfig)]
+        _check(not (cog.aggregation_tokens or cog.film) or not convs, "VLAConfig", "cogvla",
+               "aggregation tokens and FiLM on ViT backbones only (the conv backbone has its own ConvConfig.film)", cog)
+        _check(not cog.moe or len(vits) == 2, "VLAConfig", "cogvla.moe", "True only with two ViT backbones (the router mixes two experts)", cog.moe)
+        _check(all(i < self.llm.num_layers for i in cog.lfp_layers), "VLAConfig", "cogvla.lfp_layers",
+               f"layer indices below num_layers={self.llm.num_layers}", cog.lfp_layers)
+        _check(not cog.action_tokens or self.layout == "rsd", "VLAConfig", "cogvla.action_tokens",
+               "0 unless layout is 'rsd' (the oft layout has its own action block: oft_attention='action_block')", cog.action_tokens)
         if self.exit_layer is not None:
             _check(
                 0 <= self.exit_layer <= self.llm.num_layers,
@@ -252,6 +290,20 @@ class TrainConfig:
         _positive(self, "epochs", "batch_size")
         _check(self.lr > 0, "TrainConfig", "lr", "a positive float", self.lr)
         _check(0.0 < self.val_fraction < 1.0, "TrainConfig", "val_fraction", "a float in (0, 1)", self.val_fraction)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA adapters (peft) on the LLM's linear layers for fine-tuning a trained main model (`rsd.models.lora`)."""
+
+    rank: int = 32  # LoRA rank r (CogVLA: 32)
+    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input while training
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank")
+        _check(self.alpha > 0, "AdapterConfig", "alpha", "a positive float", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "AdapterConfig", "dropout", "a float in [0, 1)", self.dropout)
 
 
 SELECT_BY = ("rollouts", "val_l1")
@@ -358,6 +410,8 @@ def load_json(cls: type[T], path: str | Path) -> T:
 
 
 __all__ = [
+    "AdapterConfig",
+    "CogVLAConfig",
     "ConvConfig",
     "DraftConfig",
     "IMAGENET_MEAN",

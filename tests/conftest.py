@@ -63,3 +63,15 @@ def make_observation(seed: int = 0, instruction: str = "pick up the red block an
 def tiny_main():
     """A fresh tiny MainModel with seeded random weights."""
     return make_tiny_main()
+
+
+def two_vit_config(cogvla=None):
+    """The tiny-vit model with a second, narrower ViT (16 patches each), as OpenVLA fuses DINOv2 and SigLIP; `cogvla` set if given."""
+    import dataclasses
+
+    from rsd.config import CogVLAConfig
+    from rsd.presets import get_preset
+
+    model = get_preset("tiny-vit").model
+    vit = model.vision[0]
+    return dataclasses.replace(model, vision=(vit, dataclasses.replace(vit, embed_dim=64, num_heads=2)), cogvla=cogvla or CogVLAConfig())

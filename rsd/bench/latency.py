@@ -16,9 +16,14 @@ Two ways to get a main model:
 Output: a hardware card, a markdown table (stage, engine, mean/p50/p90/p99/max), the expected latency over
 p, the speed-up at the measured (or given) acceptance, a plot, and one JSON line last.
 
+With `--flops` nothing is timed: the preset's FLOPs per stage and per chunk are counted on the meta device
+(`rsd.bench.flops`) for the plain model and each CogVLA module added in the seed's debug order, at the first exit
+layer given (default N/2) and the given acceptance (default 0.7).
+
 Usage:
     rsd bench-latency --preset openvla-7b --random-weights --device cuda --dtype fp16 --exit-layers 8,16,24
     rsd bench-latency --bundle runs/demo/bundle --main runs/demo/policy --observations runs/demo/demos.hdf5
+    rsd bench-latency --preset openvla-7b --flops --exit-layers 16 --acceptance 0.7
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsd.bench.flops import FLOP_PROMPT_TOKENS, flops_report, format_flops
 from rsd.bench.report import format_report, plot_report
 from rsd.bench.setup import BenchSetup, bundle_setup, random_setup
 from rsd.bench.timing import hardware_card, time_calls
@@ -170,12 +176,22 @@ def run_bench_latency(
     json_path: str | Path | None = None,
     plot_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
+    flops: bool = False,
+    prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """The whole bench-latency command: build the setup, measure, write JSON/plot/markdown, return the report."""
-    if (bundle is None) == (preset is None):
-        raise ConfigError("bench-latency: give either --bundle with --main, or --preset with --random-weights.")
+    """The whole bench-latency command: build the setup, measure (or count FLOPs), write JSON/plot/markdown, return the report."""
     if acceptance is not None and not 0.0 <= acceptance <= 1.0:
         raise ConfigError(f"bench-latency --acceptance: expected a value in [0, 1], got {acceptance}.")
+    if flops:
+        if preset is None or bundle is not None:
+            raise ConfigError("bench-latency --flops: counts a preset's shapes on the meta device; give --preset (no weights needed), not --bundle.")
+        report = flops_report(preset, exit_layers[0] if exit_layers else None, 0.7 if acceptance is None else acceptance,
+                              prompt_tokens or FLOP_PROMPT_TOKENS)
+        report["markdown"] = format_flops(report)
+        _write_outputs(report, json_path, markdown_path)
+        return report
+    if (bundle is None) == (preset is None):
+        raise ConfigError("bench-latency: give either --bundle with --main, or --preset with --random-weights.")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     if preset is not None:
         if not random_weights:
@@ -189,10 +205,15 @@ def run_bench_latency(
         setup = bundle_setup(bundle, main, torch_device, torch_dtype, exit_layers, observations, replay)
     report = bench_latency(setup, iters, warmup, acceptance, tau)
     report["markdown"] = format_report(report)
-    if json_path:
-        Path(json_path).write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str) + "\n")
+    _write_outputs(report, json_path, markdown_path)
     if plot_path:
         plot_report(report, plot_path)
+    return report
+
+
+def _write_outputs(report: dict[str, Any], json_path: str | Path | None, markdown_path: str | Path | None) -> None:
+    """Write the report as JSON (without its markdown) and its markdown, where asked."""
+    if json_path:
+        Path(json_path).write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str) + "\n")
     if markdown_path:
         Path(markdown_path).write_text(report["markdown"])
-    return report

@@ -23,6 +23,10 @@ heads read, and the query hidden `[B, D]` is their mean:
 Prompts of different lengths are right-padded; padding is masked out as keys and position ids count only real
 tokens, so a batched row equals the same row run alone (the readout positions are gathered per row).
 
+CogVLA's efficiency modules (`VLAConfig.cogvla`, all off by default; `rsd.models.cogvla`) hook in at three places:
+the visual tokens (`embed`: aggregation tokens, FiLM, MoE), the action block (`_tail`, `_attention_pattern`,
+`_readout`: CAtten) and the layer loop (`advance`: LFP pruning, carried along in `PrefixState.pruning`).
+
 Segmented forward: `embed(inputs)` → `PrefixState` at layer 0; `advance(state, k)` runs layers up to k;
 `resume(state)` runs the remaining layers and the final norm and returns the query hidden `[B, D]`.
 `resume(prefix(x, k)) == forward(x)` for every k in 0..N and every layout.
@@ -51,6 +55,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from rsd.config import ConvConfig, ViTConfig, VLAConfig, from_dict, to_dict
 from rsd.errors import ConfigError
 from rsd.io import load_artifact, load_strict, save_artifact
+from rsd.models.cogvla import CogVLA, PruneState
 from rsd.models.conv import ConvBackbone
 from rsd.models.processor import VLAInputs, VLAProcessor
 from rsd.models.text import TextTokenizer
@@ -67,7 +72,8 @@ class PrefixState:
     position_ids: torch.Tensor  # [B, S] positions counting real tokens only
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each [B, S, head_dim]
     layer: int  # layers already run (0 .. N)
-    readout: torch.Tensor  # [B, R] int64 positions the heads read (R = 1, or 56 for the oft layout)
+    readout: torch.Tensor  # [B, R] int64 positions the heads read (R = 1, A with CAtten, or 56 for the oft layout)
+    pruning: PruneState | None = None  # LFP (cogvla): the routers' condition and the visual tokens left; None without LFP
 
     def readout_hidden(self) -> torch.Tensor:
         """Residual stream at the readout positions `[B, R, D]` (before the final norm)."""
@@ -83,7 +89,8 @@ class PrefixState:
         """The state of batch rows `rows` only (for resuming rejected rows)."""
         cos, sin = self.position_embeddings
         return replace(self, hidden=self.hidden[rows], attention_mask=self.attention_mask[rows], position_ids=self.position_ids[rows],
-                       position_embeddings=(cos[rows], sin[rows]), readout=self.readout[rows])
+                       position_embeddings=(cos[rows], sin[rows]), readout=self.readout[rows],
+                       pruning=None if self.pruning is None else self.pruning.select(rows))
 
 
 def build_vit(config: ViTConfig) -> nn.Module:
@@ -189,12 +196,16 @@ class PrismaticVLA(nn.Module):
         super().__init__()
         self.config = config
         self.vision_backbone = VisionBackbone(config.vision, config.llm.hidden_size)
-        self.projector = FusedProjector(self.vision_backbone.embed_dim, config.llm.hidden_size)
+        # CogVLA's MoE router projects each ViT apart and replaces the fused projector (rsd.models.cogvla).
+        self.projector = None if config.cogvla.moe else FusedProjector(self.vision_backbone.embed_dim, config.llm.hidden_size)
+        vits = [] if isinstance(config.vision[0], ConvConfig) else self.vision_backbone.featurizers()
+        self.cogvla = CogVLA(config, vits, self.vision_backbone.num_patches) if config.cogvla.enabled else None
         self.language_model = LlamaForCausalLM(llama_config(config))
         # Only rsd's own layout has a learned query; openvla/oft read positions of OpenVLA's own sequence.
         self.action_query = nn.Parameter(torch.randn(config.llm.hidden_size) * config.llm.initializer_range) if config.layout == "rsd" else None
         # The query's own view of the image: a linear map of every visual token, so it need not first learn where to attend.
-        tokens = config.num_images * self.vision_backbone.num_patches * config.llm.hidden_size
+        per_image = self.vision_backbone.num_patches if self.cogvla is None else self.cogvla.tokens_per_image
+        tokens = config.num_images * per_image * config.llm.hidden_size
         self.query_summary = nn.Linear(tokens, config.llm.hidden_size) if config.query_summary else None
         self.proprio_projector = ProprioProjector(config.proprio_dim, config.llm.hidden_size) if config.proprio_dim else None
         self.processor = VLAProcessor(config, text_tokenizer)
@@ -210,7 +221,7 @@ class PrismaticVLA(nn.Module):
         return self.processor.text_tokenizer
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        parameter = self.projector.fc1.weight
+        parameter = self.language_model.model.embed_tokens.weight
         return parameter.device, parameter.dtype
 
     def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -234,8 +245,11 @@ class PrismaticVLA(nn.Module):
         embed_tokens = self.language_model.model.embed_tokens
         text_mask = inputs.text_mask.to(device)
         prompt = embed_tokens(inputs.input_ids.to(device))  # [B, T, D]
-        features = self.vision_backbone(pixels.flatten(0, 1), prompt.repeat_interleave(cams, dim=0), text_mask.repeat_interleave(cams, dim=0))
-        patches = self.projector(features)  # [B*N, P, D]
+        image_prompt, image_mask = prompt.repeat_interleave(cams, dim=0), text_mask.repeat_interleave(cams, dim=0)
+        if self.cogvla is None:
+            patches = self.projector(self.vision_backbone(pixels.flatten(0, 1), image_prompt, image_mask))  # [B*N, P, D]
+        else:
+            patches = self.cogvla.visual_tokens(self.vision_backbone, self.projector, pixels.flatten(0, 1), image_prompt, image_mask)
         patches = patches.reshape(batch, cams * patches.shape[1], -1)
         bos = embed_tokens(torch.full((batch, 1), self.processor.bos_id, dtype=torch.int64, device=device))
         parts = [bos, patches]
@@ -254,8 +268,9 @@ class PrismaticVLA(nn.Module):
         mask = torch.zeros(batch, 1, length, length, dtype=dtype, device=device).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
         rotary = self.language_model.model.rotary_emb(hidden, position_ids=position_ids)
         last_prompt = (fixed + text_mask.sum(dim=1) - 1).unsqueeze(1)  # [B, 1] last real prompt token of each row
+        pruning = None if self.cogvla is None else self.cogvla.pruning(prompt, text_mask, patches.shape[1])
         return PrefixState(hidden=hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary, layer=0,
-                           readout=self._readout(last_prompt, prompt_end, length))
+                           readout=self._readout(last_prompt, prompt_end, length), pruning=pruning)
 
     def _tail(self, batch: int, device: torch.device, dtype: torch.dtype, patches: torch.Tensor) -> torch.Tensor:
         """Embeddings after the prompt `[B, T, D]`: the query (rsd), nothing (openvla), or 56 zeros + `</s>` (oft)."""
@@ -263,6 +278,7 @@ class PrismaticVLA(nn.Module):
         width = config.llm.hidden_size
         if config.layout == "rsd":
             query = self.action_query.to(dtype).expand(batch, 1, -1)
+            query = query if self.cogvla is None else self.cogvla.action_block(query)  # CAtten: [B, A, D]
             return query if self.query_summary is None else query + self.query_summary(patches.flatten(1)).unsqueeze(1)
         if config.layout == "openvla":
             return torch.zeros(batch, 0, width, dtype=dtype, device=device)
@@ -274,6 +290,9 @@ class PrismaticVLA(nn.Module):
         config = self.config
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
         if config.layout != "oft":
+            actions = config.cogvla.action_tokens  # CAtten: the last A positions (the action tokens) see each other
+            if actions:
+                causal[-actions:, -actions:] = True
             return causal
         if config.oft_attention == "full":
             return torch.ones(length, length, dtype=torch.bool, device=device)
@@ -284,7 +303,8 @@ class PrismaticVLA(nn.Module):
     def _readout(self, last_prompt: torch.Tensor, prompt_end: int, length: int) -> torch.Tensor:
         """Readout positions `[B, R]` for the layout, from each row's last prompt position `[B, 1]`."""
         if self.config.layout == "rsd":
-            return torch.full_like(last_prompt, length - 1)
+            actions = max(1, self.config.cogvla.action_tokens)
+            return torch.arange(length - actions, length, device=last_prompt.device).expand(last_prompt.shape[0], -1)
         if self.config.layout == "openvla":
             return last_prompt
         # OFT's shift: the last prompt token, then the first 55 placeholders (the hidden state at i predicts token i+1).
@@ -297,9 +317,12 @@ class PrismaticVLA(nn.Module):
         if not isinstance(exit_layer, int) or not state.layer <= exit_layer <= num_layers:
             raise ConfigError(f"exit_layer: expected an int in {state.layer}..{num_layers}, got {exit_layer!r}.")
         hidden = state.hidden
-        for layer in self.layers[state.layer : exit_layer]:
-            hidden = layer(hidden, attention_mask=state.attention_mask, position_ids=state.position_ids,
-                           position_embeddings=state.position_embeddings)
+        for index in range(state.layer, exit_layer):
+            if state.pruning is not None:  # LFP: only the kept visual tokens enter a routing layer and the layers after it
+                state = self.cogvla.prune(replace(state, hidden=hidden), index)
+                hidden = state.hidden
+            hidden = self.layers[index](hidden, attention_mask=state.attention_mask, position_ids=state.position_ids,
+                                        position_embeddings=state.position_embeddings)
         return replace(state, hidden=hidden, layer=exit_layer)
 
     def prefix(self, inputs: VLAInputs, exit_layer: int) -> PrefixState:
@@ -375,6 +398,7 @@ class PrismaticVLA(nn.Module):
         return {
             "vision_backbone": count(self.vision_backbone),
             "projector": count(self.projector),
+            "cogvla": count(self.cogvla),
             "language_model": count(self.language_model),
             "proprio_projector": count(self.proprio_projector),
             "total": count(self),

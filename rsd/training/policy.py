@@ -8,10 +8,13 @@ training saw; proprio statistics come from the training episodes (or the dataset
 proprio must match what the preset's model takes. The validation split is by episode and
 reports per-layer token accuracy and the decoded-action error against the demonstrated chunk. The per-layer
 cross-entropies are weighted by `policy_layer_weights` (coarse layers count more).
-`freeze_backbone=True` trains only the head (for big frozen backbones).
+`freeze_backbone=True` trains only the head (for big frozen backbones). `cogvla` adds CogVLA's modules to the preset's
+model; with `adapter` and `base` the base policy is fine-tuned the CogVLA way instead (LoRA on the LLM via peft, new
+modules and the head in full, vision frozen; `rsd.models.lora`) and `out/lora` holds the three-part checkpoint.
 
 Usage:
     rsd train-policy --data runs/demo/demos.hdf5 --tokenizer runs/demo/tokenizer --preset tiny --out runs/demo/policy
+    rsd train-policy --data D --tokenizer P/tokenizer --preset tiny-vit --base P --lora-rank 8 --aggregation-tokens 4 --lfp-layers 2,4 --out Q
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rsd.config import PolicyTrainConfig, TrainConfig, to_dict
+from rsd.config import AdapterConfig, CogVLAConfig, PolicyTrainConfig, TrainConfig, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.data.dataset import FrameDataset, compute_statistics
 from rsd.data.hdf5 import read_env_spec
@@ -37,9 +40,8 @@ from rsd.data.source import DataSource, as_source, read_episodes, source_statist
 from rsd.data.stats import DatasetStatistics
 from rsd.envs.base import is_env_name
 from rsd.errors import ConfigError, DataError
-from rsd.models.heads import RFSQHead
+from rsd.models.lora import build_policy_model
 from rsd.models.main import MainModel
-from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
@@ -59,6 +61,9 @@ def train_policy(
     progress: bool = True,
     options: PolicyTrainConfig | None = None,
     rollout_env: str | None = None,
+    cogvla: CogVLAConfig | None = None,
+    adapter: AdapterConfig | None = None,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the main policy on the demonstrations in `data` and save the selected epoch to `out`.
 
@@ -94,12 +99,12 @@ def train_policy(
         num_transitions=train_stats.num_transitions,
         num_trajectories=train_stats.num_trajectories,
     )
-    vla = PrismaticVLA(model_config)
-    head = RFSQHead(model_config.llm.hidden_size, model_config.tokenizer)
-    main = MainModel(vla, head, action_tokenizer, statistics, dataset_key or Path(source.path).stem)
+    if adapter is not None and freeze_backbone:
+        raise ConfigError("train-policy: --freeze-backbone and LoRA fine-tuning (--lora-rank) exclude each other.")
+    main = build_policy_model(model_config, action_tokenizer, statistics, dataset_key or Path(source.path).stem, cogvla, adapter, base)
     main.tokenizer.requires_grad_(False)
     if freeze_backbone:
-        vla.requires_grad_(False)
+        main.vla.requires_grad_(False)
     trainable = [p for p in main.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     train_rows = np.flatnonzero(np.isin(dataset.episode_ids, train_eps))
@@ -157,6 +162,8 @@ def train_policy(
         "rollout_env": None if rollout_spec is None else {"env": rollout_spec[0], "env_kwargs": rollout_spec[1]},
         "preset": preset,
         "freeze_backbone": freeze_backbone,
+        "cogvla": to_dict(main.vla.config.cogvla),
+        "adapter": None if adapter is None else {**to_dict(adapter), "base": str(base)},
         "seconds": time.perf_counter() - started,
         "fingerprint": main.fingerprint,
     }
