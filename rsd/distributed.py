@@ -254,19 +254,22 @@ def _run_rank(function: Callable[..., T], threads: int, args: tuple[Any, ...]) -
     return function(*args)
 
 
-def run_local(nprocs: int, function: Callable[..., T], *args: Any) -> list[T]:
+def run_local(nprocs: int, function: Callable[..., T], *args: Any, start_method: str = "spawn") -> list[T]:
     """Run `function(*args)` in `nprocs` local ranks started by torch's elastic launcher; their results in rank order.
 
     Each rank finds the torchrun environment set (so `session()` joins a group of `nprocs`) and gets its share of
-    this process's torch threads (at least one). The processes are forked: the caller must hold no CUDA context,
-    and the children start in a second instead of importing torch again.
+    this process's torch threads (at least one). `start_method="spawn"` works from any process; "fork" starts
+    the ranks in a second instead of importing torch again, but only from a process that holds no CUDA context,
+    and ranks that run a backward pass fail if this process's autograd already started threads.
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if nprocs < 1:
         raise ConfigError(f"run_local.nprocs: expected an int >= 1, got {nprocs}.")
+    if start_method not in ("spawn", "fork"):
+        raise ConfigError(f"run_local.start_method: expected 'spawn' or 'fork', got {start_method!r}.")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="fork")
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method=start_method)
     threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1) // nprocs)
     results = elastic_launch(config, _run_rank)(function, threads, args)
     return [results[rank] for rank in range(nprocs)]

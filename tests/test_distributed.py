@@ -65,6 +65,6 @@ def _ranks_report() -> tuple[World, float, list[int], bool]:
 
 @pytest.mark.distributed
 def test_run_local_starts_ranks_that_join_one_group_and_reduce() -> None:
-    results = run_local(2, _ranks_report)
+    results = run_local(2, _ranks_report, start_method="fork")
     assert [r[0] for r in results] == [World(0, 2, 0), World(1, 2, 1)]
     assert all(total == 3.0 and gathered == [0, 10] and left for _, total, gathered, left in results)

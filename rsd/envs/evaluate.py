@@ -278,9 +278,10 @@ def _compare_in_session(kwargs: dict[str, Any]) -> dict[str, EvalReport] | None:
 def compare_in_processes(workers: int, policy: str | Path, env: str, seeds: Sequence[int], **options: Any) -> dict[str, EvalReport]:
     """`compare_on_ranks` in `workers` local ranks started by torch's elastic launcher (`rsd eval --workers N`).
 
-    `options` are `compare_on_ranks`'s keyword arguments. This process must hold no CUDA context (the ranks are
-    forked); each rank gets `cpu_count // workers` torch threads.
+    `options` are `compare_on_ranks`'s keyword arguments. The ranks are forked (they start in a second and run no
+    backward pass), so this process must hold no CUDA context; each gets its share of this process's torch threads.
     """
     if workers < 1:
         raise ConfigError(f"rsd eval --workers: expected an int >= 1, got {workers}.")
-    return distributed.run_local(workers, _compare_in_session, {"policy": policy, "env": env, "seeds": list(seeds), **options})[0]
+    kwargs = {"policy": policy, "env": env, "seeds": list(seeds), **options}
+    return distributed.run_local(workers, _compare_in_session, kwargs, start_method="fork")[0]
