@@ -138,10 +138,13 @@ def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
 def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
                             seed: int | None) -> None:
     """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
+    from rsd.distributed import session
     from rsd.training.tokenizer import train_tokenizer_from_file
 
-    report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed))
-    click.echo(json.dumps({"val_mse_by_layers": report["val_mse_by_layers"], "train_seconds": report["train_seconds"]}))
+    with session() as world:
+        report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed))
+    if world.is_main:
+        click.echo(json.dumps({"val_mse_by_layers": report["val_mse_by_layers"], "train_seconds": report["train_seconds"]}))
 
 
 @main.command("train-policy")
@@ -161,13 +164,16 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--lora-rank", type=int, default=None, help="Fine-tune --base with LoRA adapters of this rank on the LLM (peft).")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
 @click.option("--base", type=click.Path(exists=True, file_okay=False), default=None, help="Trained policy folder to fine-tune (with --lora-rank).")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="Under torchrun: replicate the model (ddp) or shard its trained parameters over the ranks (fsdp).")
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
                          aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
-                         lora_rank: int | None, lora_alpha: float | None, base: str | None,
+                         lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
     from rsd.config import AdapterConfig, CogVLAConfig
+    from rsd.distributed import session
     from rsd.training.policy import train_policy
 
     options = get_preset(preset).policy_options
@@ -176,9 +182,12 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
                           action_tokens=action_tokens)
     adapter = None if lora_rank is None else AdapterConfig(rank=lora_rank, alpha=lora_alpha or float(lora_rank))
-    summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
-                           options=options, rollout_env=rollout_env, cogvla=cogvla if cogvla.enabled else None, adapter=adapter, base=base)
-    click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
+    with session() as world:
+        summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
+                               options=options, rollout_env=rollout_env, cogvla=cogvla if cogvla.enabled else None, adapter=adapter, base=base,
+                               parallel=parallel)
+    if world.is_main:
+        click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 
 
 @main.command("collect-features")
@@ -188,11 +197,18 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder (resumed if it exists).")
 @click.option("--shard-size", default=2048, show_default=True, help="Frames per shard.")
 @click.option("--batch-size", default=64, show_default=True, help="Frames per forward pass.")
-def collect_features_command(policy: str, data: DataSource, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (under torchrun: each rank's own GPU).")
+@click.option("--dtype", default=None, help="fp32, fp16 or bf16 of the main model (default: fp32 on cpu, fp16 on cuda).")
+def collect_features_command(policy: str, data: DataSource, exit_layer: int, out: str, shard_size: int, batch_size: int, device: str,
+                             dtype: str | None) -> None:
     """Store exit-layer hidden states, main logits and tokens for every frame (sharded, resumable)."""
+    from rsd.distributed import session
     from rsd.training.features import collect_features
 
-    click.echo(json.dumps(collect_features(policy, data, exit_layer, out, shard_size, batch_size)))
+    with session() as world:
+        summary = collect_features(policy, data, exit_layer, out, shard_size, batch_size, device=device, dtype=dtype)
+    if world.is_main:
+        click.echo(json.dumps(summary))
 
 
 @main.command("train-draft")
@@ -206,10 +222,14 @@ def collect_features_command(policy: str, data: DataSource, exit_layer: int, out
 def train_draft_command(features: str, out: str, targets: str, kl_weight: float, accept_weight: float, preset: str,
                         epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
     """Train the draft's input projection and head on collected features."""
+    from rsd.distributed import session
     from rsd.training.draft import train_draft
 
-    summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, seed), targets, kl_weight, accept_weight)
-    click.echo(json.dumps({"best": summary["best"], "parameters": summary["parameters"]}))
+    with session() as world:
+        summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, seed), targets, kl_weight,
+                              accept_weight)
+    if world.is_main:
+        click.echo(json.dumps({"best": summary["best"], "parameters": summary["parameters"]}))
 
 
 @main.command()
@@ -377,18 +397,32 @@ def convert_command(data: DataSource, to: str, out: str, fps: int, video: str, r
 @click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
               help="LIBERO scene assets folder (libero:* environments; default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
-@click.option("--workers", default=1, show_default=True, help="Episodes run in this many processes (latency is then not reported).")
+@click.option("--workers", default=1, show_default=True,
+              help="Local processes sharing the seeds (torchrun's ranks do the same); latency is then not reported.")
 def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
                  device: str | None, engine: str, tau: float | None, json_path: str | None, image_size: int | None,
                  libero_assets: str | None, workers: int) -> None:
     """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
-    from rsd.envs.evaluate import compare_policies, format_comparison
+    from rsd.distributed import session, world_from_env
+    from rsd.envs.evaluate import compare_in_processes, compare_on_ranks, format_comparison
 
     if libero_assets and not env_name.startswith("libero:"):
         raise click.BadParameter(f"--libero-assets applies to libero:* environments, got --env {env_name}.")
+    if workers < 1:
+        raise click.BadParameter(f"--workers: expected an int >= 1, got {workers}.")
     env_kwargs = {k: v for k, v in {"image_size": image_size, "assets": libero_assets}.items() if v is not None}
-    reports = compare_policies(policy, env_name, list(range(seed, seed + episodes)), bundle=bundle, engine=engine, taus={"speculative": tau},
-                               video_dir=video, video_format=video_format, env_kwargs=env_kwargs, device=device, workers=workers)
+    options = {"bundle": bundle, "engine": engine, "taus": {"speculative": tau}, "device": device, "video_dir": video,
+               "video_format": video_format, "env_kwargs": env_kwargs}
+    seeds = list(range(seed, seed + episodes))
+    if workers > 1:
+        if world_from_env().world_size > 1:
+            raise click.BadParameter("--workers starts local ranks itself; under torchrun leave it at 1 (the ranks share the seeds).")
+        reports = compare_in_processes(workers, policy, env_name, seeds, **options)
+    else:
+        with session() as world:
+            reports = compare_on_ranks(policy, env_name, seeds, **options)
+        if not world.is_main:
+            return
     for name, report in reports.items():
         click.echo(f"## {name}\n\n{report.to_markdown()}")
     if line := format_comparison(reports):
@@ -468,3 +502,7 @@ def bench_latency_main() -> None:
 def export_draft_main() -> None:
     """Console entry point `export-draft`: the same command as `rsd export-draft`."""
     run_standalone(export_draft_command)
+
+
+if __name__ == "__main__":  # torchrun -m rsd.cli <command> ...
+    main()

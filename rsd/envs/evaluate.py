@@ -12,11 +12,17 @@ its seeds with the same `play_episode`; the parent merges the episodes in seed o
 from the workers' chunk counts. Latency is not reported for parallel runs (the processes share the cores;
 `rsd bench-latency` measures speed).
 
+Spread over processes: `compare_on_ranks` gives each rank of the process group (torchrun's, or the local ranks
+`compare_in_processes` starts for `rsd eval --workers N`) every world_size-th seed, and `merge_reports` joins
+the ranks' reports on rank 0: episodes in seed order, acceptance weighted by each rank's chunk count. Latency is
+left out of a merged report (processes sharing a machine slow each other; `rsd bench-latency` measures speed).
+
 Usage:
     report = evaluate(policy, "tabletop", seeds=list(range(10_000, 10_050)), video_dir="runs/eval/videos")
     print(report.to_markdown()); json.dumps(report.to_json())
     reports = compare_policies("runs/demo/policy", "tabletop", range(10_000, 10_050), bundle="runs/demo/bundle", workers=2)
     print(format_comparison(reports))
+    reports = compare_in_processes(2, "runs/demo/policy", "tabletop", range(10_000, 10_050))   # the same outcomes per seed
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from rsd import distributed
+from rsd.device import resolve_device_dtype
 from rsd.envs.base import Env, make_env
 from rsd.errors import ConfigError
 from rsd.models.main import MainModel
@@ -79,6 +87,7 @@ class EvalReport:
     acceptance_rate: float | None  # share of chunks whose draft was accepted; None for the main-only policy
     latency_ms: dict[str, float] | None  # {"p50", "mean"} of the per-chunk "total" time, None without timings
     policy: str = ""  # the policy's class name
+    chunks: int | None = None  # chunk predictions during the run (None: the policy counts none); weights acceptance in merges
 
     @property
     def success_rate(self) -> float:
@@ -106,7 +115,7 @@ class EvalReport:
         return sum(e.success for e in self.episodes)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: success_rate, mean_length, acceptance_rate, latency_ms, per_task, episodes, policy."""
+        """A JSON-ready dict: success_rate, mean_length, acceptance_rate, chunks, latency_ms, per_task, episodes, policy."""
         return {
             "success_rate": self.success_rate,
             "episodes_run": len(self.episodes),
@@ -114,6 +123,7 @@ class EvalReport:
             "wilson_95": list(wilson_interval(self.successes, len(self.episodes))),
             "mean_length": self.mean_length,
             "acceptance_rate": self.acceptance_rate,
+            "chunks": self.chunks,
             "latency_ms": self.latency_ms,
             "per_task": self.per_task,
             "episodes": [asdict(e) for e in self.episodes],
@@ -228,7 +238,8 @@ def evaluate(
         bar.set_postfix(success=f"{np.mean([r.success for r in results]):.2f}")
     after = policy.stats()
     acceptance = None if type(policy).__name__ == "MainOnlyPolicy" else _acceptance(before, after)
-    return EvalReport(results, acceptance, _latency(after), type(policy).__name__)
+    chunks = int(after["calls"]) - int(before.get("calls", 0)) if "calls" in after else None
+    return EvalReport(results, acceptance, _latency(after), type(policy).__name__, chunks)
 
 
 @dataclass(frozen=True)
@@ -328,6 +339,7 @@ def compare_policies(
     env_kwargs: dict[str, Any] | None = None,
     device: str | None = None,
     workers: int = 1,
+    progress: bool = True,
 ) -> dict[str, EvalReport]:
     """`MainOnlyPolicy` ("baseline") and, with a bundle, `SpeculativePolicy` on the same seeds; one report per policy.
 
@@ -349,7 +361,7 @@ def compare_policies(
         return {name: evaluate_parallel(main, spec, env, seeds, workers, env_kwargs, videos[name], video_format, device)
                 for name, spec in specs.items()}
     model = main if isinstance(main, MainModel) else load_main(main, device, None)
-    return {name: evaluate(spec.build(model), env, seeds, video_dir=videos[name], video_format=video_format, env_kwargs=env_kwargs)
+    return {name: evaluate(spec.build(model), env, seeds, video_dir=videos[name], video_format=video_format, progress=progress, env_kwargs=env_kwargs)
             for name, spec in specs.items()}
 
 
@@ -364,3 +376,64 @@ def format_comparison(reports: Mapping[str, EvalReport]) -> str:
         line += (f", chunk latency p50 {spec.latency_ms['p50']:.2f} ms vs {base.latency_ms['p50']:.2f} ms "
                  f"({base.latency_ms['p50'] / spec.latency_ms['p50']:.2f}x)")
     return line
+
+
+def merge_reports(parts: Sequence[EvalReport]) -> EvalReport:
+    """One report from the reports of one policy on disjoint seed shares: episodes in seed order, acceptance
+    weighted by each part's chunk count, latency only for a single part."""
+    if not parts:
+        raise ConfigError("merge_reports.parts: expected at least one report, got none.")
+    if len(parts) == 1:
+        return parts[0]
+    episodes = sorted((e for part in parts for e in part.episodes), key=lambda e: e.seed)
+    seeds = [e.seed for e in episodes]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"merge_reports: expected disjoint seed shares, got seeds played twice: {sorted({s for s in seeds if seeds.count(s) > 1})}.")
+    rated = [part for part in parts if part.acceptance_rate is not None and part.chunks]
+    acceptance = sum(p.acceptance_rate * p.chunks for p in rated) / sum(p.chunks for p in rated) if rated else None
+    chunks = sum(p.chunks for p in parts) if all(p.chunks is not None for p in parts) else None
+    return EvalReport(episodes, acceptance, None, parts[0].policy, chunks)
+
+
+def compare_on_ranks(
+    policy: str | Path,
+    env: str,
+    seeds: Sequence[int],
+    bundle: str | Path | None = None,
+    engine: str = "auto",
+    taus: Mapping[str, float | None] | None = None,
+    device: str | None = None,
+    video_dir: str | Path | None = None,
+    video_format: str = "gif",
+    env_kwargs: dict[str, Any] | None = None,
+) -> dict[str, EvalReport] | None:
+    """`compare_policies` with the seeds spread over the ranks: each loads the policy folder on its own device and
+    plays `World.shard(seeds)`; rank 0 returns the merged reports, the other ranks None (alone: the plain run)."""
+    world = distributed.current()
+    torch_device, torch_dtype = resolve_device_dtype(device, None)
+    main = MainModel.load(policy, device=world.device(torch_device), dtype=torch_dtype)
+    mine = world.shard([int(s) for s in seeds])
+    reports = compare_policies(main, env, mine, bundle=bundle, engine=engine, taus=taus, video_dir=video_dir, video_format=video_format,
+                               env_kwargs=env_kwargs, progress=world.is_main) if mine else {}
+    parts = world.gather(reports)
+    if not world.is_main:
+        return None
+    names = dict.fromkeys(name for part in parts for name in part)
+    return {name: merge_reports([part[name] for part in parts if name in part]) for name in names}
+
+
+def _compare_in_session(kwargs: dict[str, Any]) -> dict[str, EvalReport] | None:
+    with distributed.session():
+        return compare_on_ranks(**kwargs)
+
+
+def compare_in_processes(workers: int, policy: str | Path, env: str, seeds: Sequence[int], **options: Any) -> dict[str, EvalReport]:
+    """`compare_on_ranks` in `workers` local ranks started by torch's elastic launcher (`rsd eval --workers N`).
+
+    `options` are `compare_on_ranks`'s keyword arguments. The ranks are forked (they start in a second and run no
+    backward pass), so this process must hold no CUDA context; each gets its share of this process's torch threads.
+    """
+    if workers < 1:
+        raise ConfigError(f"rsd eval --workers: expected an int >= 1, got {workers}.")
+    kwargs = {"policy": policy, "env": env, "seeds": list(seeds), **options}
+    return distributed.run_local(workers, _compare_in_session, kwargs, start_method="fork")[0]

@@ -14,8 +14,13 @@ The validation split is by episode. Each epoch logs loss, per-layer accuracy aga
 agreement with the main model (per token and whole coarse chunk) to `metrics.json`; the best epoch by
 validation agreement is saved as `draft.safetensors` + `draft.json`.
 
+Under torchrun the draft is trained with DDP: every rank walks the same seeded batches and computes its slice of
+each (`rsd.distributed.World.batch_share`), the training loss is summed over the ranks, every rank validates
+on all held-out frames (cheap next to training), and rank 0 alone writes.
+
 Usage:
     rsd train-draft --features runs/demo/features --out runs/demo/draft
+    torchrun --nproc-per-node 2 -m rsd.cli train-draft --features runs/demo/features --out runs/demo/draft
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from rsd import distributed
 from rsd.config import DraftConfig, TrainConfig, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
@@ -84,6 +89,8 @@ def train_draft(
     train_eps, val_eps = split_episodes(episode_ids(feats), train.val_fraction, train.seed)
     train_rows, val_rows = feats.rows(train_eps), feats.rows(val_eps)
     draft = DraftHead(config)
+    world = distributed.current()
+    model = distributed.Parallel(draft, DraftHead.forward_logits)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / train.batch_size)
     scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
@@ -91,41 +98,47 @@ def train_draft(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     generator = torch.Generator().manual_seed(train.seed)
-    bar = tqdm(range(train.epochs), desc="train-draft", unit="epoch", disable=not progress)
+    bar = tqdm(range(train.epochs), desc="train-draft", unit="epoch", disable=not (progress and world.is_main))
     for epoch in bar:
         draft.train()
         order = train_rows[torch.randperm(len(train_rows), generator=generator)]
         losses = []
         for start in range(0, len(order), train.batch_size):
             rows = order[start : start + train.batch_size]
-            logits = draft.forward_logits(feats.exit_hidden[rows].float())
+            mine, weight = world.batch_share(len(rows))
+            rows = rows[torch.as_tensor(mine)]
+            logits = model(feats.exit_hidden[rows].float())
             loss, _ = distillation_loss(logits, feats.main_logits[rows], target_tokens[rows], kl_weight, accept_weight)
+            loss = loss * weight  # this rank's share of the global batch's mean loss, times world_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             losses.append(loss.detach().item())
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **evaluate_draft(draft, feats, val_rows, target_tokens, kl_weight, accept_weight)}
+        train_loss = float(world.sum(torch.tensor(losses, dtype=torch.float64)).mean()) / world.world_size  # the global batches' mean losses
+        metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate_draft(draft, feats, val_rows, target_tokens, kl_weight, accept_weight)}
         history.append(metrics)
         bar.set_postfix(val_agree=f"{metrics['val_agreement']:.3f}", loss=f"{metrics['train_loss']:.3f}")
         if best is None or metrics["val_agreement"] > best["val_agreement"]:
             best = metrics
             draft.eval()
-            draft.save(
-                out,
-                {
-                    "main_fingerprint": feats.index["main_fingerprint"],
-                    "targets": targets,
-                    "train": to_dict(train),
-                    "train_episodes": [int(e) for e in train_eps],
-                    "val_episodes": [int(e) for e in val_eps],
-                    "best": metrics,
-                    "parameters": draft.num_parameters(),
-                },
-            )
+            if world.is_main:
+                draft.save(
+                    out,
+                    {
+                        "main_fingerprint": feats.index["main_fingerprint"],
+                        "targets": targets,
+                        "train": to_dict(train),
+                        "train_episodes": [int(e) for e in train_eps],
+                        "val_episodes": [int(e) for e in val_eps],
+                        "best": metrics,
+                        "parameters": draft.num_parameters(),
+                    },
+                )
     summary = {"best": best, "history": history, "parameters": draft.num_parameters(), "exit_layer": config.exit_layer}
-    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world.is_main:
+        (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

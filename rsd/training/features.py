@@ -2,13 +2,19 @@
 
 Per frame: the exit-layer query hidden state (fp16), the main model's coarse-layer logits (fp16), the main
 model's tokens for all L layers, the ground-truth tokens of the frame's action chunk, the episode id and the
-frame index. Shards of `shard_size` frames are safetensors files listed in `index.json` together with the
-main model's fingerprint and the exit layer; a re-run skips finished shards and refuses to add shards from
-another main model or exit layer. A copy of the policy's tokenizer is stored beside the shards, so the
-features folder alone suffices for draft training and calibration.
+frame index. A shard is a safetensors file of whole consecutive episodes (up to `shard_size` frames, `shard_plan`)
+with a JSON record beside it (frames, sha256, the rank that wrote it); `index.json` lists them together with the
+main model's fingerprint and the exit layer. A re-run skips every shard whose record and file match and refuses
+to add shards from another main model or exit layer. A copy of the policy's tokenizer is stored beside the
+shards, so the features folder alone suffices for draft training and calibration.
+
+Under torchrun each rank computes every world_size-th shard of the plan, which does not depend on the number
+of ranks, and rank 0 writes the index (with `world_size` and each shard's writer) after a barrier: the union is
+the single-process run, frame for frame and bit for bit (each shard is computed in the same batches).
 
 Usage:
     rsd collect-features --policy runs/demo/policy --data runs/demo/demos.hdf5 --exit-layer 3 --out runs/demo/features
+    torchrun --nproc-per-node 4 -m rsd.cli collect-features ... --device cuda      # one GPU per rank
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from rsd import distributed
 from rsd.data.dataset import FrameDataset
 from rsd.data.source import DataSource, as_source, read_episodes, source_fingerprint
+from rsd.device import check_device, resolve_device_dtype
 from rsd.errors import CheckpointError, ConfigError
 from rsd.io import FORMAT_VERSION, read_manifest, sha256_file
 from rsd.models.main import MainModel
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 
 INDEX = "index.json"
+SHARD_LAYOUT = "episodes"  # shards hold whole episodes (`shard_plan`); recorded so older frame-range folders are refused
 
 
 @dataclass
@@ -66,29 +75,38 @@ def collect_features(
     shard_size: int = 2048,
     batch_size: int = 64,
     progress: bool = True,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Write (or finish) the features folder `out` for `policy` at `exit_layer` over the frames of `data`."""
-    main = MainModel.load(policy)
+    """Write (or finish) the features folder `out` for `policy` at `exit_layer` over the frames of `data`.
+
+    Under torchrun every rank computes its share of the shards (`World.shard` of the shard plan) and rank 0
+    writes the index once all are done; `device="cuda"` puts each rank on its own GPU.
+    """
+    world = distributed.current()
+    torch_device, torch_dtype = resolve_device_dtype(world.device(check_device(device)), dtype)
+    main = MainModel.load(policy, device=torch_device, dtype=torch_dtype)
     if not 0 <= exit_layer <= main.num_layers:
         raise ConfigError(f"collect-features --exit-layer: expected an int in 0..{main.num_layers}, got {exit_layer}.")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     source = as_source(data)
     episodes = read_episodes(source)
     dataset = FrameDataset(episodes, main.tokenizer.config.chunk_len)
-    total = len(dataset)
-    index = _open_index(out, main, exit_layer, source, total, shard_size)
-    main.tokenizer.save(out / "tokenizer")
+    plan = shard_plan(dataset.episode_ids, shard_size)
+    index = _open_index(out, main, exit_layer, source, len(dataset), shard_size)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_index(out, index)
+        main.tokenizer.save(out / "tokenizer")
+    world.barrier()
     tok = main.tokenizer.config
-    num_shards = (total + shard_size - 1) // shard_size
-    done = {entry["file"] for entry in index["shards"] if (out / entry["file"]).is_file() and sha256_file(out / entry["file"]) == entry["sha256"]}
-    index["shards"] = [entry for entry in index["shards"] if entry["file"] in done]
+    mine = world.shard(range(len(plan)))
     start_time, computed = time.perf_counter(), 0
-    bar = tqdm(total=total, desc=f"collect-features k={exit_layer}", unit="frame", disable=not progress)
-    for shard in range(num_shards):
-        name = f"shard_{shard:05d}.safetensors"
-        lo, hi = shard * shard_size, min(total, (shard + 1) * shard_size)
-        if name in done:
+    rank = f" rank {world.rank}/{world.world_size}" if world.world_size > 1 else ""
+    bar = tqdm(total=sum(plan[s][1] - plan[s][0] for s in mine), desc=f"collect-features k={exit_layer}{rank}", unit="frame", disable=not progress)
+    for shard in mine:
+        lo, hi = plan[shard]
+        if _finished(out, shard, lo, hi) is not None:
             bar.update(hi - lo)
             continue
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("exit_hidden", "main_logits", "main_tokens", "gt_tokens", "episode_id", "frame_index")}
@@ -101,31 +119,74 @@ def collect_features(
                 logits = main.head(main.vla.resume(state)).float().cpu()
                 parts["main_logits"].append(logits[:, : tok.coarse_layers].to(torch.float16))
                 parts["main_tokens"].append(logits.argmax(dim=-1).to(torch.uint8))
-                gt = main.tokenizer.encode(torch.as_tensor(batch.actions, dtype=torch.float32))
+                gt = main.tokenizer.encode(torch.as_tensor(batch.actions, dtype=torch.float32, device=torch_device))
                 parts["gt_tokens"].append(tokens_to_layers(gt).to(torch.uint8).cpu())
             parts["episode_id"].append(torch.as_tensor(batch.episode_ids, dtype=torch.int64))
             parts["frame_index"].append(torch.as_tensor(batch.frame_indices, dtype=torch.int64))
             bar.update(len(batch.instructions))
             computed += len(batch.instructions)
             bar.set_postfix(fps=f"{computed / (time.perf_counter() - start_time):.0f}")
-        save_file({k: torch.cat(v) for k, v in parts.items()}, str(out / name))
-        index["shards"].append({"file": name, "frames": hi - lo, "first_frame": lo, "sha256": sha256_file(out / name)})
-        index["shards"].sort(key=lambda e: e["first_frame"])
-        _write_index(out, index)
+        name = _shard_name(shard)
+        save_file({k: torch.cat(v) for k, v in parts.items()}, str(out / f"{name}.safetensors"))
+        entry = {"file": f"{name}.safetensors", "frames": hi - lo, "first_frame": lo, "sha256": sha256_file(out / f"{name}.safetensors"),
+                 "rank": world.rank, "world_size": world.world_size}
+        _write_json(out / f"{name}.json", entry)
     bar.close()
-    index["complete"] = len(index["shards"]) == num_shards
-    _write_index(out, index)
-    return {"frames": total, "shards": num_shards, "computed_frames": computed, "exit_layer": exit_layer, "out": str(out)}
+    world.barrier()
+    if world.is_main:
+        index["shards"] = [entry for shard, (lo, hi) in enumerate(plan) if (entry := _finished(out, shard, lo, hi)) is not None]
+        index["complete"] = len(index["shards"]) == len(plan)
+        index["world_size"] = world.world_size
+        _write_index(out, index)
+    computed = int(world.sum(torch.tensor([computed]))[0])  # a collective: no rank returns before the index is written
+    return {"frames": len(dataset), "shards": len(plan), "computed_frames": computed, "exit_layer": exit_layer, "out": str(out),
+            "world_size": world.world_size}
+
+
+def shard_plan(episode_ids: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
+    """Frame ranges `[lo, hi)` of the shards: whole consecutive episodes, up to `shard_size` frames (at least one episode).
+
+    `episode_ids` `[N]` is the episode of every frame, episodes contiguous. The plan depends on the data and
+    `shard_size` only, never on the number of ranks, so any world size (and any resumed run) computes the same
+    shards with the same batches.
+    """
+    if shard_size <= 0:
+        raise ConfigError(f"collect-features --shard-size: expected a positive int, got {shard_size}.")
+    bounds = np.flatnonzero(np.r_[True, episode_ids[1:] != episode_ids[:-1]]).tolist() + [len(episode_ids)]
+    plan: list[tuple[int, int]] = []
+    lo = 0
+    for begin, end in zip(bounds[:-1], bounds[1:], strict=True):  # one episode: frames [begin, end)
+        if begin > lo and end - lo > shard_size:
+            plan.append((lo, begin))
+            lo = begin
+    return plan + [(lo, len(episode_ids))]
+
+
+def _shard_name(shard: int) -> str:
+    return f"shard_{shard:05d}"
+
+
+def _finished(out: Path, shard: int, lo: int, hi: int) -> dict[str, Any] | None:
+    """The index entry of shard `shard` if its file and record are complete and match the plan, else None."""
+    record = out / f"{_shard_name(shard)}.json"
+    if not record.is_file():
+        return None
+    entry = json.loads(record.read_text())
+    file = out / entry["file"]
+    if (entry["first_frame"], entry["frames"]) != (lo, hi - lo) or not file.is_file() or sha256_file(file) != entry["sha256"]:
+        return None
+    return entry
 
 
 def _open_index(out: Path, main: MainModel, exit_layer: int, source: DataSource, total: int, shard_size: int) -> dict[str, Any]:
-    """Read the existing index (refusing another main model, exit layer or dataset) or start a new one."""
+    """Read the existing index (refusing another main model, exit layer, dataset or shard layout) or start a new one."""
     identity = {
         "main_fingerprint": main.fingerprint,
         "exit_layer": exit_layer,
         "data_sha256": source_fingerprint(source),
         "frames": total,
         "shard_size": shard_size,
+        "shard_layout": SHARD_LAYOUT,
     }
     path = out / INDEX
     if path.is_file():
@@ -134,7 +195,7 @@ def _open_index(out: Path, main: MainModel, exit_layer: int, source: DataSource,
             if index.get(key) != value:
                 raise CheckpointError(
                     f"{path}: this features folder holds {key} = {index.get(key)!r}, but this run has {value!r}. "
-                    "Features from different main models, exit layers or datasets cannot be mixed: use another --out."
+                    "Features from different main models, exit layers, datasets or shard layouts cannot be mixed: use another --out."
                 )
         return index
     return {
@@ -149,10 +210,15 @@ def _open_index(out: Path, main: MainModel, exit_layer: int, source: DataSource,
     }
 
 
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    """Write JSON atomically (a temporary file renamed over `path`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _write_index(out: Path, index: dict[str, Any]) -> None:
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(out / INDEX)
+    _write_json(out / INDEX, index)
 
 
 def load_features(directory: str | Path) -> Features:

@@ -12,9 +12,15 @@ cross-entropies are weighted by `policy_layer_weights` (coarse layers count more
 model; with `adapter` and `base` the base policy is fine-tuned the CogVLA way instead (LoRA on the LLM via peft, new
 modules and the head in full, vision frozen; `rsd.models.lora`) and `out/lora` holds the three-part checkpoint.
 
+Under torchrun the policy trains data-parallel (`parallel="ddp"`, or `"fsdp"` to shard the trained parameters
+when the model does not fit one device): every rank draws the same global batches and augmentation and computes
+its slice of each (`rsd.distributed.World.batch_share`), validation frames and rollout seeds are spread over the
+ranks and their sums reduced, and rank 0 alone writes.
+
 Usage:
     rsd train-policy --data runs/demo/demos.hdf5 --tokenizer runs/demo/tokenizer --preset tiny --out runs/demo/policy
     rsd train-policy --data D --tokenizer P/tokenizer --preset tiny-vit --base P --lora-rank 8 --aggregation-tokens 4 --lfp-layers 2,4 --out Q
+    torchrun --nproc-per-node 2 -m rsd.cli train-policy --data ... --tokenizer ... --out ... [--parallel fsdp]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from rsd import distributed
 from rsd.config import AdapterConfig, CogVLAConfig, PolicyTrainConfig, TrainConfig, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.data.dataset import FrameDataset, compute_statistics
@@ -42,6 +49,7 @@ from rsd.envs.base import is_env_name
 from rsd.errors import ConfigError, DataError
 from rsd.models.lora import build_policy_model
 from rsd.models.main import MainModel
+from rsd.models.processor import VLAInputs
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
@@ -64,6 +72,7 @@ def train_policy(
     cogvla: CogVLAConfig | None = None,
     adapter: AdapterConfig | None = None,
     base: str | Path | None = None,
+    parallel: str = "ddp",
 ) -> dict[str, Any]:
     """Train the main policy on the demonstrations in `data` and save the selected epoch to `out`.
 
@@ -105,6 +114,8 @@ def train_policy(
     main.tokenizer.requires_grad_(False)
     if freeze_backbone:
         main.vla.requires_grad_(False)
+    world = distributed.current()
+    model = distributed.Parallel(main, action_logits, parallel, find_unused_parameters=True)  # the VLA's lm_head is off the action path
     trainable = [p for p in main.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     train_rows = np.flatnonzero(np.isin(dataset.episode_ids, train_eps))
@@ -125,13 +136,15 @@ def train_policy(
         main.tokenizer.eval()
         order = rng.permutation(train_rows)
         losses = []
-        bar = tqdm(range(0, len(order), train.batch_size), desc=f"train-policy epoch {epoch + 1}/{train.epochs}", unit="batch", disable=not progress)
+        bar = tqdm(range(0, len(order), train.batch_size), desc=f"train-policy epoch {epoch + 1}/{train.epochs}", unit="batch", disable=not (progress and world.is_main))
         for start in bar:
             rows = order[start : start + train.batch_size]
             batch = dataset.batch(rows)
-            images = random_shift(batch.images, options.shift, augment_rng)
-            logits = main.head(main.vla(main.prepare(images, batch.instructions, batch.proprio)))
-            loss = token_loss(logits, targets[rows], layer_weights)
+            images = random_shift(batch.images, options.shift, augment_rng)  # the whole batch: every rank draws the same shifts
+            mine, weight = world.batch_share(len(rows))
+            proprio = None if batch.proprio is None else batch.proprio[mine]
+            logits = model(main.prepare(images[mine], [batch.instructions[i] for i in mine], proprio))
+            loss = token_loss(logits, targets[rows[mine]], layer_weights) * weight  # this rank's share of the batch mean, x world_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -139,11 +152,13 @@ def train_policy(
             scheduler.step()
             losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
-        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate_policy(main, dataset, val_rows, targets),
-                   "train_action_l1_per_dim": fit["val_action_l1_per_dim"], "seconds": time.perf_counter() - started}
-        if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
-            metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
+        train_loss = float(world.sum(torch.tensor(losses, dtype=torch.float64)).mean()) / world.world_size  # the global batches' mean losses
+        with model.gathered():  # FSDP: whole parameters on every rank while they validate different frames and seeds
+            fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss, **validate_policy(main, dataset, val_rows, targets),
+                       "train_action_l1_per_dim": fit["val_action_l1_per_dim"], "seconds": time.perf_counter() - started}
+            if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
+                metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
         history.append(metrics)
         if rollout_spec is not None and "rollout_success" not in metrics:
             continue
@@ -151,7 +166,8 @@ def train_policy(
         if best_score is None or score > best_score:
             best, best_score = metrics, score
             main.eval()
-            main.save(out)
+            if (saved := model.for_saving()) is not None:  # rank 0: `main` itself, or under FSDP its gathered copy
+                main.fingerprint = saved.eval().save(out)
     summary = {
         "best": best,
         "history": history,
@@ -165,9 +181,10 @@ def train_policy(
         "cogvla": to_dict(main.vla.config.cogvla),
         "adapter": None if adapter is None else {**to_dict(adapter), "base": str(base)},
         "seconds": time.perf_counter() - started,
-        "fingerprint": main.fingerprint,
+        "fingerprint": world.gather(main.fingerprint)[0],
     }
-    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world.is_main:
+        (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -192,10 +209,18 @@ def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: P
 
     main.eval()
     seeds = list(range(options.rollout_seed, options.rollout_seed + options.rollout_episodes))
-    report = evaluate(MainOnlyPolicy(main), env[0], seeds, progress=False, env_kwargs=env[1])
+    world = distributed.current()  # each rank plays its share of the seeds
+    mine = world.shard(seeds)
+    report = evaluate(MainOnlyPolicy(main), env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
+    successes = 0 if report is None else sum(e.success for e in report.episodes)
     main.train()
     main.tokenizer.eval()
-    return report.success_rate
+    return float(world.sum(torch.tensor([successes], dtype=torch.float64))[0]) / len(seeds)
+
+
+def action_logits(main: MainModel, inputs: VLAInputs) -> torch.Tensor:
+    """The training step's forward: RFSQ logits `[B, L, H*d, V]` of prepared inputs."""
+    return main.head(main.vla(inputs))
 
 
 def _check_proprio(source: DataSource, dataset: FrameDataset, proprio_dim: int, preset: str) -> None:
@@ -227,8 +252,10 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, layer_weights: torch
 
 @torch.inference_mode()
 def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, targets: torch.Tensor, batch_size: int = 128) -> dict[str, Any]:
-    """Per-layer token accuracy and decoded-action L1 (normalised units) of `main` on frames `rows`."""
+    """Per-layer token accuracy and decoded-action L1 (normalised units) of `main` on frames `rows` (spread over the ranks)."""
     main.eval()
+    world = distributed.current()
+    rows = np.asarray(world.shard(rows), dtype=np.int64)
     correct = torch.zeros(main.tokenizer.config.num_layers)
     action_error, count = torch.zeros(main.tokenizer.config.action_dim, dtype=torch.float64), 0
     scale = main.tokenizer.stats.normalized_scale()
@@ -241,6 +268,7 @@ def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, ta
         truth = torch.as_tensor(batch.actions, dtype=torch.float32)
         action_error += ((predicted - truth).abs() * scale).mean(dim=1).sum(dim=0).double()
         count += len(index)
+    correct, action_error, count = world.sum(correct), world.sum(action_error), int(world.sum(torch.tensor(count)))
     per_dim = action_error / count
     return {"val_layer_accuracy": [float(c) / count for c in correct], "val_action_l1": float(per_dim.mean()),
             "val_action_l1_per_dim": [round(float(v), 4) for v in per_dim]}

@@ -6,9 +6,12 @@ episode with the tail padded by the last action; the train/validation split is b
 #5). The loss is the MSE on normalised actions of the full reconstruction plus a quarter of the mean
 MSE of the partial ones (c = 1..L-1), so the coarse layers the draft predicts decode to a usable chunk.
 The report gives the validation MSE for every c, the per-dimension max error and the token usage per layer.
+Under torchrun the tokenizer is trained with DDP on slices of the same seeded global batches
+(`rsd.distributed.World.batch_share`); rank 0 alone writes.
 
 Usage:
     rsd train-tokenizer --data runs/demo/demos.hdf5 --out runs/demo/tokenizer
+    torchrun --nproc-per-node 2 -m rsd.cli train-tokenizer --data runs/demo/demos.hdf5 --out runs/demo/tokenizer
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rsd import distributed
 from rsd.config import TokenizerConfig, TrainConfig, to_dict
 from rsd.data.chunks import chunk_actions, split_episodes
 from rsd.data.source import DataSource, as_source, read_action_episodes, source_statistics
@@ -66,31 +70,36 @@ def train_tokenizer(
     val_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in val_ids]), dtype=torch.float32)
     tokenizer = ActionTokenizer(config, stats)
     _, clipped_train = tokenizer.normalize(train_chunks, warn=False)
+    world = distributed.current()
+    model = distributed.Parallel(tokenizer, tokenizer_loss)
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_chunks) / train.batch_size)
     scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(train.seed)
     history = []
     started = time.perf_counter()
-    bar = tqdm(range(train.epochs), desc="train-tokenizer", unit="epoch", disable=not progress)
+    bar = tqdm(range(train.epochs), desc="train-tokenizer", unit="epoch", disable=not (progress and world.is_main))
     for epoch in bar:
         tokenizer.train()
         order = torch.randperm(len(train_chunks), generator=generator)
         losses = []
         for start in range(0, len(order), train.batch_size):
-            batch = train_chunks[order[start : start + train.batch_size]]
-            loss = tokenizer_loss(tokenizer, batch)
+            rows = order[start : start + train.batch_size]
+            mine, weight = world.batch_share(len(rows))
+            loss = model(train_chunks[rows[torch.as_tensor(mine)]]) * weight  # this rank's share of the batch mean, x world_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
         val = evaluate_tokenizer(tokenizer, val_chunks)
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_mse_full": val["val_mse_by_layers"][-1]})
+        train_loss = float(world.sum(torch.tensor(losses, dtype=torch.float64)).mean()) / world.world_size  # the global batches' mean losses
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_mse_full": val["val_mse_by_layers"][-1]})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.2e}", val=f"{history[-1]['val_mse_full']:.2e}")
     seconds = time.perf_counter() - started
     tokenizer.eval()
-    tokenizer.save(out)
+    if world.is_main:
+        tokenizer.save(out)
     _, clipped_val = tokenizer.normalize(val_chunks, warn=False)
     report = {
         **evaluate_tokenizer(tokenizer, val_chunks),
@@ -106,8 +115,9 @@ def train_tokenizer(
         "statistics": stats.to_json(),
         "statistics_source": statistics_source,
     }
-    Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(out, "report.md").write_text(format_tokenizer_report(report))
+    if world.is_main:
+        Path(out, "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        Path(out, "report.md").write_text(format_tokenizer_report(report))
     return report
 
 

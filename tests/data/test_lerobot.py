@@ -29,8 +29,8 @@ from rsd.data.source import DataSource, read_action_episodes, read_episodes, sou
 from rsd.data.video import VIDEO_SETTINGS, VideoWriter  # noqa: E402
 from rsd.envs.demos import generate_demos  # noqa: E402
 from rsd.errors import ConfigError, DataError  # noqa: E402
-from rsd.runtime.policy import load_main  # noqa: E402
 from rsd.io import sha256_file  # noqa: E402
+from rsd.runtime.policy import load_main  # noqa: E402
 
 FIELD = Path(__file__).parent / "lerobot_v3_tiny"
 

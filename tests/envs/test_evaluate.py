@@ -105,3 +105,22 @@ def test_parallel_evaluation_matches_the_sequential_one(tmp_path):
     assert parallel.acceptance_rate is None and parallel.latency_ms is None and parallel.policy == "MainOnlyPolicy"
     with pytest.raises(ConfigError, match="expected its folder"):
         compare_policies(make_tiny_main(), "tabletop", seeds, workers=2)
+
+
+def test_merged_shares_equal_one_run_per_seed_with_acceptance_weighted_by_chunks():
+    from rsd.envs.evaluate import merge_reports
+
+    env = TabletopEnv()
+    seeds = [200, 201, 202, 203, 204]
+    whole = evaluate(ExpertPolicy(env), env, seeds=seeds, progress=False)
+    parts = [evaluate(ExpertPolicy(env), env, seeds=share, progress=False) for share in (seeds[1::2], seeds[0::2])]
+    merged = merge_reports(parts)
+    assert merged.episodes == whole.episodes  # seed order, the same outcome per seed
+    assert merged.chunks == whole.chunks == sum(e.length for e in whole.episodes)
+    accepted = sum(round(p.acceptance_rate * p.chunks) for p in parts)
+    assert merged.acceptance_rate == pytest.approx(accepted / merged.chunks)
+    assert merged.latency_ms is None and parts[0].latency_ms is not None  # p50 of processes sharing a machine does not combine
+    assert merge_reports(parts[:1]) is parts[0]
+    with pytest.raises(ConfigError, match="disjoint"):
+        merge_reports([parts[0], parts[0]])
+
