@@ -31,6 +31,7 @@ from rsd.data.dataset import FrameDataset, compute_statistics
 from rsd.data.hdf5 import read_demos, read_env_spec
 from rsd.data.stats import DatasetStatistics
 from rsd.errors import ConfigError, DataError
+from rsd.io import writes_artifact
 from rsd.models.heads import RFSQHead
 from rsd.models.main import MainModel
 from rsd.models.vla import PrismaticVLA
@@ -39,6 +40,7 @@ from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
 
 
+@writes_artifact("policy")
 def train_policy(
     data: str | Path,
     tokenizer: str | Path,
@@ -56,6 +58,7 @@ def train_policy(
     With `options.select_by == "rollouts"` the policy is run closed-loop every `rollout_every` epochs on
     held-out seeds of `rollout_env` (default: the environment recorded in the data file) and the epoch with the
     highest success (ties: lower validation L1) is kept; otherwise the epoch with the lowest validation L1.
+    `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing policy there needs `overwrite=True`.
     """
     spec = get_preset(preset)
     train = train or spec.policy_train

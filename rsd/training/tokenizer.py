@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -28,12 +29,17 @@ from rsd.data.actions import load_action_episodes
 from rsd.data.chunks import chunk_actions, split_episodes
 from rsd.data.stats import ActionStats
 from rsd.errors import DataError
+from rsd.io import writes_artifact
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer
 
+log = logging.getLogger(__name__)
+
 PARTIAL_WEIGHT = 0.25  # weight of the mean partial-reconstruction MSE in the loss
+OUTLIER_RANGES = 10.0  # an action further than this many q01..q99 ranges outside them is refused as corrupt, not clipped
 
 
+@writes_artifact("tokenizer")
 def train_tokenizer(
     episodes: Sequence[np.ndarray],
     config: TokenizerConfig,
@@ -42,7 +48,10 @@ def train_tokenizer(
     episode_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a tokenizer on per-episode actions `[T_i, A]`, save it to `out` with `report.json`/`report.md`."""
+    """Train a tokenizer on per-episode actions `[T_i, A]`, save it to `out` with `report.json`/`report.md`.
+
+    `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing tokenizer there needs `overwrite=True`.
+    """
     ids = list(range(len(episodes))) if episode_ids is None else [int(i) for i in episode_ids]
     if len(ids) != len(episodes):
         raise DataError(f"train-tokenizer: expected one episode id per episode ({len(episodes)}), got {len(ids)}.")
@@ -53,10 +62,14 @@ def train_tokenizer(
     train_ids, val_ids = split_episodes(ids, train.val_fraction, train.seed)
     by_id = dict(zip(ids, episodes, strict=False))
     stats = ActionStats.from_actions(np.concatenate([by_id[i] for i in train_ids]))
+    check_outliers(by_id, stats)
     train_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in train_ids]), dtype=torch.float32)
     val_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in val_ids]), dtype=torch.float32)
     tokenizer = ActionTokenizer(config, stats)
     _, clipped_train = tokenizer.normalize(train_chunks, warn=False)
+    if clipped_train:
+        log.warning("train-tokenizer: %d training action values lie outside the q01..q99 range and are clipped to it "
+                    "(counted in report.json, clipped_values).", clipped_train)
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_chunks) / train.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=train.epochs * steps_per_epoch,
@@ -102,6 +115,21 @@ def train_tokenizer(
     return report
 
 
+def check_outliers(episodes: dict[int, np.ndarray], stats: ActionStats) -> None:
+    """Refuse an action further than OUTLIER_RANGES q01..q99 ranges outside them (a corrupt value, not one to clip)."""
+    low, high = np.asarray(stats.q01), np.asarray(stats.q99)
+    margin = OUTLIER_RANGES * np.maximum(high - low, 1e-6)
+    for episode_id, actions in episodes.items():
+        far = (actions < low - margin) | (actions > high + margin)
+        if far.any():
+            step, dim = (int(i) for i in np.argwhere(far)[0])
+            raise DataError(
+                f"train-tokenizer: episode {episode_id} step {step} action dim {dim}: expected a value within {OUTLIER_RANGES:g}× "
+                f"the q01..q99 range [{low[dim]:.4g}, {high[dim]:.4g}] of the training actions, got {actions[step, dim]:.4g} "
+                f"({int(far.sum())} such values in this episode). Fix or drop the episode; rsd does not clip corrupt values silently."
+            )
+
+
 def tokenizer_loss(tokenizer: ActionTokenizer, chunks: torch.Tensor) -> torch.Tensor:
     """MSE of the full reconstruction plus PARTIAL_WEIGHT × the mean MSE with c = 1..L-1 layers (normalised units)."""
     target, _ = tokenizer.normalize(chunks, warn=False)
@@ -142,8 +170,8 @@ def format_tokenizer_report(report: dict[str, Any]) -> str:
 
 
 def train_tokenizer_from_file(data: str | Path, out: str | Path, preset: str = "tiny", train: TrainConfig | None = None,
-                              progress: bool = True) -> dict[str, Any]:
+                              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train the preset's tokenizer on the actions of an NPZ or LIBERO-layout HDF5 file (`train-tokenizer`)."""
     spec = get_preset(preset)
     episodes, ids = load_action_episodes(data)
-    return train_tokenizer(episodes, spec.tokenizer, train or spec.tokenizer_train, out, ids, progress)
+    return train_tokenizer(episodes, spec.tokenizer, train or spec.tokenizer_train, out, ids, progress, overwrite=overwrite)
