@@ -3,6 +3,12 @@
 Heavy modules are imported inside the commands, so `rsd --help` stays fast. `export-draft` and `bench-latency`
 are also console scripts of their own (`export_draft_main`, `bench_latency_main`).
 
+Every numeric option has a click range, so a zero batch size or iteration count is refused before anything runs.
+An error rsd raises on purpose (`rsd.errors.RsdError`) is printed as one line and exits with status 1; any other
+exception is a bug in rsd: it is printed as one line asking for a report and exits with status 70
+(`EXIT_BUG`), and `--debug` shows its traceback instead. Commands that write an artifact refuse an existing one
+unless given `--overwrite` (`rsd.io.staged_dir`).
+
 Usage:
     rsd --help
     rsd presets tiny
@@ -14,31 +20,76 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from rsd.config import TrainConfig, to_dict
-from rsd.errors import RsdError
+from rsd.errors import ConfigError, RsdError
 from rsd.presets import get_preset
+
+EXIT_BUG = 70  # exit status of an unexpected exception (sysexits' EX_SOFTWARE)
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+POSITIVE_FLOAT = click.FloatRange(min=0.0, min_open=True)
+NON_NEGATIVE_FLOAT = click.FloatRange(min=0.0)
+OPEN_UNIT = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
+UNIT = click.FloatRange(0.0, 1.0)
+IMAGE_SIDE = click.IntRange(min=8)
+
+
+class TauType(click.ParamType):
+    """A gate threshold: a float in [0, 1] (the draft's confidence is a probability) or inf (never accept)."""
+
+    name = "tau"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """`value` as a float in [0, 1] or inf."""
+        try:
+            tau = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a number in [0, 1] or inf, got {value!r}.", param, ctx)
+        if not (0.0 <= tau <= 1.0 or tau == math.inf):
+            self.fail(f"expected a number in [0, 1] or inf, got {value!r}.", param, ctx)
+        return tau
+
+
+TAU = TauType()
+
+
+def exit_on_error(error: Exception, debug: bool) -> NoReturn:
+    """End the command for an exception that reached the command line: one line and an exit status (a bug re-raised under `debug`)."""
+    if isinstance(error, RsdError):
+        click.echo(f"Error: {type(error).__name__}: {error}", err=True)
+        raise SystemExit(1) from error
+    if debug:
+        raise error
+    click.echo(f"Error: internal error, a bug in rsd ({type(error).__name__}: {error}). Re-run with --debug for the traceback "
+               "and please report it.", err=True)
+    raise SystemExit(EXIT_BUG) from error
 
 
 class RsdGroup(click.Group):
-    """A click group that prints rsd's own errors as one clear line and exits with status 1."""
+    """A click group that prints rsd's own errors as one clear line (status 1) and a bug as one line (status 70)."""
 
     def invoke(self, ctx: click.Context) -> object:
-        """Run the command; an RsdError becomes a ClickException carrying its message."""
+        """Run the command; click's own exceptions pass, any other ends it through `exit_on_error`."""
         try:
             return super().invoke(ctx)
-        except RsdError as error:
-            raise click.ClickException(f"{type(error).__name__}: {error}") from error
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as error:  # the one place every failure becomes an exit status
+            exit_on_error(error, bool(ctx.params.get("debug")))
 
 
 @click.group(cls=RsdGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (a bug) instead of one line.")
+def main(verbose: bool, debug: bool) -> None:
     """rsd: early-exit speculative drafting for OpenVLA-class robot policies."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -58,15 +109,62 @@ def _train_config(preset: str, stage: str, epochs: int | None, batch_size: int |
     return dataclasses.replace(base, **changes)
 
 
+OVERWRITE = click.option("--overwrite", is_flag=True,
+                         help="Replace an existing artifact of the same kind at --out (the old one stays intact until the new one is complete).")
+
+
+def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """How to read a demonstration file written by another tool (`rsd.data.source.DataSource`)."""
+    for option in reversed(
+        [
+            click.option("--data-config", type=click.Path(exists=True, dir_okay=False), default=None,
+                         help="Per-dataset JSON with any of cameras, proprio_keys, image_size, image_convention (options below win)."),
+            click.option("--camera", "cameras", multiple=True, help="Camera to load (agentview for obs/agentview_rgb); repeat for more "
+                         "(default: every camera)."),
+            click.option("--proprio-keys", default=None, help="Comma-separated obs datasets for proprio, or 'none' "
+                         "(default: ee_pos,ee_ori,gripper_states when the file has them)."),
+            click.option("--image-size", type=IMAGE_SIDE, default=None, help="Resize frames to this side (default: the model's image size)."),
+            click.option("--image-convention", type=click.Choice(["opengl", "opencv"]), default=None,
+                         help="opengl: frames stored upside down (robosuite), opencv: upright (default: the file's "
+                         "macros_image_convention; a file without one is refused)."),
+            click.option("--instruction", default=None, help="Instruction of every demo, for files without one (robomimic's)."),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def _data_source(data: str, model_image_size: int, data_config: str | None, cameras: tuple[str, ...], proprio_keys: str | None,
+                 image_size: int | None, image_convention: str | None, instruction: str | None) -> Any:
+    """The DataSource the data options describe: options first, then --data-config, then the model's image size."""
+    from rsd.data.source import DataSource
+
+    keys = None if proprio_keys is None else () if proprio_keys.strip().lower() == "none" else tuple(
+        k.strip() for k in proprio_keys.split(",") if k.strip())
+    choices = {"cameras": cameras or None, "proprio_keys": keys, "image_size": image_size, "image_convention": image_convention,
+               "instruction": instruction}
+    source = DataSource(data, **choices) if data_config is None else DataSource.from_config(data, data_config, **choices)
+    return source if source.image_size is not None else dataclasses.replace(source, image_size=model_image_size)
+
+
+def _model_image_size(policy: str) -> int:
+    """The image side of the policy folder's model (from its vla/model.json, without loading weights)."""
+    from rsd.config import VLAConfig, from_dict
+    from rsd.io import read_manifest
+
+    return from_dict(VLAConfig, read_manifest(Path(policy) / "vla", "model", kind="vla")["config"]).image_size
+
+
 def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """The optimisation options shared by the training commands (defaults from the preset)."""
     for option in reversed(
         [
             click.option("--preset", default="tiny", show_default=True, help="Preset whose configs and defaults are used."),
-            click.option("--epochs", type=int, default=None, help="Epochs (default: the preset's)."),
-            click.option("--batch-size", type=int, default=None, help="Batch size (default: the preset's)."),
-            click.option("--lr", type=float, default=None, help="Peak learning rate (default: the preset's)."),
-            click.option("--seed", type=int, default=None, help="Seed of the split, initialisation and shuffling."),
+            click.option("--epochs", type=POSITIVE, default=None, help="Epochs (default: the preset's)."),
+            click.option("--batch-size", type=POSITIVE, default=None, help="Batch size (default: the preset's)."),
+            click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Peak learning rate (default: the preset's)."),
+            click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed of the split, initialisation and shuffling."),
+            OVERWRITE,
         ]
     ):
         function = option(function)
@@ -74,14 +172,16 @@ def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @main.command("synthetic-actions")
-@click.option("--episodes", default=200, show_default=True, help="Episodes to generate.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the generator.")
+@click.option("--episodes", type=POSITIVE, default=200, show_default=True, help="Episodes to generate.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the generator.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="NPZ file to write (actions, episode_ends, episode_ids).")
-def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
+@OVERWRITE
+def synthetic_actions_command(episodes: int, seed: int, out: str, overwrite: bool) -> None:
     """Write the documented smooth synthetic action set (for checking the tokenizer)."""
     from rsd.data.actions import write_action_episodes
     from rsd.data.synthetic import synthetic_action_episodes
 
+    _refuse_existing_file(out, overwrite)
     write_action_episodes(out, synthetic_action_episodes(episodes, seed=seed))
     click.echo(json.dumps({"episodes": episodes, "out": out}))
 
@@ -91,11 +191,12 @@ def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer folder to write.")
 @_train_options
 def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
-                            seed: int | None) -> None:
+                            seed: int | None, overwrite: bool) -> None:
     """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
     from rsd.training.tokenizer import train_tokenizer_from_file
 
-    report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed))
+    report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed),
+                                       overwrite=overwrite)
     click.echo(json.dumps({"val_mse_by_layers": report["val_mse_by_layers"], "train_seconds": report["train_seconds"]}))
 
 
@@ -104,28 +205,42 @@ def train_tokenizer_command(data: str, out: str, preset: str, epochs: int | None
 @click.option("--tokenizer", required=True, type=click.Path(exists=True, file_okay=False), help="Trained tokenizer folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Policy folder to write.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the RFSQ head on a frozen backbone.")
+@click.option("--select-by", type=click.Choice(["rollouts", "val_l1"]), default=None,
+              help="Keep the epoch with the best closed-loop success or validation L1 (default: the preset's).")
+@click.option("--rollout-env", default=None, help="Environment of the selection rollouts (default: the one the data file records).")
 @_train_options
-def train_policy_command(data: str, tokenizer: str, out: str, freeze_backbone: bool, preset: str, epochs: int | None,
-                         batch_size: int | None, lr: float | None, seed: int | None) -> None:
+@_data_options
+def train_policy_command(data: str, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
+                         preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool,
+                         **data_options: Any) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens."""
     from rsd.training.policy import train_policy
 
-    summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone)
+    spec = get_preset(preset)
+    options = spec.policy_options if select_by is None else dataclasses.replace(spec.policy_options, select_by=select_by)
+    source = _data_source(data, spec.model.image_size, **data_options)
+    summary = train_policy(source, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
+                           options=options, rollout_env=rollout_env, overwrite=overwrite)
     click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 
 
 @main.command("collect-features")
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (the frozen main model).")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Demonstrations (LIBERO HDF5 layout).")
-@click.option("--exit-layer", required=True, type=int, help="Layer k whose query hidden state the draft reads.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder (resumed if it exists).")
-@click.option("--shard-size", default=2048, show_default=True, help="Frames per shard.")
-@click.option("--batch-size", default=64, show_default=True, help="Frames per forward pass.")
-def collect_features_command(policy: str, data: str, exit_layer: int, out: str, shard_size: int, batch_size: int) -> None:
+@click.option("--exit-layer", required=True, type=NON_NEGATIVE, help="Layer k whose query hidden state the draft reads.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Features folder to write (an interrupted run is resumed from .OUT.partial by the same command).")
+@click.option("--shard-size", type=POSITIVE, default=2048, show_default=True, help="Frames per shard.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Frames per forward pass.")
+@OVERWRITE
+@_data_options
+def collect_features_command(policy: str, data: str, exit_layer: int, out: str, shard_size: int, batch_size: int, overwrite: bool,
+                             **data_options: Any) -> None:
     """Store exit-layer hidden states, main logits and tokens for every frame (sharded, resumable)."""
     from rsd.training.features import collect_features
 
-    click.echo(json.dumps(collect_features(policy, data, exit_layer, out, shard_size, batch_size)))
+    source = _data_source(data, _model_image_size(policy), **data_options)
+    click.echo(json.dumps(collect_features(policy, source, exit_layer, out, shard_size, batch_size, overwrite=overwrite)))
 
 
 @main.command("train-draft")
@@ -133,15 +248,16 @@ def collect_features_command(policy: str, data: str, exit_layer: int, out: str, 
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Draft folder to write.")
 @click.option("--targets", type=click.Choice(["main", "ground_truth"]), default="main", show_default=True,
               help="Distil the main model's tokens, or fit the ground-truth tokens.")
-@click.option("--kl-weight", default=0.8, show_default=True, help="Weight of KL(main || draft).")
-@click.option("--accept-weight", default=0.3, show_default=True, help="Weight of the acceptance (total-variation) loss.")
+@click.option("--kl-weight", type=NON_NEGATIVE_FLOAT, default=0.8, show_default=True, help="Weight of KL(main || draft).")
+@click.option("--accept-weight", type=NON_NEGATIVE_FLOAT, default=0.3, show_default=True, help="Weight of the acceptance (total-variation) loss.")
 @_train_options
 def train_draft_command(features: str, out: str, targets: str, kl_weight: float, accept_weight: float, preset: str,
-                        epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
+                        epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
     """Train the draft's input projection and head on collected features."""
     from rsd.training.draft import train_draft
 
-    summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, seed), targets, kl_weight, accept_weight)
+    summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, seed), targets, kl_weight, accept_weight,
+                          overwrite=overwrite)
     click.echo(json.dumps({"best": summary["best"], "parameters": summary["parameters"]}))
 
 
@@ -149,25 +265,37 @@ def train_draft_command(features: str, out: str, targets: str, kl_weight: float,
 @click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Trained draft folder.")
 @click.option("--features", required=True, type=click.Path(exists=True, file_okay=False), help="Features folder the draft was trained on.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="calibration.json to write (default: DRAFT/calibration.json).")
-@click.option("--eps", default=0.05, show_default=True, help="Chunk error (max-abs, normalised units) that counts as a failure.")
-@click.option("--target-risk", default=0.02, show_default=True, help="Highest acceptable share of failing accepted chunks.")
-@click.option("--statistic", type=click.Choice(["auto", "mean", "min"]), default="auto", show_default=True, help="Gate statistic.")
-def calibrate(draft: str, features: str, out: str | None, eps: float, target_risk: float, statistic: str) -> None:
-    """Measure coverage/risk over tau on held-out episodes and pick tau for a target risk."""
+@click.option("--alpha", type=OPEN_UNIT, default=0.05, show_default=True, help="Highest acceptable risk P(accepted and bad).")
+@click.option("--delta", type=OPEN_UNIT, default=0.1, show_default=True, help="The guarantee holds with probability at least 1 - delta.")
+@click.option("--tolerance", type=POSITIVE_FLOAT, default=1.0, show_default=True,
+              help="A drafted step is bad beyond this many times the main model's own error against the expert.")
+@click.option("--mode", type=click.Choice(["chunk", "prefix"]), default="prefix", show_default=True,
+              help="Accept the whole chunk, or its confident leading steps (partial acceptance).")
+@click.option("--statistic", type=click.Choice(["mean", "min"]), default="min", show_default=True, help="Chunk-mode gate statistic.")
+@click.option("--min-steps", type=POSITIVE, default=4, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the calibration/test split.")
+@OVERWRITE
+def calibrate(draft: str, features: str, out: str | None, alpha: float, delta: float, tolerance: float, mode: str, statistic: str,
+              min_steps: int, seed: int, overwrite: bool) -> None:
+    """Certify tau on held-out episodes (Learn-then-Test) and report coverage and risk on a test half."""
     from rsd.training.calibrate import calibrate as run_calibration
 
-    report = run_calibration(draft, features, out or str(Path(draft) / "calibration.json"), eps, target_risk, statistic)
-    click.echo(json.dumps({k: report[k] for k in ("tau", "gate_statistic", "test")}))
+    report = run_calibration(draft, features, out or str(Path(draft) / "calibration.json"), alpha, delta, tolerance, mode, statistic,
+                             min_steps, seed, overwrite=overwrite)
+    click.echo(json.dumps({k: report[k] for k in ("tau", "gate", "test")}))
 
 
-def _int_list(text: str | None) -> list[int] | None:
-    """Parse "8,16,24" into [8, 16, 24]."""
+def _exit_layers(ctx: click.Context, param: click.Parameter, text: str | None) -> list[int] | None:
+    """Parse --exit-layers "8,16,24" into [8, 16, 24] (click callback)."""
     if not text:
         return None
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
         raise click.BadParameter(f"expected comma-separated integers such as 8,16,24, got {text!r}") from error
+    if any(layer < 0 for layer in layers):
+        raise click.BadParameter(f"expected exit layers >= 0, got {text!r}")
+    return layers
 
 
 @main.command("bench-latency")
@@ -177,22 +305,27 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--random-weights", is_flag=True, help="Random weights in the preset's shapes: latency only.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on cpu, fp16 on cuda).")
-@click.option("--iters", default=50, show_default=True, help="Timed iterations per stage.")
-@click.option("--warmup", default=10, show_default=True, help="Untimed warm-up iterations per stage (excluded).")
-@click.option("--exit-layers", default=None, help="Comma-separated exit layers, e.g. 8,16,24 (default: N/4, N/2, 3N/4 or the bundle's).")
-@click.option("--acceptance", type=float, default=None, help="Acceptance rate for the speed-up when no observations are replayed.")
+@click.option("--iters", type=POSITIVE, default=50, show_default=True, help="Timed iterations per stage.")
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Untimed warm-up iterations per stage (excluded).")
+@click.option("--exit-layers", default=None, callback=_exit_layers,
+              help="Comma-separated exit layers, e.g. 8,16,24 (default: N/4, N/2, 3N/4 or the bundle's).")
+@click.option("--acceptance", type=UNIT, default=None, help="Acceptance rate for the speed-up when no observations are replayed.")
 @click.option("--observations", type=click.Path(exists=True, dir_okay=False), default=None, help="Demo file whose frames are replayed.")
-@click.option("--tau", type=float, default=None, help="Gate threshold for the replay (default: the bundle's).")
+@click.option("--tau", type=TAU, default=None, help="Gate threshold for the replay, in [0, 1] or inf (default: the bundle's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write the latency-vs-acceptance plot (PNG).")
+@_data_options
 def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str | None, random_weights: bool, device: str | None,
-                          dtype: str | None, iters: int, warmup: int, exit_layers: str | None, acceptance: float | None,
-                          observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None) -> None:
+                          dtype: str | None, iters: int, warmup: int, exit_layers: list[int] | None, acceptance: float | None,
+                          observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None,
+                          **data_options: Any) -> None:
     """Time draft vs main stages and the speculative policy vs the baseline."""
     from rsd.bench.latency import run_bench_latency
     from rsd.bench.report import json_line
 
-    report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, _int_list(exit_layers),
+    if observations is not None and main_dir is not None:
+        observations = _data_source(observations, _model_image_size(main_dir), **data_options)
+    report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, exit_layers,
                                acceptance, observations, tau=tau, json_path=json_path, plot_path=plot_path)
     click.echo(report["markdown"])
     click.echo(json_line(report))
@@ -201,25 +334,29 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
 @click.option("--quick", is_flag=True, help="A smaller run (under a minute on 2 cores) that exercises every step.")
-def demo(out: str, quick: bool) -> None:
+@OVERWRITE
+def demo(out: str, quick: bool, overwrite: bool) -> None:
     """Run the whole pipeline on the CPU with built-in data and write OUT/report.md."""
     from rsd.demo import run_demo
 
-    run_demo(out, quick)
+    run_demo(out, quick, overwrite=overwrite)
 
 
 @main.command("generate-demos")
 @click.option("--env", "env_name", default="tabletop", show_default=True, help="tabletop or robosuite:<Task>.")
-@click.option("--episodes", default=200, show_default=True, help="Expert episodes to run (failures are dropped).")
+@click.option("--episodes", type=POSITIVE, default=200, show_default=True, help="Expert episodes to run (failures are dropped).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write (LIBERO layout).")
-@click.option("--seed", default=0, show_default=True, help="First seed (episodes use seed .. seed+episodes-1).")
-@click.option("--image-size", default=64, show_default=True, help="Side of the rendered camera frames.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="First seed (episodes use seed .. seed+episodes-1).")
+@click.option("--image-size", type=IMAGE_SIDE, default=64, show_default=True, help="Side of the rendered camera frames.")
 @click.option("--task-family", default=None, type=click.Choice(["any", "pick_place", "next_to"]),
               help="Tabletop task family (default: the world's own, both families).")
-def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None) -> None:
+@OVERWRITE
+def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None,
+                           overwrite: bool) -> None:
     """Write scripted-expert demonstrations to an HDF5 file."""
     from rsd.envs.demos import generate_demos
 
+    _refuse_existing_file(out, overwrite)
     options = {} if task_family is None else {"task_family": task_family}
     summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, **options)
     click.echo(
@@ -232,15 +369,15 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (main model).")
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None, help="Bundle: also run SpeculativePolicy.")
 @click.option("--env", "env_name", default="tabletop", show_default=True, help="Environment, e.g. tabletop or robosuite:Lift.")
-@click.option("--episodes", default=50, show_default=True, help="Episodes per policy (seeds seed .. seed+episodes-1).")
-@click.option("--seed", default=10_000, show_default=True, help="First seed.")
+@click.option("--episodes", type=POSITIVE, default=50, show_default=True, help="Episodes per policy (seeds seed .. seed+episodes-1).")
+@click.option("--seed", type=NON_NEGATIVE, default=10_000, show_default=True, help="First seed.")
 @click.option("--video", type=click.Path(file_okay=False), default=None, help="Folder for one video per episode.")
 @click.option("--video-format", default="gif", show_default=True, type=click.Choice(["gif", "mp4"]), help="mp4 needs imageio-ffmpeg.")
 @click.option("--device", default=None, help="cpu or cuda (default: resolved and logged).")
 @click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
-@click.option("--tau", type=float, default=None, help="Gate threshold (default: the bundle's).")
+@click.option("--tau", type=TAU, default=None, help="Gate threshold, in [0, 1] or inf (default: the bundle's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the reports as JSON.")
-@click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
+@click.option("--image-size", type=IMAGE_SIDE, default=None, help="Camera frame side the environment renders (default: the policy's image size).")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
               help="LIBERO scene assets folder (libero:* environments; default: LIBERO's config).")
 def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
@@ -252,8 +389,10 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
 
     if libero_assets and not env_name.startswith("libero:"):
         raise click.BadParameter(f"--libero-assets applies to libero:* environments, got --env {env_name}.")
-    env_kwargs = {k: v for k, v in {"image_size": image_size, "assets": libero_assets}.items() if v is not None}
-    reports = compare_policies(load_main(policy, device, None), env_name, list(range(seed, seed + episodes)), bundle=bundle,
+    main_model = load_main(policy, device, None)
+    size = image_size or main_model.vla.config.image_size
+    env_kwargs = {k: v for k, v in {"image_size": size, "assets": libero_assets}.items() if v is not None}
+    reports = compare_policies(main_model, env_name, list(range(seed, seed + episodes)), bundle=bundle,
                                engine=engine, taus={"speculative": tau}, video_dir=video, video_format=video_format,
                                env_kwargs=env_kwargs)
     for name, report in reports.items():
@@ -261,7 +400,9 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
     if line := format_comparison(reports):
         click.echo(line)
     if json_path:
-        Path(json_path).write_text(json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
+        from rsd.io import write_text_atomic
+
+        write_text_atomic(json_path, json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
 
 
 @main.command("export-draft")
@@ -271,20 +412,21 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
               help="calibration.json (rsd calibrate); without it tau = inf (never accept).")
 @click.option("--features", type=click.Path(exists=True, file_okay=False), default=None,
               help="Features folder: parity on the draft's held-out episodes (default: seeded random rows).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write (replaces an earlier bundle).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--formats", default="onnx,torchscript", show_default=True, help="Comma-separated: onnx, torchscript, tensorrt.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Draft engine precision (decoders stay fp32).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset, 18 or later (default: the exporter's).")
 @click.option("--device", default="cpu", show_default=True, help="Device to build and check the engines on (cpu or cuda).")
 @click.option("--dry-run", is_flag=True, help="Plan TensorRT engines in the manifest (built: false) without building them.")
+@OVERWRITE
 def export_draft_command(draft: str, tokenizer: str, calibration: str | None, features: str | None, out: str, formats: str,
-                         precision: str, opset: int | None, device: str, dry_run: bool) -> None:
+                         precision: str, opset: int | None, device: str, dry_run: bool, overwrite: bool) -> None:
     """Compile the draft and decoders, check parity against PyTorch, and write a bundle."""
     from rsd.bundle import parity_text
     from rsd.export import export_draft
 
     report = export_draft(draft, tokenizer, out, formats=formats.split(","), precision=precision, calibration=calibration,
-                          features=features, dry_run=dry_run, opset=opset, device=device)
+                          features=features, dry_run=dry_run, opset=opset, device=device, overwrite=overwrite)
     for engine in report["engines"]:
         seconds = "-" if engine["export_seconds"] is None else f"{engine['export_seconds']:.2f} s"
         click.echo(f"{engine['name']:<12} {engine['format']:<12} {engine['precision']:<5} {seconds:>8} "
@@ -295,12 +437,16 @@ def export_draft_command(draft: str, tokenizer: str, calibration: str | None, fe
 @main.command("inspect")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 def inspect_command(bundle: str) -> None:
-    """Print a bundle's manifest and re-verify every file hash (non-zero exit on a mismatch)."""
-    from rsd.bundle import format_manifest, read_manifest, verify_bundle
+    """Verify a bundle (manifest schema and digest, confined paths, every file hash), then print its manifest."""
+    from rsd.bundle import DIGEST_FILE, format_manifest, manifest_digest, verify_bundle
 
-    click.echo(format_manifest(read_manifest(bundle)))
-    verify_bundle(bundle)
-    click.echo("\nall file hashes verified")
+    manifest = verify_bundle(bundle)
+    digest = manifest_digest(bundle)
+    click.echo(format_manifest(manifest))
+    click.echo(f"\nmanifest digest: sha256 {digest[:16]}… matches {DIGEST_FILE}" if digest else
+               f"\nmanifest digest: none recorded ({DIGEST_FILE} missing: written before rsd recorded one); "
+               "edits to manifest.json cannot be detected. Re-export the bundle to add one.")
+    click.echo("all file hashes verified")
 
 
 @main.command("inspect-main")
@@ -312,19 +458,25 @@ def inspect_main_command(path: str) -> None:
     click.echo(json.dumps(inspect_main_folder(path), indent=2))
 
 
+def _refuse_existing_file(out: str, overwrite: bool) -> None:
+    """Refuse to replace an existing output file unless --overwrite is given."""
+    if Path(out).exists() and not overwrite:
+        raise ConfigError(f"--out {out}: exists already; pass --overwrite to replace it (the new file replaces it only once complete).")
+
+
 def run_standalone(command: click.Command) -> None:
-    """Run one command of the group as its own console script, with the group's logging and error handling."""
+    """Run one command of the group as its own console script, with the group's logging and error handling (and --debug)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:]
     try:
-        command.main(standalone_mode=False)
+        command.main(args=[a for a in args if a != "--debug"], standalone_mode=False)
     except click.exceptions.Abort:
         raise SystemExit(1) from None
     except click.ClickException as error:
         error.show()
         raise SystemExit(error.exit_code) from error
-    except RsdError as error:
-        click.echo(f"Error: {type(error).__name__}: {error}", err=True)
-        raise SystemExit(1) from error
+    except Exception as error:  # the one place every failure becomes an exit status
+        exit_on_error(error, "--debug" in args)
 
 
 def bench_latency_main() -> None:

@@ -93,3 +93,29 @@ def test_a_robomimic_layout_file_trains_once_told_what_the_file_does_not_say(tmp
                         instruction="lift the cube")
     main = _train(source, tmp_path, "tiny-no-proprio")
     assert main.vla.config.proprio_dim == 0 and main.statistics.proprio is None
+
+
+@pytest.mark.slow
+def test_the_command_line_reads_a_foreign_file_with_a_data_config(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from rsd.cli import main
+    from rsd.training.features import load_features
+
+    path = tmp_path / "lift.hdf5"
+    write_robomimic(path)
+    config = tmp_path / "lift.rsd.json"
+    config.write_text(json.dumps({"cameras": ["agentview"], "proprio_keys": [], "image_convention": "opengl", "instruction": "lift it"}))
+    runner = CliRunner()
+    result = runner.invoke(main, ["train-tokenizer", "--data", str(path), "--out", str(tmp_path / "tokenizer"), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    base = ["train-policy", "--data", str(path), "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(tmp_path / "policy"),
+            "--preset", "tiny-no-proprio", "--epochs", "1", "--select-by", "val_l1"]
+    result = runner.invoke(main, base)
+    assert result.exit_code == 1 and "--image-convention" in result.output and not (tmp_path / "policy").exists()
+    result = runner.invoke(main, [*base, "--data-config", str(config)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["collect-features", "--policy", str(tmp_path / "policy"), "--data", str(path), "--exit-layer", "3",
+                                  "--out", str(tmp_path / "features"), "--data-config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert load_features(tmp_path / "features").exit_hidden.shape[0] == EPISODES * STEPS
