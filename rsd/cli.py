@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 import click
 
 from rsd.config import TrainConfig, to_dict
+from rsd.data.source import DataSource
 from rsd.errors import ConfigError, RsdError
 from rsd.presets import get_preset
 
@@ -118,7 +119,8 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(
         [
             click.option("--data-config", type=click.Path(exists=True, dir_okay=False), default=None,
-                         help="Per-dataset JSON with any of cameras, proprio_keys, image_size, image_convention (options below win)."),
+                         help="Per-dataset JSON with any of cameras, proprio_keys, image_size, image_convention, instruction "
+                         "(the options below win)."),
             click.option("--camera", "cameras", multiple=True, help="Camera to load (agentview for obs/agentview_rgb); repeat for more "
                          "(default: every camera)."),
             click.option("--proprio-keys", default=None, help="Comma-separated obs datasets for proprio, or 'none' "
@@ -135,10 +137,8 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _data_source(data: str, model_image_size: int, data_config: str | None, cameras: tuple[str, ...], proprio_keys: str | None,
-                 image_size: int | None, image_convention: str | None, instruction: str | None) -> Any:
+                 image_size: int | None, image_convention: str | None, instruction: str | None) -> DataSource:
     """The DataSource the data options describe: options first, then --data-config, then the model's image size."""
-    from rsd.data.source import DataSource
-
     keys = None if proprio_keys is None else () if proprio_keys.strip().lower() == "none" else tuple(
         k.strip() for k in proprio_keys.split(",") if k.strip())
     choices = {"cameras": cameras or None, "proprio_keys": keys, "image_size": image_size, "image_convention": image_convention,

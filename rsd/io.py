@@ -142,7 +142,9 @@ def artifact_kind(folder: str | Path) -> str | None:
 def check_out(out: str | Path, kind: str, overwrite: bool = False) -> None:
     """Refuse `out` unless it is new, an empty folder, or (with `overwrite`) a folder holding a `kind` artifact."""
     out = Path(out)
-    if not out.exists() and not out.is_symlink():
+    if out.is_symlink():
+        raise ConfigError(f"--out {out}: expected a folder, got a symbolic link; point --out at the folder it names, {out.resolve()}.")
+    if not out.exists():
         return
     if not out.is_dir():
         raise ConfigError(f"--out {out}: expected a folder for the {kind}, got an existing file. Choose another --out.")
@@ -192,6 +194,7 @@ def fsync_tree(root: Path) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames into and out of it) to the disk."""
     handle = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(handle)
@@ -209,7 +212,7 @@ def _swap_in(stage: Path, out: Path) -> None:
         shutil.rmtree(aside)
     else:
         stage.rename(out)
-    _fsync_dir(out.parent)
+        _fsync_dir(out.parent)
 
 
 @contextmanager
@@ -219,7 +222,7 @@ def staged_dir(out: str | Path, kind: str, overwrite: bool = False, resumable: b
     `out` is checked first (`check_out`). On an error the staging folder is removed, unless `resumable`: then it has
     the fixed name `.NAME.partial`, is kept, and the next call with the same `out` yields it again.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     if out.parent.is_dir():
         _remove_stale(out)
     check_out(out, kind, overwrite)

@@ -88,3 +88,23 @@ def test_eval_renders_at_the_policy_image_size(monkeypatch, tmp_path) -> None:
     result = CliRunner().invoke(main, ["eval", "--policy", str(tmp_path / "policy"), "--env", "robosuite:Lift", "--episodes", "2"])
     assert result.exit_code == 0, result.output
     assert seen == {"env": "robosuite:Lift", "env_kwargs": {"image_size": 64}, "seeds": [10_000, 10_001]}
+
+
+def test_console_scripts_handle_errors_the_same_way(monkeypatch, capsys) -> None:
+    from rsd.cli import bench_latency_main
+    from rsd.errors import ConfigError
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr("sys.argv", ["bench-latency", *args])
+        with pytest.raises(SystemExit) as stopped:
+            bench_latency_main()
+        return stopped.value.code
+
+    assert run("--iters", "0") == 2 and "Invalid value for '--iters'" in capsys.readouterr().err
+    monkeypatch.setattr("rsd.bench.latency.run_bench_latency", lambda *a, **k: (_ for _ in ()).throw(ConfigError("no bundle")))
+    assert run("--preset", "tiny") == 1 and capsys.readouterr().err.strip() == "Error: ConfigError: no bundle"
+    monkeypatch.setattr("rsd.bench.latency.run_bench_latency", lambda *a, **k: {}["p50"])
+    assert run("--preset", "tiny") == EXIT_BUG and "internal error" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["bench-latency", "--preset", "tiny", "--debug"])
+    with pytest.raises(KeyError, match="p50"):
+        bench_latency_main()

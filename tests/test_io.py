@@ -75,6 +75,9 @@ def test_check_out_accepts_new_empty_or_same_kind_with_overwrite(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="existing file"):
         check_out(tmp_path / "file", "draft", overwrite=True)
+    (tmp_path / "link").symlink_to(tmp_path / "policy")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        check_out(tmp_path / "link", "policy", overwrite=True)
 
 
 def _tokenizer_folder(path, text):
