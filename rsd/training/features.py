@@ -3,9 +3,14 @@
 Per frame: the exit-layer query hidden state (fp16), the main model's coarse-layer logits (fp16), the main
 model's tokens for all L layers, the ground-truth tokens of the frame's action chunk, the episode id and the
 frame index. Shards of `shard_size` frames are safetensors files listed in `index.json` together with the
-main model's fingerprint and the exit layer; a re-run skips finished shards and refuses to add shards from
-another main model or exit layer. A copy of the policy's tokenizer is stored beside the shards, so the
+main model's fingerprint and the exit layer. A copy of the policy's tokenizer is stored beside the shards, so the
 features folder alone suffices for draft training and calibration.
+
+The folder is built in `.OUT.partial` beside `out` (`rsd.io.staged_dir`, resumable) and moved to `out` only when
+every shard is written, so `out` never holds a half-made set. An interrupted run leaves the partial folder; the
+same command resumes it, skipping finished shards, and refuses to add shards from another main model, exit layer
+or dataset (`overwrite=True` discards such a partial folder). An existing features folder at `out` is replaced only
+with `overwrite=True`.
 
 Usage:
     rsd collect-features --policy runs/demo/policy --data runs/demo/demos.hdf5 --exit-layer 3 --out runs/demo/features
@@ -14,6 +19,8 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +34,11 @@ from tqdm import tqdm
 from rsd.data.dataset import FrameDataset
 from rsd.data.source import DataSource, as_source, read_episodes, source_fingerprint
 from rsd.errors import CheckpointError, ConfigError
-from rsd.io import FORMAT_VERSION, read_manifest, sha256_file
+from rsd.io import FORMAT_VERSION, check_out, read_json, read_manifest, sha256_file, staged_dir
 from rsd.models.main import MainModel
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
+
+log = logging.getLogger(__name__)
 
 INDEX = "index.json"
 
@@ -66,18 +75,30 @@ def collect_features(
     shard_size: int = 2048,
     batch_size: int = 64,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write (or finish) the features folder `out` for `policy` at `exit_layer` over the frames of `data`."""
+    """Write (or finish an interrupted run of) the features folder `out` for `policy` at `exit_layer` over the frames of `data`."""
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"collect-features --{name.replace('_', '-')}: expected an int >= 1, got {value!r}.")
     main = MainModel.load(policy)
     if not 0 <= exit_layer <= main.num_layers:
         raise ConfigError(f"collect-features --exit-layer: expected an int in 0..{main.num_layers}, got {exit_layer}.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, "features", overwrite)
     source = as_source(data)
     episodes = read_episodes(source)
     dataset = FrameDataset(episodes, main.tokenizer.config.chunk_len)
+    with staged_dir(out, "features", overwrite, resumable=True) as stage:
+        computed = _collect(main, dataset, source, exit_layer, stage, shard_size, batch_size, progress, overwrite)
+    num_shards = (len(dataset) + shard_size - 1) // shard_size
+    return {"frames": len(dataset), "shards": num_shards, "computed_frames": computed, "exit_layer": exit_layer, "out": str(out)}
+
+
+def _collect(main: MainModel, dataset: FrameDataset, source: DataSource, exit_layer: int, out: Path, shard_size: int, batch_size: int,
+             progress: bool, overwrite: bool) -> int:
+    """Write every missing shard of the (staging) features folder `out`; return the number of frames computed."""
     total = len(dataset)
-    index = _open_index(out, main, exit_layer, source, total, shard_size)
+    index = _open_index(out, main, exit_layer, source, total, shard_size, overwrite)
     main.tokenizer.save(out / "tokenizer")
     tok = main.tokenizer.config
     num_shards = (total + shard_size - 1) // shard_size
@@ -115,28 +136,40 @@ def collect_features(
     bar.close()
     index["complete"] = len(index["shards"]) == num_shards
     _write_index(out, index)
-    return {"frames": total, "shards": num_shards, "computed_frames": computed, "exit_layer": exit_layer, "out": str(out)}
+    return computed
 
 
-def _open_index(out: Path, main: MainModel, exit_layer: int, source: DataSource, total: int, shard_size: int) -> dict[str, Any]:
-    """Read the existing index (refusing another main model, exit layer or dataset) or start a new one."""
+def _open_index(out: Path, main: MainModel, exit_layer: int, source: DataSource, total: int, shard_size: int,
+                overwrite: bool) -> dict[str, Any]:
+    """Read the index of an interrupted run (refusing another main model, exit layer or dataset) or start a new one."""
     identity = {
         "main_fingerprint": main.fingerprint,
         "exit_layer": exit_layer,
-        "data_sha256": source_fingerprint(source),
+        "data_sha256": source_fingerprint(source),  # the data and how it is read (cameras, image size, convention, ...)
         "frames": total,
         "shard_size": shard_size,
     }
     path = out / INDEX
     if path.is_file():
-        index = json.loads(path.read_text())
+        index = read_json(path, "the index of an interrupted collect-features run")
         for key, value in identity.items():
-            if index.get(key) != value:
+            if index.get(key) == value:
+                continue
+            if not overwrite:
                 raise CheckpointError(
-                    f"{path}: this features folder holds {key} = {index.get(key)!r}, but this run has {value!r}. "
-                    "Features from different main models, exit layers or datasets cannot be mixed: use another --out."
+                    f"{path}: this interrupted run holds {key} = {index.get(key)!r}, but this run has {value!r}. Features from "
+                    "different main models, exit layers or datasets cannot be mixed: re-run the interrupted command to finish it, "
+                    "or pass --overwrite to discard it."
                 )
-        return index
+            log.warning("collect-features: discarding the interrupted run in %s (%s = %r, this run has %r)", out, key, index.get(key), value)
+            for stale in out.iterdir():
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
+            break
+        else:
+            return index
     return {
         "kind": "features",
         "format_version": FORMAT_VERSION,

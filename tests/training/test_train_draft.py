@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rsd.errors import CheckpointError
+from rsd.errors import CheckpointError, ConfigError
 from rsd.models.draft import DraftHead
 from rsd.training.calibrate import calibrate, risk_curve
 from rsd.training.draft import distillation_loss, train_draft
@@ -40,26 +40,63 @@ def test_features_hold_every_frame_with_the_right_shapes(pipeline) -> None:
     assert feats.exit_layer == 3 and len(set(feats.episode_id.tolist())) == 8
 
 
-def test_collect_features_resumes_without_recomputing_finished_shards(pipeline) -> None:
-    index = json.loads((pipeline / "features" / "index.json").read_text())
-    first = pipeline / "features" / index["shards"][0]["file"]
+def _interrupt_after(monkeypatch, shards: int) -> None:
+    """Make collect-features stop (KeyboardInterrupt, as Ctrl-C does) after writing `shards` shards."""
+    import rsd.training.features as features
+
+    written = []
+
+    def save_then_stop(tensors, path):
+        if len(written) == shards:
+            raise KeyboardInterrupt
+        written.append(path)
+        save_file(tensors, path)
+
+    monkeypatch.setattr(features, "save_file", save_then_stop)
+
+
+def test_interrupted_collect_features_leaves_no_out_and_resumes(pipeline, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "features"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, out, shard_size=64, progress=False)
+    partial = tmp_path / ".features.partial"
+    assert not out.exists() and [p.name for p in sorted(partial.glob("shard_*"))] == ["shard_00000.safetensors"]
+    first = partial / "shard_00000.safetensors"
     before = first.stat().st_mtime_ns
-    last = pipeline / "features" / index["shards"][-1]["file"]
-    last.unlink()
-    result = collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, pipeline / "features", shard_size=64, progress=False)
-    assert result["computed_frames"] == index["shards"][-1]["frames"]
-    assert first.stat().st_mtime_ns == before and last.is_file()
-    load_features(pipeline / "features")
+    monkeypatch.undo()
+    result = collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, out, shard_size=64, progress=False)
+    assert result["computed_frames"] == result["frames"] - 64 and not partial.exists()
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == before
+    reference = load_features(pipeline / "features")
+    resumed = load_features(out)
+    assert torch.equal(resumed.exit_hidden, reference.exit_hidden) and torch.equal(resumed.main_tokens, reference.main_tokens)
 
 
-def test_features_of_another_model_or_exit_layer_cannot_be_mixed(pipeline, tmp_path) -> None:
+def test_features_of_another_model_or_exit_layer_cannot_be_mixed(pipeline, tmp_path, monkeypatch) -> None:
     from conftest import make_tiny_main
 
     make_tiny_main(seed=4).save(tmp_path / "other")
-    with pytest.raises(CheckpointError, match="main_fingerprint"):
-        collect_features(tmp_path / "other", pipeline / "demos.hdf5", 3, pipeline / "features", shard_size=64, progress=False)
+    out = tmp_path / "features"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, out, shard_size=64, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="main_fingerprint.*--overwrite"):
+        collect_features(tmp_path / "other", pipeline / "demos.hdf5", 3, out, shard_size=64, progress=False)
     with pytest.raises(CheckpointError, match="exit_layer"):
-        collect_features(pipeline / "policy", pipeline / "demos.hdf5", 2, pipeline / "features", shard_size=64, progress=False)
+        collect_features(pipeline / "policy", pipeline / "demos.hdf5", 2, out, shard_size=64, progress=False)
+    result = collect_features(pipeline / "policy", pipeline / "demos.hdf5", 2, out, shard_size=64, progress=False, overwrite=True)
+    assert result["computed_frames"] == result["frames"] and load_features(out).exit_layer == 2
+
+
+def test_existing_features_need_overwrite_and_bad_sizes_are_refused(pipeline) -> None:
+    with pytest.raises(ConfigError, match="--overwrite"):
+        collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, pipeline / "features", shard_size=64, progress=False)
+    for sizes in ({"shard_size": 0}, {"batch_size": 0}, {"shard_size": -3}):
+        with pytest.raises(ConfigError, match="expected an int >= 1"):
+            collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, pipeline / "fresh", progress=False, **sizes)
+    assert not (pipeline / "fresh").exists()
 
 
 def test_a_few_training_steps_reduce_the_loss(pipeline) -> None:
