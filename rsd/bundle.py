@@ -1,11 +1,24 @@
-"""The bundle format: its manifest (read, write, verify every file hash) and a readable summary.
+"""The bundle format: its manifest (schema, read, write, verify every file hash) and a readable summary.
 
 A bundle (docs/architecture.md, "The bundle") is what the runtime loads: the draft and decoder sources
 (safetensors + JSON) and each exported engine file, all listed in `manifest.json` with their sha256 and size.
-Nothing in a bundle is trusted before `verify_bundle` re-hashes it, so a file changed after export (a flipped
-byte, a truncated copy) is refused with the file, the expected and the found hash instead of running a different
-graph. `rsd.export` writes bundles and `rsd.runtime.bundle` loads them; both use this module, which needs
-nothing but `rsd.io` and `rsd.errors`.
+Nothing in a bundle is trusted before `verify_bundle` has checked it, in this order:
+
+1. the manifest is a JSON object of kind "bundle" and this format version, and every field rsd reads has the
+   type and range of the schema (`validate_manifest`; each violation a CheckpointError naming the field, what was
+   expected and what was found), before anything else reads it;
+2. the manifest's own sha256 matches the one recorded beside it in `manifest.sha256` (`sha256sum -c` reads it),
+   so a manifest edited after export is refused; a bundle written before rsd recorded it is reported unsigned;
+3. every listed file is confined to the bundle: a relative, normalised path (no absolute path, no `..`) that does
+   not resolve outside the bundle through a symbolic link (`bundle_file`), so a manifest can never make rsd
+   hash, print or run a file from elsewhere;
+4. every listed file is re-hashed, so a file changed after export (a flipped byte, a truncated copy) is refused
+   with the file, the expected and the found hash instead of running a different graph.
+
+The digest catches a manifest edited by hand or by a tool that does not know about it; it is not a signature
+against someone who rewrites both files on purpose. Confinement is what keeps any bundle, edited or not, from
+reaching outside its folder. `rsd.export` writes bundles and `rsd.runtime.bundle` loads them; both use this
+module, which needs nothing but the ground layer.
 
 Usage:
     manifest = verify_bundle("runs/demo/bundle")
@@ -14,29 +27,49 @@ Usage:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from rsd.errors import CheckpointError
+from rsd.config import TokenizerConfig, from_dict
+from rsd.errors import CheckpointError, ConfigError
 from rsd.io import read_manifest as read_json_manifest
 from rsd.io import sha256_file
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest"  # manifest.json at the bundle's top
+DIGEST_FILE = "manifest.sha256"  # the manifest's own sha256, in `sha256sum` format
 BUNDLE_KIND = "bundle"  # the manifest's "kind"
 TOKENIZER_DIR = "tokenizer"  # the bundle's copy of the tokenizer (the "torch" engine's decoder is rebuilt from it)
+ENGINE_FORMATS = ("onnx", "torchscript", "tensorrt")  # engine file formats a bundle can hold
+PRECISIONS = ("fp32", "fp16")  # engine precisions export builds
+REQUIRED_SOURCES = ("draft.safetensors", "draft.json", f"{TOKENIZER_DIR}/tokenizer.safetensors", f"{TOKENIZER_DIR}/tokenizer.json")
+SHAPE_FIELDS = ("hidden_size", "chunk_len", "action_dim", "latent_dim", "num_layers", "coarse_layers", "levels")
+LARGEST_INT = 2**53  # JSON integers beyond this are refused (they cannot round-trip through a float)
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MISSING = object()  # a field the manifest does not have
 
 
 def read_manifest(bundle: str | Path) -> dict[str, Any]:
-    """Read `bundle/manifest.json`, checking its kind and format version (no hashing)."""
-    return read_json_manifest(bundle, MANIFEST, kind=BUNDLE_KIND)
+    """Read `bundle/manifest.json`: a JSON object of kind "bundle", this format version, valid against the schema."""
+    path = Path(bundle) / f"{MANIFEST}.json"
+    if path.exists() or path.is_symlink():
+        bundle_file(bundle, path.name)
+    return validate_manifest(read_json_manifest(bundle, MANIFEST, kind=BUNDLE_KIND), path)
 
 
 def write_manifest(bundle: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write `bundle/manifest.json` (the caller writes it last, once every listed file is in place)."""
+    """Check `manifest` against the schema, write `bundle/manifest.json` and its digest (the caller writes them last)."""
     path = Path(bundle) / f"{MANIFEST}.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    validate_manifest(manifest, path)
+    text = json.dumps(manifest, indent=2) + "\n"
+    path.write_text(text)
+    (Path(bundle) / DIGEST_FILE).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {path.name}\n")
     return path
 
 
@@ -53,12 +86,67 @@ def file_entry(bundle: Path, path: Path) -> dict[str, Any]:
     return {"path": path.relative_to(bundle).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+def bundle_file(bundle: str | Path, relative: str) -> Path:
+    """The file a manifest entry names, refused unless its path is relative, normalised and resolves inside the bundle."""
+    bundle = Path(bundle)
+    problem = path_problem(relative)
+    if problem:
+        raise CheckpointError(f"{bundle}: a listed file path must be relative and inside the bundle, got {relative!r} ({problem}).")
+    try:
+        root, resolved = bundle.resolve(strict=True), (bundle / relative).resolve()
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"{bundle / relative}: expected a file inside the bundle, got a path that does not resolve ({error}).") from error
+    if not resolved.is_relative_to(root):
+        raise CheckpointError(f"{bundle / relative}: expected a file inside the bundle {root}, got a link that resolves to {resolved}. "
+                              "A bundle may only hold its own files; re-export it.")
+    return bundle / relative
+
+
+def path_problem(relative: object) -> str:
+    """Why `relative` is not a normalised path inside a folder ("" when it is one)."""
+    if not isinstance(relative, str) or not relative:
+        return "not a non-empty string"
+    if "\x00" in relative or "\\" in relative:
+        return "it holds a NUL byte or a backslash"
+    if relative.startswith("/") or re.match(r"[A-Za-z]:", relative):
+        return "an absolute path"
+    parts = relative.split("/")
+    if ".." in parts:
+        return "it climbs out with '..'"
+    if any(part in ("", ".") for part in parts) or PurePosixPath(relative).as_posix() != relative:
+        return "not normalised (empty or '.' parts)"
+    return ""
+
+
+def manifest_digest(bundle: str | Path) -> str | None:
+    """The manifest's sha256 when `manifest.sha256` records it and it matches; None when the bundle records none."""
+    bundle = Path(bundle)
+    record, manifest = bundle / DIGEST_FILE, bundle / f"{MANIFEST}.json"
+    if not record.exists() and not record.is_symlink():
+        return None
+    bundle_file(bundle, DIGEST_FILE)
+    match = re.fullmatch(rf"([0-9a-f]{{64}})  {MANIFEST}\.json\n?", record.read_text(errors="replace")) if record.is_file() else None
+    if match is None:
+        raise CheckpointError(f"{record}: expected one line '<sha256>  {manifest.name}', got something else. Re-export the bundle.")
+    found = sha256_file(manifest)
+    if found != match.group(1):
+        raise CheckpointError(f"{manifest}: expected sha256 {match.group(1)} (recorded in {DIGEST_FILE}), found {found}; the manifest "
+                              "was edited after export. Re-run `rsd export-draft` or restore the manifest.")
+    return found
+
+
 def verify_bundle(bundle: str | Path) -> dict[str, Any]:
-    """Re-hash every file the manifest lists and return the manifest; a missing or changed file is a CheckpointError."""
+    """Check the manifest (schema, digest), confine and re-hash every listed file; return the manifest.
+
+    Anything missing, malformed, edited, outside the bundle or changed is a CheckpointError.
+    """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    if manifest_digest(bundle) is None:
+        log.warning("bundle %s records no manifest digest (%s; written before rsd recorded one): edits to manifest.json cannot be "
+                    "detected. Re-export it to add one.", bundle, DIGEST_FILE)
     for entry in listed_files(manifest):
-        path = bundle / entry["path"]
+        path = bundle_file(bundle, entry["path"])
         if not path.is_file():
             raise CheckpointError(f"{path}: the bundle manifest lists this file, found none. Re-run `rsd export-draft`.")
         found = sha256_file(path)
@@ -68,6 +156,103 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
                 "Re-run `rsd export-draft` or restore the file."
             )
     return manifest
+
+
+def validate_manifest(manifest: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """Check every field rsd reads against the bundle schema and return the manifest; the first violation is a CheckpointError.
+
+    Each message names the field, the expected type or range and what was found. Fields rsd does not read are
+    left alone (later versions may add some).
+    """
+
+    def need(ok: bool, field: str, expected: str, found: object) -> None:
+        if not ok:
+            shown = "nothing (the field is missing)" if found is MISSING else _shown(found)
+            raise CheckpointError(f"{source}: field {field!r}: expected {expected}, found {shown}. Re-export the bundle with `rsd export-draft`.")
+
+    def obj(container: dict[str, Any], key: str, field: str) -> dict[str, Any]:
+        value = container.get(key, MISSING)
+        need(isinstance(value, dict), field, "a JSON object", value)
+        return value
+
+    def files(container: dict[str, Any], key: str, field: str) -> list[dict[str, Any]]:
+        value = container.get(key, MISSING)
+        need(isinstance(value, list), field, "a list of file entries", value)
+        for index, entry in enumerate(value):
+            where = f"{field}[{index}]"
+            need(isinstance(entry, dict), where, "a file entry {path, sha256, bytes}", entry)
+            path = entry.get("path", MISSING)
+            problem = path_problem(path) if path is not MISSING else "missing"
+            need(not problem, f"{where}.path", f"a relative, normalised path inside the bundle ({problem})", path)
+            need(isinstance(entry.get("sha256"), str) and SHA256.fullmatch(entry["sha256"]) is not None, f"{where}.sha256",
+                 "64 lowercase hex digits", entry.get("sha256", MISSING))
+            need(_is_int(entry.get("bytes")), f"{where}.bytes", "an int >= 0", entry.get("bytes", MISSING))
+        return value
+
+    for key in ("rsd_version", "created", "main_fingerprint", "gate_statistic"):
+        need(isinstance(manifest.get(key), str), key, "a string", manifest.get(key, MISSING))
+    need(_is_int(manifest.get("exit_layer")), "exit_layer", "an int >= 0", manifest.get("exit_layer", MISSING))
+    need(_is_number(manifest.get("tau")), "tau", "a number", manifest.get("tau", MISSING))
+    need(isinstance(manifest.get("calibrated"), bool), "calibrated", "true or false", manifest.get("calibrated", MISSING))
+    need(manifest.get("calibration") is None or isinstance(manifest.get("calibration"), dict), "calibration", "null or a JSON object",
+         manifest.get("calibration"))
+    need(_is_int(manifest.get("draft_parameters")), "draft_parameters", "an int >= 0", manifest.get("draft_parameters", MISSING))
+    need(manifest.get("precision") in PRECISIONS, "precision", f"one of {list(PRECISIONS)}", manifest.get("precision", MISSING))
+    shapes = obj(manifest, "shapes", "shapes")
+    for key in SHAPE_FIELDS:
+        need(_is_int(shapes.get(key), 1), f"shapes.{key}", "an int >= 1", shapes.get(key, MISSING))
+    need(shapes.get("exit_layer") == manifest["exit_layer"], "shapes.exit_layer", f"the manifest's exit_layer {manifest['exit_layer']}",
+         shapes.get("exit_layer", MISSING))
+    try:
+        tokenizer = from_dict(TokenizerConfig, obj(shapes, "tokenizer", "shapes.tokenizer"))
+    except ConfigError as error:
+        raise CheckpointError(f"{source}: field 'shapes.tokenizer': expected a tokenizer config, found one that is not ({error})") from error
+    for key in SHAPE_FIELDS[1:]:
+        need(shapes[key] == getattr(tokenizer, key), f"shapes.{key}", f"the tokenizer's {key} {getattr(tokenizer, key)}", shapes[key])
+    obj(manifest, "draft_config", "draft_config")
+    parity_inputs = obj(manifest, "parity_inputs", "parity_inputs")
+    need(isinstance(parity_inputs.get("source"), str), "parity_inputs.source", "a string", parity_inputs.get("source", MISSING))
+    need(_is_int(parity_inputs.get("rows")), "parity_inputs.rows", "an int >= 0", parity_inputs.get("rows", MISSING))
+    sources = {entry["path"] for entry in files(manifest, "sources", "sources")}
+    missing = [name for name in REQUIRED_SOURCES if name not in sources]
+    need(not missing, "sources", f"entries for {list(REQUIRED_SOURCES)}", f"a list without {missing}")
+    engines = manifest.get("engines", MISSING)
+    need(isinstance(engines, list), "engines", "a list of engine entries", engines)
+    for index, entry in enumerate(engines):
+        where = f"engines[{index}]"
+        need(isinstance(entry, dict), where, "an engine entry (a JSON object)", entry)
+        need(isinstance(entry.get("name"), str), f"{where}.name", "a string", entry.get("name", MISSING))
+        need(entry.get("format") in ENGINE_FORMATS, f"{where}.format", f"one of {list(ENGINE_FORMATS)}", entry.get("format", MISSING))
+        need(entry.get("precision") in PRECISIONS, f"{where}.precision", f"one of {list(PRECISIONS)}", entry.get("precision", MISSING))
+        need(isinstance(entry.get("built"), bool), f"{where}.built", "true or false", entry.get("built", MISSING))
+        need(entry.get("export_seconds") is None or _is_number(entry["export_seconds"]), f"{where}.export_seconds", "null or a number",
+             entry.get("export_seconds"))
+        built_files = files(entry, "files", f"{where}.files")
+        if entry["built"]:
+            need(bool(built_files), f"{where}.files", "at least one file for a built engine", built_files)
+            parity = obj(entry, "parity", f"{where}.parity")
+            keys = ("token_agreement", "logits_max_abs", "confidence_max_abs") if "token_agreement" in parity else ("actions_max_abs",)
+            for key in keys:
+                need(_is_number(parity.get(key)), f"{where}.parity.{key}", "a number", parity.get(key, MISSING))
+            need(parity.get("token_agreement_vs_fp32_eager") is None or _is_number(parity["token_agreement_vs_fp32_eager"]),
+                 f"{where}.parity.token_agreement_vs_fp32_eager", "null or a number", parity.get("token_agreement_vs_fp32_eager"))
+    return manifest
+
+
+def _is_int(value: object, low: int = 0) -> bool:
+    """An int (not a bool) in low..LARGEST_INT."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= LARGEST_INT
+
+
+def _is_number(value: object) -> bool:
+    """A float (inf and nan included) or an int (not a bool) of at most LARGEST_INT in size."""
+    return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and abs(value) <= LARGEST_INT)
+
+
+def _shown(value: object) -> str:
+    """A short repr of a found value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def format_manifest(manifest: dict[str, Any]) -> str:

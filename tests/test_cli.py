@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_main
 
-from rsd.cli import main
+from rsd.cli import EXIT_BUG, main
+from rsd.presets import get_preset
 
 COMMANDS = ("bench-latency", "calibrate", "check-expert", "collect-features", "convert", "demo", "eval", "export-draft", "generate-demos",
             "inspect", "inspect-main", "presets", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
@@ -118,3 +119,87 @@ def test_collect_features_runs_unchanged_under_torchrun(tmp_path) -> None:
     single, ranks = load_features(tmp_path / "single"), load_features(tmp_path / "torchrun")
     assert torch.equal(single.exit_hidden, ranks.exit_hidden) and torch.equal(single.main_logits, ranks.main_logits)
     assert {e["rank"] for e in ranks.index["shards"]} == {0, 1}
+
+
+ZERO_OR_NEGATIVE = [
+    (["collect-features", "--shard-size", "0"], "--shard-size"),
+    (["collect-features", "--batch-size", "0"], "--batch-size"),
+    (["collect-features", "--exit-layer", "-1"], "--exit-layer"),
+    (["bench-latency", "--iters", "0"], "--iters"),
+    (["bench-latency", "--warmup", "-1"], "--warmup"),
+    (["bench-latency", "--acceptance", "1.5"], "--acceptance"),
+    (["bench-latency", "--tau", "-1"], "--tau"),
+    (["bench-latency", "--tau", "abc"], "--tau"),
+    (["bench-latency", "--exit-layers", "2,-1"], "--exit-layers"),
+    (["train-tokenizer", "--epochs", "0"], "--epochs"),
+    (["train-policy", "--batch-size", "0"], "--batch-size"),
+    (["train-draft", "--lr", "0"], "--lr"),
+    (["train-draft", "--kl-weight", "-0.1"], "--kl-weight"),
+    (["train-draft", "--seed", "-1"], "--seed"),
+    (["calibrate", "--alpha", "0"], "--alpha"),
+    (["calibrate", "--delta", "1"], "--delta"),
+    (["calibrate", "--tolerance", "0"], "--tolerance"),
+    (["calibrate", "--min-steps", "0"], "--min-steps"),
+    (["eval", "--episodes", "0"], "--episodes"),
+    (["eval", "--tau", "1.5"], "--tau"),
+    (["eval", "--image-size", "0"], "--image-size"),
+    (["generate-demos", "--episodes", "0"], "--episodes"),
+    (["synthetic-actions", "--episodes", "-5"], "--episodes"),
+    (["export-draft", "--opset", "5"], "--opset"),
+]
+
+
+@pytest.mark.parametrize(("args", "option"), ZERO_OR_NEGATIVE, ids=[" ".join(a) for a, _ in ZERO_OR_NEGATIVE])
+def test_zero_or_negative_values_are_refused_before_anything_runs(args: list[str], option: str) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"Invalid value for '{option}" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_bug_is_one_line_with_its_own_status_and_a_traceback_under_debug(monkeypatch, tmp_path) -> None:
+    def broken(name: str):
+        raise KeyError("p50")
+
+    monkeypatch.setattr("rsd.cli.get_preset", broken)
+    result = CliRunner().invoke(main, ["presets", "tiny"])
+    assert result.exit_code == EXIT_BUG and "internal error, a bug in rsd (KeyError: 'p50')" in result.output
+    assert "--debug" in result.output and len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["--debug", "presets", "tiny"])
+    assert isinstance(result.exception, KeyError) and result.exit_code == 1
+    assert get_preset("tiny").name == "tiny"
+
+
+def test_eval_renders_at_the_policy_image_size(monkeypatch, tmp_path) -> None:
+    from conftest import make_tiny_main
+
+    make_tiny_main().save(tmp_path / "policy")
+    seen = {}
+
+    def compare(main_model, env_name, seeds, **kwargs):
+        seen.update(env=env_name, env_kwargs=kwargs["env_kwargs"], seeds=list(seeds))
+        return {}
+
+    monkeypatch.setattr("rsd.envs.evaluate.compare_policies", compare)
+    result = CliRunner().invoke(main, ["eval", "--policy", str(tmp_path / "policy"), "--env", "robosuite:Lift", "--episodes", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"env": "robosuite:Lift", "env_kwargs": {"image_size": 64}, "seeds": [10_000, 10_001]}
+
+
+def test_console_scripts_handle_errors_the_same_way(monkeypatch, capsys) -> None:
+    from rsd.cli import bench_latency_main
+    from rsd.errors import ConfigError
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr("sys.argv", ["bench-latency", *args])
+        with pytest.raises(SystemExit) as stopped:
+            bench_latency_main()
+        return stopped.value.code
+
+    assert run("--iters", "0") == 2 and "Invalid value for '--iters'" in capsys.readouterr().err
+    monkeypatch.setattr("rsd.bench.latency.run_bench_latency", lambda *a, **k: (_ for _ in ()).throw(ConfigError("no bundle")))
+    assert run("--preset", "tiny") == 1 and capsys.readouterr().err.strip() == "Error: ConfigError: no bundle"
+    monkeypatch.setattr("rsd.bench.latency.run_bench_latency", lambda *a, **k: {}["p50"])
+    assert run("--preset", "tiny") == EXIT_BUG and "internal error" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["bench-latency", "--preset", "tiny", "--debug"])
+    with pytest.raises(KeyError, match="p50"):
+        bench_latency_main()

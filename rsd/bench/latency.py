@@ -42,8 +42,10 @@ from rsd.bench.flops import FLOP_PROMPT_TOKENS, flops_report, format_flops
 from rsd.bench.report import format_report, plot_report
 from rsd.bench.setup import BenchSetup, bundle_setup, random_setup
 from rsd.bench.timing import hardware_card, time_calls
+from rsd.data.source import DataSource
 from rsd.device import resolve_device_dtype
 from rsd.errors import ConfigError
+from rsd.io import atomic_file, write_text_atomic
 from rsd.presets import get_preset
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine
@@ -170,7 +172,7 @@ def run_bench_latency(
     warmup: int = 10,
     exit_layers: list[int] | None = None,
     acceptance: float | None = None,
-    observations: str | Path | None = None,
+    observations: str | Path | DataSource | None = None,
     replay: int = 64,
     tau: float | None = None,
     json_path: str | Path | None = None,
@@ -182,6 +184,10 @@ def run_bench_latency(
     """The whole bench-latency command: build the setup, measure (or count FLOPs), write JSON/plot/markdown, return the report."""
     if acceptance is not None and not 0.0 <= acceptance <= 1.0:
         raise ConfigError(f"bench-latency --acceptance: expected a value in [0, 1], got {acceptance}.")
+    if not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"bench-latency --iters: expected an int >= 1 (timed iterations per stage), got {iters!r}.")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"bench-latency --warmup: expected an int >= 0, got {warmup!r}.")
     if flops:
         if preset is None or bundle is not None:
             raise ConfigError("bench-latency --flops: counts a preset's shapes on the meta device; give --preset (no weights needed), not --bundle.")
@@ -207,13 +213,14 @@ def run_bench_latency(
     report["markdown"] = format_report(report)
     _write_outputs(report, json_path, markdown_path)
     if plot_path:
-        plot_report(report, plot_path)
+        with atomic_file(plot_path) as image:
+            plot_report(report, image)
     return report
 
 
 def _write_outputs(report: dict[str, Any], json_path: str | Path | None, markdown_path: str | Path | None) -> None:
-    """Write the report as JSON (without its markdown) and its markdown, where asked."""
+    """Write the report as JSON (without its markdown) and its markdown, where asked, each atomically."""
     if json_path:
-        Path(json_path).write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str) + "\n")
+        write_text_atomic(json_path, json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str) + "\n")
     if markdown_path:
-        Path(markdown_path).write_text(report["markdown"])
+        write_text_atomic(markdown_path, report["markdown"])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsd.data.hdf5 import read_demos
+from rsd.data.source import DataSource, read_episodes
 from rsd.data.stats import ActionStats, DatasetStatistics
 from rsd.errors import ConfigError
 from rsd.models.draft import DraftHead
@@ -83,7 +83,7 @@ def example_inputs(main: MainModel, device: torch.device, instruction: str = "pi
 
 
 def bundle_setup(bundle: str | Path, main_dir: str | Path, device: torch.device, dtype: torch.dtype, exit_layers: list[int] | None,
-                 observations: str | Path | None, replay: int) -> BenchSetup:
+                 observations: str | Path | DataSource | None, replay: int) -> BenchSetup:
     """A trained policy with every engine its bundle holds, and observations replayed from a demo file."""
     main = MainModel.load(main_dir, device=device, dtype=dtype)
     drafts: dict[str, DraftEngine] = {}
@@ -99,10 +99,10 @@ def bundle_setup(bundle: str | Path, main_dir: str | Path, device: torch.device,
     return BenchSetup(main, example_inputs(main, device), drafts, decoders, layers, f"bundle {bundle} + policy {main_dir}", loaded, obs)
 
 
-def replay_observations(path: str | Path, count: int) -> list[dict[str, Any]]:
-    """Up to `count` observation dicts taken evenly from the frames of a demo file."""
+def replay_observations(path: str | Path | DataSource, count: int) -> list[dict[str, Any]]:
+    """Up to `count` observation dicts taken evenly from the frames of a demo file or LeRobot folder, read as a DataSource says."""
     frames = []
-    for episode in read_demos(path):
+    for episode in read_episodes(path):
         camera = sorted(episode.images)
         for t in range(len(episode.actions)):
             images = [episode.images[c][t] for c in camera]

@@ -15,24 +15,28 @@ Usage:
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from rsd.data.hdf5 import open_hdf5
 from rsd.errors import DataError
+from rsd.io import atomic_file
 
 HDF5_SUFFIXES = (".hdf5", ".h5")
 
 
 def write_action_episodes(path: str | Path, episodes: Sequence[np.ndarray], episode_ids: Sequence[int] | None = None) -> None:
-    """Write per-episode actions `[T_i, A]` as the NPZ format above."""
+    """Write per-episode actions `[T_i, A]` as the NPZ format above (atomically; `.npz` is added if missing, as numpy does)."""
     if not episodes:
         raise DataError("write_action_episodes: expected at least one episode, got none.")
     ends = np.cumsum([len(e) for e in episodes])
     ids = np.arange(len(episodes)) if episode_ids is None else np.asarray(episode_ids)
-    np.savez(path, actions=np.concatenate(episodes).astype(np.float32), episode_ends=ends.astype(np.int64), episode_ids=ids.astype(np.int64))
+    with atomic_file(Path(path).with_suffix(".npz")) as temporary:
+        np.savez(temporary, actions=np.concatenate(episodes).astype(np.float32), episode_ends=ends.astype(np.int64),
+                 episode_ids=ids.astype(np.int64))
 
 
 def load_action_episodes(path: str | Path) -> tuple[list[np.ndarray], list[int]]:
@@ -51,12 +55,23 @@ def load_action_episodes(path: str | Path) -> tuple[list[np.ndarray], list[int]]
 
 
 def _read_npz(path: Path) -> tuple[list[np.ndarray], list[int]]:
-    with np.load(path) as data:
-        missing = [k for k in ("actions", "episode_ends") if k not in data]
-        if missing:
-            raise DataError(f"{path}: expected arrays 'actions' [N, A] and 'episode_ends' [E], missing {missing}.")
-        actions, ends = data["actions"], data["episode_ends"].astype(np.int64)
-        ids = data["episode_ids"].astype(np.int64) if "episode_ids" in data else np.arange(len(ends))
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        arrays = {k: loaded[k] for k in ("actions", "episode_ends", "episode_ids") if k in loaded} if hasattr(loaded, "files") else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: expected an NPZ file of arrays (or an HDF5 file named .hdf5/.h5), got one numpy cannot read "
+                        f"({type(error).__name__}: {error}).") from error
+    if arrays is None:
+        raise DataError(f"{path}: expected an NPZ archive with 'actions' and 'episode_ends', got a single .npy array.")
+    loaded.close()
+    missing = [k for k in ("actions", "episode_ends") if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: expected arrays 'actions' [N, A] and 'episode_ends' [E], missing {missing}.")
+    actions = arrays["actions"]
+    if not np.issubdtype(actions.dtype, np.number) or not np.issubdtype(arrays["episode_ends"].dtype, np.integer):
+        raise DataError(f"{path}: expected numeric 'actions' and integer 'episode_ends', got {actions.dtype} and {arrays['episode_ends'].dtype}.")
+    ends = arrays["episode_ends"].astype(np.int64)
+    ids = arrays["episode_ids"].astype(np.int64) if "episode_ids" in arrays else np.arange(len(ends))
     if actions.ndim != 2:
         raise DataError(f"{path}: expected 'actions' [N, A], got shape {actions.shape}.")
     if ends.ndim != 1 or len(ends) == 0 or ends[-1] != len(actions) or (np.diff(ends) <= 0).any() or ends[0] <= 0:
@@ -68,7 +83,7 @@ def _read_npz(path: Path) -> tuple[list[np.ndarray], list[int]]:
 
 
 def _read_hdf5(path: Path) -> tuple[list[np.ndarray], list[int]]:
-    with h5py.File(path, "r") as handle:
+    with open_hdf5(path) as handle:
         if "data" not in handle:
             raise DataError(f"{path}: expected a 'data' group (robomimic/LIBERO layout), got keys {sorted(handle)}.")
         names = sorted((n for n in handle["data"] if re.fullmatch(r"demo_\d+", n)), key=lambda n: int(n.split("_")[1]))

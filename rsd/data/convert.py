@@ -22,6 +22,7 @@ from rsd.data.lerobot import write_lerobot
 from rsd.data.source import DataSource, as_source, read_episodes
 from rsd.data.video import VIDEO_SETTINGS
 from rsd.errors import ConfigError
+from rsd.io import refuse_existing_file
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,12 @@ TARGETS = ("lerobot", "hdf5")
 
 
 def convert(data: str | Path | DataSource, out: str | Path, to: str, fps: int = 20, video: str = "high",
-            robot_type: str | None = None) -> dict[str, Any]:
+            robot_type: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Convert the demonstrations of `data` to format `to` ("lerobot" or "hdf5") at `out`; return a summary.
 
     `fps`: the frame rate recorded in the LeRobot metadata (HDF5 demos carry none; 20 Hz is LIBERO's and
-    robosuite's control rate). `video`: a name in `rsd.data.video.VIDEO_SETTINGS`.
+    robosuite's control rate). `video`: a name in `rsd.data.video.VIDEO_SETTINGS`. An existing `out` is replaced only
+    with `overwrite=True`, and only once the new one is complete (`rsd.io.staged_dir`, `rsd.io.atomic_file`).
     """
     if to not in TARGETS:
         raise ConfigError(f"convert --to: expected one of {list(TARGETS)}, got {to!r}.")
@@ -41,13 +43,16 @@ def convert(data: str | Path | DataSource, out: str | Path, to: str, fps: int = 
         raise ConfigError(f"convert --video: expected one of {sorted(VIDEO_SETTINGS)}, got {video!r}.")
     if fps < 1:
         raise ConfigError(f"convert --fps: expected an int >= 1, got {fps}.")
+    if to == "hdf5":
+        refuse_existing_file(out, overwrite)
     source = as_source(data)
     episodes = read_episodes(source)
     if to == "lerobot":
         ids = [e.episode_id for e in episodes]
         if ids != list(range(len(ids))):
             log.info("convert: episode ids %s... become LeRobot episode_index 0..%d in the same order.", ids[:5], len(ids) - 1)
-        return write_lerobot(out, episodes, fps=fps, video=VIDEO_SETTINGS[video], robot_type=robot_type)
+        summary = write_lerobot(out, episodes, fps=fps, video=VIDEO_SETTINGS[video], robot_type=robot_type, overwrite=overwrite)
+        return {**summary, "out": str(out)}
     env_name = robot_type or Path(source.path).stem
     log.info("convert: %s written to %s with env name %r.", source.path, out, env_name)
     write_demos(out, episodes, env_name=env_name)  # env_kwargs stay empty: they are the options `make_env` gets

@@ -37,7 +37,8 @@ class Episode:
         if steps <= 0:
             raise ShapeError(f"episode {self.episode_id}: expected actions [T, A] with T > 0, got shape {self.actions.shape}.")
         if not np.isfinite(self.actions).all():
-            raise DataError(f"episode {self.episode_id}: expected finite actions, got NaN or inf.")
+            step, dim = (int(i) for i in np.argwhere(~np.isfinite(self.actions))[0])
+            raise DataError(f"episode {self.episode_id}: expected finite actions, got {self.actions[step, dim]} at step {step}, dim {dim}.")
         if not self.instruction or not self.instruction.strip():
             raise DataError(f"episode {self.episode_id}: expected a non-empty instruction, got {self.instruction!r}.")
         if not self.images:
@@ -49,6 +50,9 @@ class Episode:
                 )
         if self.proprio is not None and (self.proprio.ndim != 2 or self.proprio.shape[0] != steps):
             raise ShapeError(f"episode {self.episode_id}: expected proprio [{steps}, P], got shape {self.proprio.shape}.")
+        if self.proprio is not None and not np.isfinite(self.proprio).all():
+            step, dim = (int(i) for i in np.argwhere(~np.isfinite(self.proprio))[0])
+            raise DataError(f"episode {self.episode_id}: expected finite proprio, got {self.proprio[step, dim]} at step {step}, dim {dim}.")
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])

@@ -10,6 +10,10 @@ LIBERO stores one instruction per file (its files hold one task); tabletop files
 also carries an attr `language_instruction`, which the reader prefers. Files written by robosuite/LIBERO say
 `macros_image_convention = "opengl"` (frames upside down): the reader rotates those frames by 180°, as the
 simulator adapters (`rsd.envs.sim_common`) and OpenVLA's LIBERO datasets do, so training matches evaluation.
+A file that does not record its convention (robomimic's, a user's own h5py script) is refused until the reader
+is told (`DataSource.image_convention`, `--image-convention`): a guess would train a policy on mirror images of
+what it sees in the loop. Likewise a file with only some of LIBERO's proprio keys is refused, naming the missing
+ones, until `proprio_keys` says which to use (or none). `DataSource.image_size` resizes frames to the model's size.
 
 Actions are read in the units the recording environment's `step` takes in rsd. rsd's own files store exactly
 that (tabletop and robosuite: the controller's gripper -1 open / +1 close; `libero:*`: OpenVLA's LIBERO units,
@@ -23,6 +27,7 @@ opened it.
 Usage:
     write_demos("runs/demo/demos.hdf5", episodes, env_name="tabletop")
     episodes = read_demos("runs/demo/demos.hdf5")             # list[Episode], ordered by demo index
+    episodes = read_demos("lift.hdf5", cameras=["agentview"], image_convention="opengl", image_size=64)
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +44,15 @@ import h5py
 import numpy as np
 
 from rsd.data.dataset import Episode
+from rsd.data.video import resize_frames
 from rsd.errors import DataError
+from rsd.io import atomic_file
 
 PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # LIBERO's proprio, 3 + 3 + 2 = 8 dims
 PROPRIO_SPLIT = {"ee_pos": slice(0, 3), "ee_ori": slice(3, 6), "gripper_states": slice(6, 8)}
+CAMERA_SUFFIXES = ("_rgb", "_image")  # LIBERO's obs/<camera>_rgb, robomimic's obs/<camera>_image
 DEMO_NAME = re.compile(r"demo_(\d+)")
+IMAGE_CONVENTIONS = ("opengl", "opencv")  # "opengl": stored upside down (robosuite), rotated 180° on reading; "opencv": upright
 LIBERO_ACTION_DIM = 7  # xyz delta, axis-angle delta, gripper
 
 log = logging.getLogger(__name__)
@@ -55,14 +65,26 @@ def write_demos(
     env_kwargs: dict[str, Any] | None = None,
     compression: str | None = None,
 ) -> None:
-    """Write `episodes` as `data/demo_<episode_id>`; proprio `[T, 8]` is split into LIBERO's three keys."""
+    """Write `episodes` as `data/demo_<episode_id>`; proprio `[T, 8]` is split into LIBERO's three keys.
+
+    The file is written beside `path` and renamed over it when complete, so a failed run leaves no half-made file.
+    """
     if not episodes:
         raise DataError(f"{path}: expected at least one episode to write, got none.")
     ids = [e.episode_id for e in episodes]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: expected unique episode ids (they name the demo groups), got {ids}.")
+    for episode in episodes:
+        if episode.proprio is not None and episode.proprio.shape[1] != 8:
+            raise DataError(f"{path}: episode {episode.episode_id}: expected proprio [T, 8] (ee_pos 3 + ee_ori 3 + gripper_states 2), "
+                            f"got {episode.proprio.shape}.")
+    with atomic_file(path) as temporary:
+        _write_file(temporary, episodes, env_name, env_kwargs, compression)
+
+
+def _write_file(path: Path, episodes: Sequence[Episode], env_name: str, env_kwargs: dict[str, Any] | None, compression: str | None) -> None:
+    """The HDF5 file of `write_demos` at `path`."""
     instructions = sorted({e.instruction for e in episodes})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as file:
         data = file.create_group("data")
         data.attrs["env_name"] = env_name
@@ -90,13 +112,22 @@ def write_demos(
             for camera, frames in episode.images.items():
                 obs.create_dataset(f"{camera}_rgb", data=frames, compression=compression, chunks=(1, *frames.shape[1:]))
             if episode.proprio is not None:
-                if episode.proprio.shape[1] != 8:
-                    raise DataError(
-                        f"{path}: episode {episode.episode_id}: expected proprio [T, 8] (ee_pos 3 + ee_ori 3 + gripper_states 2), "
-                        f"got {episode.proprio.shape}."
-                    )
                 for key, part in PROPRIO_SPLIT.items():
                     obs.create_dataset(key, data=episode.proprio[:, part].astype(np.float64))
+
+
+@contextmanager
+def open_hdf5(path: Path) -> Iterator[h5py.File]:
+    """The HDF5 file `path` open for reading; h5py's OSError on opening or reading it is a DataError naming the file."""
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise DataError(f"{path}: expected an HDF5 file, got one h5py cannot open ({error}).") from error
+    try:
+        with file:
+            yield file
+    except OSError as error:
+        raise DataError(f"{path}: expected a readable HDF5 file, got one whose data h5py cannot read (truncated?): {error}.") from error
 
 
 def _text(value: Any) -> str:
@@ -117,51 +148,77 @@ def _instruction(path: Path, data: h5py.Group, demo: h5py.Group) -> str:
     if demo.attrs.get("language_instruction"):
         return _text(demo.attrs["language_instruction"])
     if "problem_info" in data.attrs:
-        instruction = json.loads(_text(data.attrs["problem_info"])).get("language_instruction", "")
-        if instruction:
+        text = _text(data.attrs["problem_info"])
+        try:
+            info = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: expected data.attrs['problem_info'] to be JSON, got {text[:80]!r} ({error}).") from error
+        instruction = info.get("language_instruction", "") if isinstance(info, dict) else ""
+        if isinstance(instruction, str) and instruction.strip():
             return instruction
     raise DataError(
         f"{path}: {demo.name}: expected an attr 'language_instruction' or data.attrs['problem_info'] JSON with "
-        "'language_instruction', got neither."
+        "'language_instruction', got neither. Give one with --instruction (DataSource.instruction)."
     )
 
 
+def camera_datasets(path: Path, key: str, obs: h5py.Group) -> dict[str, str]:
+    """Camera name -> obs dataset: LIBERO's `<camera>_rgb` and robomimic's `<camera>_image`."""
+    found: dict[str, str] = {}
+    for name in sorted(obs):
+        for suffix in CAMERA_SUFFIXES:
+            if name.endswith(suffix):
+                camera = name[: -len(suffix)]
+                if camera in found:
+                    raise DataError(f"{path}: expected one dataset per camera, got both '{key}/obs/{found[camera]}' and '{key}/obs/{name}'.")
+                found[camera] = name
+    return found
+
+
 def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str] | None, proprio_keys: Sequence[str] | None, rotate: bool,
-                  action_key: str = "actions", instruction: str | None = None) -> Episode:
+                  action_key: str, image_size: int | None, instruction: str | None) -> Episode:
     """One `data/demo_<i>` group as an Episode, checking every shape against the actions' length T."""
     demo = data[name]
     key = f"data/{name}"
     if action_key not in demo:
         raise DataError(f"{path}: expected dataset '{key}/{action_key}' [T, A], got keys {sorted(demo)}.")
     actions = demo[action_key][()]
-    if actions.ndim != 2 or actions.shape[0] == 0:
-        raise DataError(f"{path}: expected '{key}/{action_key}' of shape [T, A] with T > 0, got {actions.shape}.")
+    if actions.ndim != 2 or actions.shape[0] == 0 or not np.issubdtype(actions.dtype, np.number):
+        raise DataError(f"{path}: expected '{key}/{action_key}' of numbers, shape [T, A] with T > 0, got {actions.dtype} {actions.shape}.")
     steps = actions.shape[0]
     if "obs" not in demo:
         raise DataError(f"{path}: expected group '{key}/obs', got keys {sorted(demo)}.")
     obs = demo["obs"]
-    available = sorted(k[: -len("_rgb")] for k in obs if k.endswith("_rgb"))
+    datasets = camera_datasets(path, key, obs)
+    available = sorted(datasets)
     wanted = list(cameras) if cameras is not None else available
     if not wanted:
-        raise DataError(f"{path}: expected at least one camera '{key}/obs/<camera>_rgb' [T, H, W, 3], got keys {sorted(obs)}.")
+        raise DataError(f"{path}: expected at least one camera '{key}/obs/<camera>_rgb' (or robomimic's <camera>_image) [T, H, W, 3], "
+                        f"got keys {sorted(obs)}.")
     images = {}
     for camera in wanted:
         if camera not in available:
-            raise DataError(f"{path}: expected camera dataset '{key}/obs/{camera}_rgb', got cameras {available}.")
-        frames = obs[f"{camera}_rgb"][()]
+            raise DataError(f"{path}: expected camera dataset '{key}/obs/{camera}_rgb' (or _image), got cameras {available}.")
+        frames = obs[datasets[camera]][()]
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != steps or frames.shape[3] != 3:
-            raise DataError(f"{path}: expected '{key}/obs/{camera}_rgb' uint8 [{steps}, H, W, 3], got {frames.dtype} {frames.shape}.")
-        images[camera] = np.ascontiguousarray(frames[:, ::-1, ::-1]) if rotate else frames
+            raise DataError(f"{path}: expected '{key}/obs/{datasets[camera]}' uint8 [{steps}, H, W, 3], got {frames.dtype} {frames.shape}.")
+        frames = np.ascontiguousarray(frames[:, ::-1, ::-1]) if rotate else frames
+        images[camera] = resize_frames(frames, image_size)
     keys = list(proprio_keys) if proprio_keys is not None else list(PROPRIO_KEYS)
+    if proprio_keys is None and any(k in obs for k in keys) and not all(k in obs for k in keys):
+        raise DataError(f"{path}: expected LIBERO's proprio datasets {[f'{key}/obs/{k}' for k in keys]}, missing "
+                        f"{[k for k in keys if k not in obs]} (obs holds {sorted(obs)}). Choose the proprio keys with --proprio-keys "
+                        "(DataSource.proprio_keys), or train without proprio with --proprio-keys none.")
     proprio = None
     if keys and (proprio_keys is not None or all(k in obs for k in keys)):
         parts = []
         for k in keys:
             if k not in obs:
                 raise DataError(f"{path}: expected proprio dataset '{key}/obs/{k}' [{steps}, D], got keys {sorted(obs)}.")
-            part = obs[k][()].reshape(obs[k].shape[0], -1)
-            if part.shape[0] != steps:
-                raise DataError(f"{path}: expected '{key}/obs/{k}' of shape [{steps}, D], got {obs[k].shape}.")
+            part = obs[k][()]
+            if part.ndim == 0 or part.shape[0] != steps or not np.issubdtype(part.dtype, np.number):
+                raise DataError(f"{path}: expected '{key}/obs/{k}' of numbers, shape [{steps}, D], got {part.dtype} {part.shape}.")
+            part = part.reshape(steps, -1)
             parts.append(part)
         proprio = np.concatenate(parts, axis=1).astype(np.float32)
     episode_id = int(DEMO_NAME.fullmatch(name).group(1))
@@ -174,11 +231,17 @@ def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     None when the file does not say (files written by other tools may lack `env_args`); the name may be a label rsd does
     not build, as in files converted from a LeRobot folder (`rsd.envs.base.is_env_name` tells).
     """
-    with h5py.File(path, "r") as file:
+    with open_hdf5(Path(path)) as file:
         attrs = file["data"].attrs if "data" in file else {}
         if "env_args" not in attrs:
             return None
-        args = json.loads(_text(attrs["env_args"]))
+        text = _text(attrs["env_args"])
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: expected data.attrs['env_args'] to be JSON, got {text[:80]!r} ({error}).") from error
+    if not isinstance(args, dict):
+        return None
     name = args.get("env_name")
     return (name, dict(args.get("env_kwargs") or {})) if isinstance(name, str) and name else None
 
@@ -198,32 +261,52 @@ def libero_gripper_to_policy(gripper: np.ndarray) -> np.ndarray:
     return ((1.0 - np.clip(gripper, -1.0, 1.0)) / 2.0).astype(np.float32)
 
 
-def read_demos(path: str | Path, cameras: list[str] | None = None, proprio_keys: list[str] | None = None, action_key: str = "actions",
-               image_convention: str | None = None, instruction: str | None = None) -> list[Episode]:
+def read_demos(path: str | Path, cameras: Sequence[str] | None = None, proprio_keys: Sequence[str] | None = None, action_key: str = "actions",
+               image_convention: str | None = None, instruction: str | None = None, image_size: int | None = None) -> list[Episode]:
     """Read every `data/demo_<i>` of a robomimic/LIBERO file as Episodes, in numeric demo order.
 
     `cameras`: camera names to load (`agentview` for `obs/agentview_rgb`; default all). `proprio_keys`: obs
-    datasets concatenated into proprio (default ee_pos + ee_ori + gripper_states when all exist, else None;
-    `[]` for none). `image_convention`: "opengl" rotates frames 180°, "opencv" keeps them; None: the file's
-    `macros_image_convention` attr decides. `instruction`: used for every demo instead of the file's own.
+    datasets concatenated into proprio (default ee_pos + ee_ori + gripper_states when all exist, none when none
+    exists, an error when only some do; `[]` for none). `image_convention`: "opengl" rotates frames 180°, "opencv"
+    keeps them; None: the file's `macros_image_convention` attr, and a file without one is refused.
+    `instruction`: used for every demo instead of the file's own. `image_size`: frames resized to that square side.
     A file LIBERO recorded has its 7-dim actions' gripper mapped to rsd's LIBERO units (module docstring).
+    `rsd.data.source.read_episodes` calls this with a `DataSource`'s choices.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: expected an HDF5 demonstration file, got no such file.")
-    try:
-        file = h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"{path}: expected an HDF5 file, got one h5py cannot open ({error}).") from error
-    with file:
+    with open_hdf5(path) as file:
         if "data" not in file:
             raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
         data = file["data"]
-        convention = image_convention or _text(data.attrs.get("macros_image_convention", ""))
-        episodes = [_read_episode(path, data, name, cameras, proprio_keys, convention == "opengl", action_key, instruction)
+        rotate = _convention(path, data, image_convention) == "opengl"
+        episodes = [_read_episode(path, data, name, cameras, proprio_keys, rotate, action_key, image_size, instruction)
                     for name in _demo_names(path, data)]
-        if recorded_by_libero(data) and episodes[0].actions.shape[1] == LIBERO_ACTION_DIM:
-            log.info("%s: recorded by LIBERO: gripper actions (-1 open / +1 close) mapped to rsd's LIBERO units (1 open / 0 closed).", path)
-            for episode in episodes:
-                episode.actions[:, -1] = libero_gripper_to_policy(episode.actions[:, -1])
-        return episodes
+        libero = recorded_by_libero(data)
+    if libero and episodes[0].actions.shape[1] == LIBERO_ACTION_DIM:
+        log.info("%s: recorded by LIBERO: gripper actions (-1 open / +1 close) mapped to rsd's LIBERO units (1 open / 0 closed).", path)
+        for episode in episodes:
+            episode.actions[:, -1] = libero_gripper_to_policy(episode.actions[:, -1])
+    if proprio_keys is None and episodes[0].proprio is None:
+        log.warning("%s: no proprio (none of %s in obs); reading without it. Choose keys with --proprio-keys, or pass "
+                    "--proprio-keys none to say so.", path, ", ".join(PROPRIO_KEYS))
+    return episodes
+
+
+def _convention(path: Path, data: h5py.Group, chosen: str | None) -> str:
+    """The frames' convention: `chosen`, else the file's `macros_image_convention`; a file that records none is refused."""
+    recorded = _text(data.attrs["macros_image_convention"]) if "macros_image_convention" in data.attrs else None
+    if chosen is not None:
+        if recorded is not None and recorded != chosen:
+            log.warning("%s: records macros_image_convention %r; reading it as %r as asked.", path, recorded, chosen)
+        return chosen
+    if recorded is None:
+        raise DataError(f"{path}: expected data.attrs['macros_image_convention'] ('opengl': frames stored upside down, as robosuite "
+                        "renders them; 'opencv': upright), got no such attr. rsd does not guess: a wrong guess trains the policy on "
+                        "mirror images of what it sees in the loop. Pass --image-convention opengl|opencv (DataSource.image_convention).")
+    if recorded not in IMAGE_CONVENTIONS:
+        raise DataError(f"{path}: expected macros_image_convention one of {list(IMAGE_CONVENTIONS)}, got {recorded!r}. "
+                        "Pass --image-convention to choose.")
+    return recorded
+

@@ -40,6 +40,7 @@ from rsd.data.dataset import Episode
 from rsd.data.stats import ActionStats, DatasetStatistics
 from rsd.data.video import VIDEO_SETTINGS, VideoSettings, VideoWriter, decode_video, resize_frame
 from rsd.errors import DataError, ShapeError
+from rsd.io import writes_artifact
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +521,7 @@ class _RollingIndex:
             self.chunk, self.file = self.chunk + 1, 0
 
 
+@writes_artifact("LeRobot dataset")
 def write_lerobot(
     out: str | Path,
     episodes: Sequence[Episode],
@@ -530,11 +532,12 @@ def write_lerobot(
     data_file_mb: float = 100.0,
     video_file_mb: float = 200.0,
 ) -> dict[str, Any]:
-    """Write `episodes` as a LeRobot v3.0 folder `out` (parquet rows, one MP4 stream per camera); return a summary.
+    """Write `episodes` as a LeRobot v3.0 folder `out` (parquet rows, one MP4 stream per camera); return a summary (no paths).
 
     Episode indices are 0..N-1 in the order given (LeRobot indexes its episode table by position). Camera `c` is
     feature `observation.images.c`, proprio is `observation.state`, actions `action`; each instruction is a task.
     A data or video file is closed and the next one started once it exceeds `data_file_mb` / `video_file_mb`.
+    `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing dataset there needs `overwrite=True`.
     """
     pq = require_pyarrow()
     import pyarrow as pa
@@ -542,8 +545,6 @@ def write_lerobot(
     out = Path(out)
     if not episodes:
         raise DataError(f"{out}: expected at least one episode to write, got none.")
-    if (out / INFO).exists():
-        raise DataError(f"{out}: expected a new folder, got an existing LeRobot dataset; remove it or choose another --out.")
     cameras = {tuple(e.cameras) for e in episodes}
     has_state = {e.proprio is not None for e in episodes}
     dims = {(e.actions.shape[1], None if e.proprio is None else e.proprio.shape[1]) for e in episodes}
@@ -630,7 +631,7 @@ def write_lerobot(
         "fps": fps, "splits": {"train": f"0:{len(episodes)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH, "features": features,
     }
     (out / INFO).write_text(json.dumps(info, indent=4) + "\n")
-    return {"episodes": len(episodes), "frames": total, "tasks": len(tasks), "cameras": list(video_keys.values()), "out": str(out)}
+    return {"episodes": len(episodes), "frames": total, "tasks": len(tasks), "cameras": list(video_keys.values())}
 
 
 def _episode_stats(episode: Episode, video_keys: dict[str, str], first: int, position: int, task: int, fps: int) -> dict[str, dict[str, list[Any]]]:

@@ -1,15 +1,20 @@
 """Where training data comes from: one description of a data source and its key mapping, one reader for all formats.
 
 `DataSource` names a path and how its keys map onto rsd's Episode (cameras, proprio, actions, instruction) and
-how frames are prepared (resize, image convention). `read_episodes(source)` dispatches on what the path is:
-a LeRobotDataset folder (`meta/info.json`; `rsd.data.lerobot`) or a robomimic/LIBERO HDF5 file
-(`rsd.data.hdf5.read_demos`). Key names are the format's own: LeRobot features (`observation.images.wrist` or just
-`wrist`, `observation.state`, `action`), HDF5 obs datasets (`agentview` for `obs/agentview_rgb`, `ee_pos`, ...).
+how frames are prepared (resize, image convention) — the choices a file written by another tool (robomimic,
+LIBERO, LeRobot, a user's own h5py script) may not record, named instead of guessed. `read_episodes(source)`
+dispatches on what the path is: a LeRobotDataset folder (`meta/info.json`; `rsd.data.lerobot`) or a
+robomimic/LIBERO HDF5 file (`rsd.data.hdf5.read_demos`). Key names are the format's own: LeRobot features
+(`observation.images.wrist` or just `wrist`, `observation.state`, `action`), HDF5 obs datasets (`agentview` for
+`obs/agentview_rgb` or robomimic's `obs/agentview_image`, `ee_pos`, ...). The same choices can live in a small
+per-dataset JSON file (`DataSource.from_config`, `--data-config`), e.g. `{"cameras": ["agentview"],
+"proprio_keys": ["ee_pos", "gripper_states"], "image_convention": "opengl", "image_size": 64, "instruction": "lift the cube"}`.
 
 Usage:
     source = DataSource("data/libero_lerobot", cameras=("image",), image_size=64)
     episodes = read_episodes(source)                       # list[Episode]
     stats = source_statistics(source)                      # the dataset's own q01/q99, or None
+    source = DataSource.from_config("lift.hdf5", "lift.rsd.json", image_size=64)
 """
 
 from __future__ import annotations
@@ -18,60 +23,77 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rsd.data.actions import load_action_episodes
 from rsd.data.dataset import Episode
-from rsd.data.hdf5 import read_demos
+from rsd.data.hdf5 import IMAGE_CONVENTIONS, read_demos
 from rsd.data.lerobot import is_lerobot_dataset, read_lerobot, read_lerobot_actions, read_lerobot_statistics
 from rsd.data.stats import DatasetStatistics
-from rsd.data.video import resize_frame
 from rsd.errors import ConfigError, DataError
 from rsd.io import sha256_file
 
 log = logging.getLogger(__name__)
 
-IMAGE_CONVENTIONS = ("auto", "opencv", "opengl")
 STATISTICS = ("dataset", "train")
 FORMATS = ("lerobot", "hdf5", "npz")
+MIN_IMAGE_SIZE = 8
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """A dataset path and the mapping of its keys onto Episodes; defaults suit LIBERO HDF5 and LeRobot datasets."""
+    """A dataset path and the choices for reading it; None everywhere means "as the dataset says"."""
 
     path: str  # LeRobotDataset folder, robomimic/LIBERO HDF5 file, or (actions only) NPZ file
     cameras: tuple[str, ...] | None = None  # camera names/keys to load, in any order (None: every camera)
     proprio_keys: tuple[str, ...] | None = None  # keys concatenated into proprio (None: the format's default; (): none)
-    action_key: str | None = None  # action key (None: "action" for LeRobot, "actions" for HDF5)
-    instruction: str | None = None  # None: the dataset's own (LeRobot task, HDF5 attr); text: this for every episode
     image_size: int | None = None  # resize frames to image_size x image_size (Lanczos); None: as stored
-    image_convention: str = "auto"  # "opengl": stored upside down, rotate 180°; "opencv": upright; "auto": the file says
+    image_convention: str | None = None  # "opengl": stored upside down, rotated 180°; "opencv": upright; None: the file says
+    instruction: str | None = None  # None: the dataset's own (LeRobot task, HDF5 attr); text: this for every episode
+    action_key: str | None = None  # action key (None: "action" for LeRobot, "actions" for HDF5)
     statistics: str = "dataset"  # "dataset": the dataset's own q01/q99 when it has them; "train": from the training episodes
 
     def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
+            raise ConfigError(f"DataSource.path: expected a file or folder path, got {self.path!r}.")
         object.__setattr__(self, "path", str(self.path))
         for name in ("cameras", "proprio_keys"):
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-                    raise ConfigError(f"DataSource.{name}: expected a tuple of non-empty key names or None, got {value!r}.")
+                    raise ConfigError(f"DataSource.{name}: expected a list of non-empty key names or None, got {value!r}.")
                 object.__setattr__(self, name, tuple(value))
         if self.cameras == ():
-            raise ConfigError("DataSource.cameras: expected at least one camera name or None (every camera), got ().")
-        if self.action_key is not None and not self.action_key:
-            raise ConfigError("DataSource.action_key: expected a key name or None, got ''.")
-        if self.instruction is not None and not self.instruction.strip():
-            raise ConfigError(f"DataSource.instruction: expected a non-empty instruction or None, got {self.instruction!r}.")
-        if self.image_size is not None and self.image_size < 1:
-            raise ConfigError(f"DataSource.image_size: expected an int >= 1 or None, got {self.image_size}.")
-        if self.image_convention not in IMAGE_CONVENTIONS:
-            raise ConfigError(f"DataSource.image_convention: expected one of {list(IMAGE_CONVENTIONS)}, got {self.image_convention!r}.")
+            raise ConfigError("DataSource.cameras: expected at least one camera name, or None for every camera, got none.")
+        if self.action_key is not None and (not isinstance(self.action_key, str) or not self.action_key):
+            raise ConfigError(f"DataSource.action_key: expected a key name or None, got {self.action_key!r}.")
+        if self.instruction is not None and (not isinstance(self.instruction, str) or not self.instruction.strip()):
+            raise ConfigError(f"DataSource.instruction: expected a non-empty string or None, got {self.instruction!r}.")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or isinstance(self.image_size, bool)
+                                            or self.image_size < MIN_IMAGE_SIZE):
+            raise ConfigError(f"DataSource.image_size: expected an int >= {MIN_IMAGE_SIZE} or None, got {self.image_size!r}.")
+        if self.image_convention is not None and self.image_convention not in IMAGE_CONVENTIONS:
+            raise ConfigError(f"DataSource.image_convention: expected one of {list(IMAGE_CONVENTIONS)} or None, got {self.image_convention!r}.")
         if self.statistics not in STATISTICS:
             raise ConfigError(f"DataSource.statistics: expected one of {list(STATISTICS)}, got {self.statistics!r}.")
+
+    @classmethod
+    def from_config(cls, path: str | Path, config: str | Path, **overrides: Any) -> DataSource:
+        """The choices of a per-dataset JSON file for `path`; `overrides` that are not None replace them."""
+        try:
+            data = json.loads(Path(config).read_bytes())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"--data-config {config}: expected a readable JSON object, got an error: {error}.") from error
+        names = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        if not isinstance(data, dict) or set(data) - names:
+            unknown = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
+            raise ConfigError(f"--data-config {config}: expected a JSON object with keys among {sorted(names)}, got {unknown}.")
+        return cls(str(path), **{**data, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property
     def format(self) -> str:
@@ -91,15 +113,8 @@ class DataSource:
 
 
 def as_source(data: str | Path | DataSource) -> DataSource:
-    """`data` as a DataSource (a bare path gets the default mapping)."""
+    """`data` as a DataSource (a bare path gets the default mapping: everything as the dataset says)."""
     return data if isinstance(data, DataSource) else DataSource(str(data))
-
-
-def _resize(frames: np.ndarray, size: int) -> np.ndarray:
-    """Frames uint8 `[T, H, W, 3]` resized to `[T, size, size, 3]` (`resize_frame`; no-op at that size)."""
-    if frames.shape[1:3] == (size, size):
-        return frames
-    return np.stack([resize_frame(f, size) for f in frames])
 
 
 def read_episodes(data: str | Path | DataSource) -> list[Episode]:
@@ -108,23 +123,17 @@ def read_episodes(data: str | Path | DataSource) -> list[Episode]:
     kind = source.format
     if kind == "npz":
         raise DataError(f"{source.path}: expected demonstrations with frames (LeRobot folder or HDF5), got an actions-only NPZ file.")
-    if kind == "lerobot":
-        if source.image_convention == "auto":
-            log.info("%s: LeRobot frames are taken as stored (upright); pass image_convention='opengl' to rotate them 180°.", source.path)
-        episodes = read_lerobot(source.path, source.cameras, source.proprio_keys, source.action_key or "action", source.image_size)
-        if source.image_convention == "opengl":
-            for episode in episodes:
-                episode.images = {c: np.ascontiguousarray(f[:, ::-1, ::-1]) for c, f in episode.images.items()}
-    else:
-        convention = None if source.image_convention == "auto" else source.image_convention
-        episodes = read_demos(source.path, list(source.cameras) if source.cameras is not None else None,
-                              list(source.proprio_keys) if source.proprio_keys is not None else None,
-                              action_key=source.action_key or "actions", image_convention=convention, instruction=source.instruction)
+    if kind == "hdf5":
+        return read_demos(source.path, source.cameras, source.proprio_keys, source.action_key or "actions", source.image_convention,
+                          source.instruction, source.image_size)
+    if source.image_convention is None:
+        log.info("%s: LeRobot frames are taken as stored (upright); pass image_convention='opengl' to rotate them 180°.", source.path)
+    episodes = read_lerobot(source.path, source.cameras, source.proprio_keys, source.action_key or "action", source.image_size)
     for episode in episodes:
+        if source.image_convention == "opengl":
+            episode.images = {c: np.ascontiguousarray(f[:, ::-1, ::-1]) for c, f in episode.images.items()}
         if source.instruction is not None:
             episode.instruction = source.instruction
-        if source.image_size is not None:
-            episode.images = {c: _resize(f, source.image_size) for c, f in episode.images.items()}
     return episodes
 
 

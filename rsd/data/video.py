@@ -139,6 +139,13 @@ def resize_frame(frame: np.ndarray, size: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
+def resize_frames(frames: np.ndarray, size: int | None) -> np.ndarray:
+    """Frames uint8 `[T, H, W, 3]` resized to `[T, size, size, 3]` (`resize_frame`); unchanged when `size` is None or equal."""
+    if size is None or frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([resize_frame(frame, size) for frame in frames])
+
+
 def decode_video(path: str | Path, what: str = "", size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every decodable frame of the first video stream: times `[N]` in seconds and uint8 RGB frames `[N, H, W, 3]`.
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rsd.bundle import ENGINE_FORMATS
 from rsd.device import dtype_name, resolve_dtype
 from rsd.models.draft import DraftHead
 from rsd.runtime.engines import DraftGraph, require_tensorrt
@@ -29,7 +30,7 @@ from rsd.tokenizer import ActionTokenizer
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript", "tensorrt")
+FORMATS = ENGINE_FORMATS  # the formats a bundle can hold (rsd.bundle's schema)
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "tensorrt": ".trt.ep"}
 TRACE_BATCH = 2  # batch size the graphs are traced at; parity runs at 1, 5 and all rows, never at this size
 MAX_BATCH = 1024  # upper bound of the dynamic batch dimension (ONNX dynamo export)

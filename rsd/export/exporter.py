@@ -5,8 +5,9 @@ c = C and c = L through whatever is fastest on the device — ONNX Runtime, Torc
 a compiled graph is only worth running if it computes what the trained PyTorch module computes. This module
 runs the export: `rsd.export.compile` writes each format's files, `rsd.export.parity` loads them back through
 the runtime's own engine classes and compares them with eager PyTorch, and the bundle (`rsd.bundle`) is
-assembled in a staging folder beside `out` and moved into place only after every check passed, so a failed
-export never leaves a manifest that marks anything valid.
+assembled in a staging folder beside `out` (`rsd.io.staged_dir`) and moved into place only after every check passed,
+so a failed export never leaves a manifest that marks anything valid, and an earlier bundle at `out` is replaced
+(with `overwrite`) only by a complete one.
 
 Precision: `fp16` builds the draft engines from the half-precision draft; the decoders stay fp32 (the RFSQ
 decode is tiny, and fp32 keeps the clamp to [-1, 1] and the un-normalisation exact). TensorRT needs CUDA and
@@ -21,11 +22,9 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 import rsd
-from rsd.bundle import BUNDLE_KIND, MANIFEST, TOKENIZER_DIR, file_entry, write_manifest
+from rsd.bundle import BUNDLE_KIND, TOKENIZER_DIR, file_entry, write_manifest
 from rsd.config import to_dict
 from rsd.device import check_device
 from rsd.errors import CheckpointError, ConfigError
@@ -49,7 +48,7 @@ from rsd.export.parity import (
     references,
     reload_engine,
 )
-from rsd.io import FORMAT_VERSION, sha256_file
+from rsd.io import FORMAT_VERSION, read_json, sha256_file, staged_dir
 from rsd.models.draft import DRAFT_FILE, DraftHead
 from rsd.runtime.engines import require_tensorrt
 from rsd.tokenizer import ActionTokenizer
@@ -70,8 +69,12 @@ def export_draft(
     opset: int | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Export the draft and decoders to `formats`, check parity, write the bundle `out`; return the report."""
+    """Export the draft and decoders to `formats`, check parity, write the bundle `out`; return the report.
+
+    An existing bundle at `out` is replaced only with `overwrite=True`, and only once the new one is complete.
+    """
     start = time.perf_counter()
     formats = _check_formats(formats)
     if precision not in TOLERANCES:
@@ -80,10 +83,7 @@ def export_draft(
     if "tensorrt" in formats and not dry_run:
         require_tensorrt(device)
     out = Path(out)
-    _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_dir(out, BUNDLE_KIND, overwrite) as staging:
         sources = _copy_sources(Path(draft), Path(tokenizer), staging)
         head, meta = DraftHead.load(staging)
         tok = ActionTokenizer.load(staging / TOKENIZER_DIR)
@@ -98,12 +98,6 @@ def export_draft(
         engines = [_build_engine(fmt, graph, staging, refs, hidden, tokens, dry_run, opset, device)
                    for fmt in formats for graph in graphs(head, tok, precision, device)]
         write_manifest(staging, _manifest(head, tok, meta, gate, precision, inputs_info, sources, engines, device))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     report = {
         "out": str(out),
         "seconds": time.perf_counter() - start,
@@ -124,15 +118,6 @@ def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
     if unknown or not chosen:
         raise ConfigError(f"formats: expected a non-empty subset of {list(FORMATS)}, got {list(chosen)}.")
     return chosen
-
-
-def _check_out(out: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier bundle."""
-    if not out.exists():
-        return
-    if not out.is_dir() or (any(out.iterdir()) and not (out / f"{MANIFEST}.json").is_file()):
-        raise ConfigError(f"--out {out}: expected a new folder, an empty one or an earlier bundle, got an existing "
-                          "path without a manifest.json. Choose another --out.")
 
 
 def _copy_sources(draft: Path, tokenizer: Path, staging: Path) -> list[dict[str, Any]]:
@@ -156,7 +141,9 @@ def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: expected a calibration.json written by `rsd calibrate`, found no file.")
-    data = json.loads(path.read_text())
+    data = read_json(path, "a calibration written by `rsd calibrate`")
+    if not isinstance(data.get("tau"), (int, float)) or isinstance(data.get("tau"), bool):
+        raise CheckpointError(f"{path}: field 'tau': expected a number, got {data.get('tau')!r}. Re-run `rsd calibrate`.")
     if data.get("main_fingerprint") != fingerprint:
         raise CheckpointError(f"{path}: calibrated for main model fingerprint {data.get('main_fingerprint')!r}, "
                               f"but the draft was trained for {fingerprint!r}. Calibrate this draft with `rsd calibrate`.")

@@ -1,6 +1,7 @@
 """Load a bundle for the runtime: verify its files, check it belongs to the main model, choose and build the engines.
 
-`load_bundle_engines` verifies every file hash (`rsd.bundle.verify_bundle`), then refuses a bundle made for
+`load_bundle_engines` verifies the bundle (`rsd.bundle.verify_bundle`: manifest schema and digest, every file
+confined to the bundle and re-hashed), then refuses a bundle made for
 another main model (fingerprint, hidden width, layer count, tokenizer shape — each message names both values)
 before anything runs, and builds the draft and decoder engines of `rsd.runtime.engines`: the engine asked for,
 or with `engine="auto"` the first of `ENGINE_PREFERENCE` (TensorRT > ONNX Runtime > TorchScript > eager) that the
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rsd.bundle import TOKENIZER_DIR, read_manifest, verify_bundle
+from rsd.bundle import TOKENIZER_DIR, bundle_file, read_manifest, verify_bundle
 from rsd.config import to_dict
 from rsd.device import check_device, resolve_dtype
 from rsd.errors import CheckpointError, EngineError
@@ -119,7 +120,8 @@ def load_bundle_engines(bundle: str | Path, main: MainModel, engine: str = "auto
     else:
         entries = _built(manifest, name)
         assert entries is not None, "available_engines lists only formats with every graph built"
-        draft = DRAFT_ENGINES[name](bundle / entries["draft"]["files"][0]["path"], device, resolve_dtype(entries["draft"]["precision"]))
-        decoders = {c: DECODER_ENGINES[name](bundle / entries[f"decoder_c{c}"]["files"][0]["path"], device, c) for c in layers}
+        draft = DRAFT_ENGINES[name](bundle_file(bundle, entries["draft"]["files"][0]["path"]), device,
+                                    resolve_dtype(entries["draft"]["precision"]))
+        decoders = {c: DECODER_ENGINES[name](bundle_file(bundle, entries[f"decoder_c{c}"]["files"][0]["path"]), device, c) for c in layers}
     return LoadedBundle(draft=draft, decoders=decoders, exit_layer=int(manifest["exit_layer"]), tau=float(manifest["tau"]),
                         gate_statistic=manifest["gate_statistic"], manifest=manifest, engine=name)

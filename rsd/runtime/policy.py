@@ -8,6 +8,10 @@ Both validate observations, keep an action queue (all H actions of a chunk are e
 Neither policy is thread-safe: the action queue and the statistics are per instance, so give each
 control loop (thread) its own policy object; the model weights may be shared read-only.
 
+Before the processor sees an observation, `check_observation` refuses what it cannot name well: a value that is
+not numbers (proprio of strings, an image of objects), a NaN or inf in proprio (with its index), and a prompt longer
+than `MAX_PROMPT_TOKENS` tokens (a long instruction makes every call slower; no robot task needs one).
+
 Usage:
     policy = SpeculativePolicy.from_bundle("runs/demo/bundle", main="runs/demo/policy")
     policy.reset()
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from rsd.device import resolve_device_dtype
-from rsd.errors import ConfigError
+from rsd.errors import ConfigError, ObservationError
 from rsd.models.main import MainModel
 from rsd.models.processor import observation_batch
 from rsd.runtime.bundle import load_bundle_engines
@@ -35,6 +39,8 @@ from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine, Verify
 from rsd.runtime.timing import RollingStats
 
 log = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 128  # prompt tokens (template + instruction) a policy accepts; LIBERO's longest instructions need about 40
 
 
 @dataclass
@@ -74,8 +80,13 @@ class _ChunkPolicy:
 
     def predict_chunk(self, obs: dict[str, Any]) -> ActionChunk:
         """Check one observation (through the model's processor) and predict its action chunk `[H, A]`."""
+        check_observation(obs, self.main.vla.config.proprio_dim)
         images, instructions, proprio = observation_batch(obs, self.main.vla.config.proprio_dim)
         inputs = self.main.prepare(images, instructions, proprio)
+        prompt_tokens = int(inputs.text_mask.sum())
+        if prompt_tokens > MAX_PROMPT_TOKENS:
+            raise ObservationError(f"observation['instruction']: expected at most {MAX_PROMPT_TOKENS} prompt tokens (MAX_PROMPT_TOKENS: the "
+                                   f"instruction in the prompt template), got {prompt_tokens}. Shorten the instruction.")
         result = self.engine.run(inputs)
         chunk = ActionChunk(
             actions=result.actions[0].float().cpu().numpy(),
@@ -159,6 +170,41 @@ class SpeculativePolicy(_ChunkPolicy):
                  loaded.exit_layer, threshold, "given" if tau is not None else "from the bundle", loaded.draft.name, verify)
         spec = SpeculativeEngine(main_model, loaded.draft, loaded.decoders, loaded.exit_layer, threshold, verify, loaded.gate_statistic)
         return cls(main_model, spec, replan_every)
+
+
+def check_observation(obs: Any, proprio_dim: int) -> None:
+    """Refuse an observation whose image or proprio is not numbers, or whose proprio is not `proprio_dim` finite values."""
+    if not isinstance(obs, dict):
+        raise ObservationError(f"observation: expected a dict with 'image' and 'instruction', got {type(obs).__name__}.")
+    if not isinstance(obs.get("instruction", ""), str):
+        raise ObservationError(f"observation['instruction']: expected a non-empty string, got {type(obs['instruction']).__name__}.")
+    raw = obs.get("image")
+    for index, frame in enumerate(raw if isinstance(raw, (list, tuple)) else [] if raw is None else [raw]):
+        array = _numbers(frame, f"observation['image']{'' if not isinstance(raw, (list, tuple)) else f'[{index}]'}")
+        if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+            raise ObservationError(f"observation['image']: expected uint8 frames [H, W, 3] (or float in [0, 1]), got dtype {array.dtype}.")
+    if proprio_dim == 0 or obs.get("proprio") is None:
+        return
+    proprio = _numbers(obs["proprio"], "observation['proprio']")
+    if proprio.shape != (proprio_dim,):
+        raise ObservationError(f"observation['proprio']: expected {proprio_dim} numbers [{proprio_dim}], got shape {proprio.shape}.")
+    bad = np.flatnonzero(~np.isfinite(proprio.astype(np.float64)))
+    if bad.size:
+        raise ObservationError(f"observation['proprio']: expected finite values, got {proprio[bad[0]]} at index {int(bad[0])}"
+                               f"{f' (and {bad.size - 1} more)' if bad.size > 1 else ''}.")
+
+
+def _numbers(value: Any, what: str) -> np.ndarray:
+    """`value` as a numeric array (bool excluded), else an ObservationError naming `what` and what arrived."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ObservationError(f"{what}: expected an array of numbers, got {type(value).__name__} that is not one ({error}).") from error
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ObservationError(f"{what}: expected an array of numbers, got {type(value).__name__} of dtype {array.dtype}.")
+    return array
 
 
 def load_main(policy_dir: str | Path, device: str | None, dtype: str | None) -> MainModel:

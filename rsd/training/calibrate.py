@@ -37,6 +37,7 @@ import torch
 
 from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
+from rsd.io import atomic_file, check_file_out, write_text_atomic
 from rsd.models.draft import DraftHead
 from rsd.tokenizer import ActionTokenizer, layers_to_tokens
 from rsd.training.features import Features, load_features
@@ -132,8 +133,14 @@ def calibrate(
     min_steps: int = 4,
     seed: int = 0,
     plot: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Certify tau for `draft` on held-out feature episodes (Learn-then-Test), report it on a test half; write JSON and a plot."""
+    """Certify tau for `draft` on held-out feature episodes (Learn-then-Test), report it on a test half; write JSON and a plot.
+
+    `out` and its plot are written atomically; an existing calibration at `out` needs `overwrite=True`.
+    """
+    if out is not None:
+        check_file_out(out, "calibration", overwrite)
     if mode not in ("chunk", "prefix"):
         raise ConfigError(f"calibrate --mode: expected 'chunk' or 'prefix', got {mode!r}.")
     if statistic not in ("mean", "min", "step"):
@@ -175,10 +182,10 @@ def calibrate(
     }
     if out is not None:
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
         if plot:
-            plot_curve(report, out.with_suffix(".png"))
+            with atomic_file(out.with_suffix(".png")) as image:
+                plot_curve(report, image)
+        write_text_atomic(out, json.dumps(report, indent=2, allow_nan=True) + "\n", kind="calibration", overwrite=overwrite)
     return report
 
 

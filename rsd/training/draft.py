@@ -38,6 +38,7 @@ from rsd import distributed
 from rsd.config import DraftConfig, TrainConfig, to_dict
 from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
+from rsd.io import writes_artifact
 from rsd.models.draft import DraftHead
 from rsd.presets import get_preset
 from rsd.training.features import Features, episode_ids, load_features
@@ -60,6 +61,7 @@ def distillation_loss(
     return loss, {"ce": ce.detach().item(), "kl": kl.detach().item(), "accept": accept.detach().item()}
 
 
+@writes_artifact("draft")
 def train_draft(
     features: str | Path,
     out: str | Path,
@@ -70,7 +72,10 @@ def train_draft(
     accept_weight: float = 0.3,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train a draft on a features folder and write the best checkpoint and `metrics.json` to `out`."""
+    """Train a draft on a features folder and write the best checkpoint and `metrics.json` to `out`.
+
+    `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing draft there needs `overwrite=True`.
+    """
     if targets not in ("main", "ground_truth"):
         raise ConfigError(f"train-draft --targets: expected 'main' or 'ground_truth', got {targets!r}.")
     spec = get_preset(preset)

@@ -83,6 +83,9 @@ def collect_features(
     Under torchrun every rank computes its share of the shards (`World.shard` of the shard plan) and rank 0
     writes the index once all are done; `device="cuda"` puts each rank on its own GPU.
     """
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"collect-features --{name.replace('_', '-')}: expected an int >= 1, got {value!r}.")
     world = distributed.current()
     torch_device, torch_dtype = resolve_device_dtype(world.device(check_device(device)), dtype)
     main = MainModel.load(policy, device=torch_device, dtype=torch_dtype)

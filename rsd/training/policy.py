@@ -47,6 +47,7 @@ from rsd.data.source import DataSource, as_source, read_episodes, source_statist
 from rsd.data.stats import DatasetStatistics
 from rsd.envs.base import is_env_name
 from rsd.errors import ConfigError, DataError
+from rsd.io import writes_artifact
 from rsd.models.lora import build_policy_model
 from rsd.models.main import MainModel
 from rsd.models.processor import VLAInputs
@@ -58,6 +59,7 @@ from rsd.training.schedule import one_cycle
 log = logging.getLogger(__name__)
 
 
+@writes_artifact("policy")
 def train_policy(
     data: str | Path | DataSource,
     tokenizer: str | Path,
@@ -79,6 +81,7 @@ def train_policy(
     With `options.select_by == "rollouts"` the policy is run closed-loop every `rollout_every` epochs on
     held-out seeds of `rollout_env` (default: the environment recorded in the data file) and the epoch with the
     highest success (ties: lower validation L1) is kept; otherwise the epoch with the lowest validation L1.
+    `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing policy there needs `overwrite=True`.
     """
     spec = get_preset(preset)
     train = train or spec.policy_train
@@ -229,7 +232,8 @@ def _check_proprio(source: DataSource, dataset: FrameDataset, proprio_dim: int, 
     width = 0 if proprio is None else proprio.shape[1]
     if width != proprio_dim:
         raise DataError(f"{source.path}: preset {preset!r} takes proprio of {proprio_dim} dims, the data gives {width}; "
-                        "choose keys with --state-key or --no-state (DataSource.proprio_keys).")
+                        "choose keys with --proprio-keys, or none with --proprio-keys none (DataSource.proprio_keys), or a preset that "
+                        "matches (tiny-no-proprio takes none).")
 
 
 def policy_layer_weights(tokenizer: ActionTokenizer) -> torch.Tensor:

@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -33,13 +34,18 @@ from rsd.data.chunks import chunk_actions, split_episodes
 from rsd.data.source import DataSource, as_source, read_action_episodes, source_statistics
 from rsd.data.stats import ActionStats
 from rsd.errors import DataError
+from rsd.io import writes_artifact
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer
 from rsd.training.schedule import one_cycle
 
+log = logging.getLogger(__name__)
+
 PARTIAL_WEIGHT = 0.25  # weight of the mean partial-reconstruction MSE in the loss
+OUTLIER_RANGES = 10.0  # an action further than this many q01..q99 ranges outside them is refused as corrupt, not clipped
 
 
+@writes_artifact("tokenizer")
 def train_tokenizer(
     episodes: Sequence[np.ndarray],
     config: TokenizerConfig,
@@ -52,6 +58,7 @@ def train_tokenizer(
     """Train a tokenizer on per-episode actions `[T_i, A]`, save it to `out` with `report.json`/`report.md`.
 
     `stats`: normalisation statistics to use (a dataset's own); None computes q01/q99 from the training episodes.
+    `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing tokenizer there needs `overwrite=True`.
     """
     ids = list(range(len(episodes))) if episode_ids is None else [int(i) for i in episode_ids]
     if len(ids) != len(episodes):
@@ -66,10 +73,14 @@ def train_tokenizer(
         raise DataError(f"train-tokenizer: expected the dataset's statistics to have {config.action_dim} dimensions, got {stats.dim}.")
     statistics_source = "dataset" if stats is not None else "training episodes"
     stats = stats or ActionStats.from_actions(np.concatenate([by_id[i] for i in train_ids]))
+    check_outliers(by_id, stats)
     train_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in train_ids]), dtype=torch.float32)
     val_chunks = torch.as_tensor(np.concatenate([chunk_actions(by_id[i], config.chunk_len) for i in val_ids]), dtype=torch.float32)
     tokenizer = ActionTokenizer(config, stats)
     _, clipped_train = tokenizer.normalize(train_chunks, warn=False)
+    if clipped_train:
+        log.warning("train-tokenizer: %d training action values lie outside the q01..q99 range and are clipped to it "
+                    "(counted in report.json, clipped_values).", clipped_train)
     world = distributed.current()
     model = distributed.Parallel(tokenizer, tokenizer_loss)
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
@@ -121,6 +132,21 @@ def train_tokenizer(
     return report
 
 
+def check_outliers(episodes: dict[int, np.ndarray], stats: ActionStats) -> None:
+    """Refuse an action further than OUTLIER_RANGES q01..q99 ranges outside them (a corrupt value, not one to clip)."""
+    low, high = np.asarray(stats.q01), np.asarray(stats.q99)
+    margin = OUTLIER_RANGES * np.maximum(high - low, 1e-6)
+    for episode_id, actions in episodes.items():
+        far = (actions < low - margin) | (actions > high + margin)
+        if far.any():
+            step, dim = (int(i) for i in np.argwhere(far)[0])
+            raise DataError(
+                f"train-tokenizer: episode {episode_id} step {step} action dim {dim}: expected a value within {OUTLIER_RANGES:g}× "
+                f"the q01..q99 range [{low[dim]:.4g}, {high[dim]:.4g}] of the training actions, got {actions[step, dim]:.4g} "
+                f"({int(far.sum())} such values in this episode). Fix or drop the episode; rsd does not clip corrupt values silently."
+            )
+
+
 def tokenizer_loss(tokenizer: ActionTokenizer, chunks: torch.Tensor) -> torch.Tensor:
     """MSE of the full reconstruction plus PARTIAL_WEIGHT × the mean MSE with c = 1..L-1 layers (normalised units)."""
     target, _ = tokenizer.normalize(chunks, warn=False)
@@ -161,7 +187,7 @@ def format_tokenizer_report(report: dict[str, Any]) -> str:
 
 
 def train_tokenizer_from_file(data: str | Path | DataSource, out: str | Path, preset: str = "tiny", train: TrainConfig | None = None,
-                              progress: bool = True) -> dict[str, Any]:
+                              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train the preset's tokenizer on the actions of an NPZ, LIBERO-layout HDF5 file or LeRobot folder (`train-tokenizer`).
 
     A LeRobot dataset's own q01/q99 (`meta/stats.json`) are used when present (`DataSource.statistics`).
@@ -170,4 +196,5 @@ def train_tokenizer_from_file(data: str | Path | DataSource, out: str | Path, pr
     source = as_source(data)
     episodes, ids = read_action_episodes(source)
     own = source_statistics(source)
-    return train_tokenizer(episodes, spec.tokenizer, train or spec.tokenizer_train, out, ids, progress, own.action if own else None)
+    return train_tokenizer(episodes, spec.tokenizer, train or spec.tokenizer_train, out, ids, progress, own.action if own else None,
+                           overwrite=overwrite)

@@ -44,3 +44,7 @@ def test_bad_arguments_are_refused() -> None:
         run_bench_latency(preset="tiny", device="cpu")
     with pytest.raises(ConfigError, match="acceptance"):
         run_bench_latency(preset="tiny", random_weights=True, device="cpu", acceptance=1.5)
+    with pytest.raises(ConfigError, match="--iters: expected an int >= 1"):
+        run_bench_latency(preset="tiny", random_weights=True, device="cpu", iters=0)
+    with pytest.raises(ConfigError, match="--warmup"):
+        run_bench_latency(preset="tiny", random_weights=True, device="cpu", warmup=-1)

@@ -8,10 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
+from rsd.data.actions import load_action_episodes
 from rsd.data.dataset import Episode
 from rsd.data.hdf5 import read_demos, write_demos
+from rsd.data.source import DataSource, read_episodes
 from rsd.envs.demos import generate_demos
-from rsd.errors import DataError
+from rsd.errors import ConfigError, DataError
 
 
 def make_episode(episode_id: int, steps: int = 5, instruction: str = "pick up the red block and place it on the plate") -> Episode:
@@ -26,11 +28,16 @@ def make_episode(episode_id: int, steps: int = 5, instruction: str = "pick up th
     )
 
 
-def write_libero_file(path, demos=(0,), steps=4, **overrides):
-    """A file in LIBERO's exact layout: one instruction in problem_info, two cameras, four proprio keys."""
+def write_libero_file(path, demos=(0,), steps=4, convention="opengl", size=16, **overrides):
+    """A file in LIBERO's exact layout, written by plain h5py: one instruction in problem_info, two cameras, four proprio keys.
+
+    `convention=None` leaves out `macros_image_convention`, as robomimic's files do.
+    """
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as file:
         data = file.create_group("data")
+        if convention is not None:
+            data.attrs["macros_image_convention"] = convention
         data.attrs["env_name"] = "Libero_Tabletop_Manipulation"
         data.attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation", "domain_name": "robosuite",
                                                  "language_instruction": "pick up the black bowl and place it on the plate"})
@@ -43,8 +50,8 @@ def write_libero_file(path, demos=(0,), steps=4, **overrides):
                 "actions": np.full((steps, 7), float(index)),
                 "dones": np.eye(steps, dtype=np.uint8)[-1],
                 "rewards": np.eye(steps, dtype=np.uint8)[-1],
-                "obs/agentview_rgb": rng.integers(0, 256, size=(steps, 16, 16, 3), dtype=np.uint8),
-                "obs/eye_in_hand_rgb": rng.integers(0, 256, size=(steps, 16, 16, 3), dtype=np.uint8),
+                "obs/agentview_rgb": rng.integers(0, 256, size=(steps, size, size, 3), dtype=np.uint8),
+                "obs/eye_in_hand_rgb": rng.integers(0, 256, size=(steps, size, size, 3), dtype=np.uint8),
                 "obs/ee_pos": rng.normal(size=(steps, 3)),
                 "obs/ee_ori": rng.normal(size=(steps, 3)),
                 "obs/gripper_states": rng.normal(size=(steps, 2)),
@@ -90,10 +97,10 @@ def test_libero_layout_file_loads(tmp_path):
     assert episode.proprio.shape == (4, 8) and episode.actions.dtype == np.float32
     only = read_demos(path, cameras=["agentview"], proprio_keys=["joint_states"])[0]
     assert only.cameras == ["agentview"] and only.proprio.shape == (4, 7)
-    with h5py.File(path, "a") as file:  # robosuite's frames are upside down; read them as the adapters see them
-        file["data"].attrs["macros_image_convention"] = "opengl"
+    with h5py.File(path, "r") as file:  # robosuite's frames are upside down; read them as the adapters see them
         raw = file["data/demo_0/obs/agentview_rgb"][()]
-    assert np.array_equal(read_demos(path)[0].images["agentview"], raw[:, ::-1, ::-1])
+    assert np.array_equal(episode.images["agentview"], raw[:, ::-1, ::-1])
+    assert np.array_equal(read_episodes(DataSource(str(path), image_convention="opencv"))[0].images["agentview"], raw)
     with pytest.raises(DataError, match="wrist"):
         read_demos(path, cameras=["wrist"])
 
@@ -113,12 +120,81 @@ def test_libero_recorded_gripper_becomes_the_libero_envs_units(tmp_path):
     with h5py.File(path, "a") as file:  # OpenVLA's no-noops regeneration keeps no file attrs at all
         for key in list(file["data"].attrs):
             del file["data"].attrs[key]
-    assert read_demos(path, instruction="pick up the black bowl")[0].actions[:, 6].tolist() == [1.0, 1.0, 0.0, 0.0]
+    no_attrs = read_demos(path, image_convention="opengl", instruction="pick up the black bowl")
+    assert no_attrs[0].actions[:, 6].tolist() == [1.0, 1.0, 0.0, 0.0]
     for env_name, gripper in (("tabletop", [-1.0, -1.0, 1.0, 1.0]), ("libero:libero_spatial/0", [1.0, 1.0, 0.0, 0.0])):
         episode = make_episode(0, steps=4)  # rsd's own files hold the units their env takes: read as written
         episode.actions[:, 6] = gripper
         write_demos(tmp_path / "rsd.hdf5", [episode], env_name=env_name)
         assert read_demos(tmp_path / "rsd.hdf5")[0].actions[:, 6].tolist() == gripper
+
+
+def test_an_unrecorded_image_convention_is_refused_not_guessed(tmp_path):
+    path = tmp_path / "robomimic.hdf5"
+    write_libero_file(path, convention=None)
+    with pytest.raises(DataError, match="--image-convention") as error:
+        read_demos(path)
+    assert "macros_image_convention" in str(error.value)
+    with h5py.File(path, "r") as file:
+        raw = file["data/demo_0/obs/agentview_rgb"][()]
+    assert np.array_equal(read_episodes(DataSource(str(path), image_convention="opengl"))[0].images["agentview"], raw[:, ::-1, ::-1])
+    write_libero_file(path, convention="upside-down")
+    with pytest.raises(DataError, match="'upside-down'"):
+        read_demos(path)
+
+
+def test_missing_proprio_keys_are_named_and_can_be_chosen(tmp_path):
+    path = tmp_path / "lift.hdf5"
+    write_libero_file(path, **{"obs/ee_ori": None})
+    with pytest.raises(DataError, match=r"missing \['ee_ori'\].*--proprio-keys"):
+        read_demos(path)
+    assert read_episodes(DataSource(str(path), proprio_keys=()))[0].proprio is None
+    assert read_episodes(DataSource(str(path), proprio_keys=("ee_pos", "gripper_states")))[0].proprio.shape == (4, 5)
+
+
+def test_frames_are_resized_and_cameras_chosen(tmp_path):
+    path = tmp_path / "big.hdf5"
+    write_libero_file(path, size=128)
+    (episode,) = read_episodes(DataSource(str(path), cameras=("agentview",), image_size=64))
+    assert episode.cameras == ["agentview"] and episode.images["agentview"].shape == (4, 64, 64, 3)
+    assert episode.images["agentview"].dtype == np.uint8
+    flat = tmp_path / "flat.hdf5"
+    write_libero_file(flat, size=128, **{"obs/agentview_rgb": np.full((4, 128, 128, 3), 77, np.uint8)})
+    assert (read_episodes(DataSource(str(flat), image_size=64))[0].images["agentview"] == 77).all()
+
+
+def test_per_dataset_config_file(tmp_path):
+    config = tmp_path / "lift.rsd.json"
+    config.write_text(json.dumps({"cameras": ["agentview"], "proprio_keys": [], "image_convention": "opengl", "image_size": 32}))
+    source = DataSource.from_config(tmp_path / "lift.hdf5", config, image_size=64)
+    assert source == DataSource(str(tmp_path / "lift.hdf5"), cameras=("agentview",), proprio_keys=(), image_size=64,
+                                image_convention="opengl")
+    config.write_text(json.dumps({"camera": ["agentview"]}))
+    with pytest.raises(ConfigError, match="camera"):
+        DataSource.from_config(tmp_path / "lift.hdf5", config)
+    with pytest.raises(ConfigError, match="image_convention"):
+        DataSource("x.hdf5", image_convention="upright")
+
+
+@pytest.mark.parametrize("content", [b"", b"not an hdf5 file at all", "truncated"])
+def test_unreadable_files_are_data_errors(tmp_path, content):
+    path = tmp_path / "bad.hdf5"
+    if content == "truncated":
+        write_libero_file(tmp_path / "good.hdf5", steps=200, size=64)
+        path.write_bytes((tmp_path / "good.hdf5").read_bytes()[:60_000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match="bad.hdf5.*HDF5"):
+        read_episodes(DataSource(str(path), image_convention="opencv"))
+    with pytest.raises(DataError, match="bad.hdf5.*HDF5"):
+        load_action_episodes(path)
+
+
+def test_nan_proprio_is_named(tmp_path):
+    path = tmp_path / "nan.hdf5"
+    write_libero_file(path, **{"obs/ee_pos": np.full((4, 3), np.nan)})
+    with pytest.raises(DataError, match="finite proprio.*step 0, dim 0"):
+        read_demos(path)
 
 
 def test_demos_are_sorted_by_number(tmp_path):

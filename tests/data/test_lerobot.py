@@ -302,7 +302,8 @@ def test_tokenizer_and_policy_train_from_lerobot_folders(converted, tmp_path):
                                   "--exit-layer", "2", "--out", str(features)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     index = json.loads((features / "index.json").read_text())
-    assert index["complete"] and index["data_sha256"] == source_fingerprint(converted)
+    # the command reads the frames at the policy's image size, and the fingerprint covers how the data was read
+    assert index["complete"] and index["data_sha256"] == source_fingerprint(DataSource(str(converted), image_size=64))
     assert index["frames"] == sum(len(e) for e in read_lerobot(converted))
     refused = ["train-policy", "--data", str(FIELD), "--tokenizer", str(tmp_path / "field_tokenizer"), "--out", str(tmp_path / "two"), "--epochs", "1"]
     result = runner.invoke(main, refused)  # selection by rollouts (the preset's) needs an env, which a LeRobot folder does not record
@@ -310,5 +311,6 @@ def test_tokenizer_and_policy_train_from_lerobot_folders(converted, tmp_path):
     result = runner.invoke(main, [*refused, "--select-by", "val_l1"])  # both cameras: the model reads two images per observation
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert load_main(tmp_path / "two", "cpu", None).vla.config.num_images == 2
-    result = runner.invoke(main, [*refused, "--select-by", "val_l1", "--camera", "image", "--no-state"])
+    result = runner.invoke(main, [*refused, "--select-by", "val_l1", "--camera", "image", "--proprio-keys", "none", "--overwrite"])
     assert result.exit_code != 0 and "takes proprio of 8 dims, the data gives 0" in result.output
+    assert load_main(tmp_path / "two", "cpu", None).vla.config.num_images == 2  # the refused run left the old policy intact

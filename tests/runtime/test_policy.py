@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_observation
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 
-from rsd.errors import ConfigError, DataError
+from rsd.errors import ConfigError, DataError, RsdError
 from rsd.models.draft import DraftHead
 from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
@@ -144,6 +147,13 @@ def test_queue_hands_out_the_whole_chunk_before_replanning(tiny_main):
         (lambda o: o.update(proprio=None), "proprio"),
         (lambda o: o.update(proprio=np.zeros(5, np.float32)), "proprio"),
         (lambda o: o.update(proprio=np.full(8, np.nan, np.float32)), "finite"),
+        (lambda o: o.update(proprio=["a"] * 8), r"proprio.*numbers.*dtype <U1"),
+        (lambda o: o.update(proprio=[0.1, [0.2, 0.3]] + [0.0] * 6), r"proprio.*array of numbers"),
+        (lambda o: o.update(proprio=np.array([0, 0, 0, np.inf, 0, 0, 0, 0])), r"proprio.*finite.*inf at index 3"),
+        (lambda o: o.update(proprio=np.zeros((1, 8))), r"proprio.*\[8\], got shape \(1, 8\)"),
+        (lambda o: o.update(image="a picture"), r"image.*numbers"),
+        (lambda o: o.update(image=o["image"].astype(np.int64)), r"image.*uint8.*int64"),
+        (lambda o: o.update(instruction="pick up the block " * 600), r"at most 128 prompt tokens.*got 2400"),
     ],
 )
 def test_bad_observations_raise(tiny_main, change, message):
@@ -151,6 +161,32 @@ def test_bad_observations_raise(tiny_main, change, message):
     change(obs)
     with pytest.raises(DataError, match=message):
         MainOnlyPolicy(tiny_main).predict_chunk(obs)
+
+
+FRAME = arrays(st.sampled_from([np.uint8, np.int64, np.float32, np.bool_]), array_shapes(min_dims=0, max_dims=4, max_side=70),
+               )
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20), st.lists(st.floats(), max_size=9),
+                   st.lists(st.text(max_size=3), max_size=9), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+OBSERVATIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "image": st.one_of(VALUES, FRAME, st.just(np.zeros((64, 64, 3), np.uint8)), st.lists(FRAME, max_size=2)),
+        "instruction": st.one_of(VALUES, st.text(max_size=40), st.just("pick up the red block")),
+        "proprio": st.one_of(VALUES, arrays(np.float64, st.integers(0, 10)), arrays(np.float32, 8)),
+        "extra": VALUES,
+    },
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(obs=st.one_of(OBSERVATIONS, VALUES))
+def test_fuzzed_observations_raise_nothing_but_rsd_errors(tiny_main, obs):
+    policy = MainOnlyPolicy(tiny_main)
+    try:
+        action = policy.act(obs)
+    except RsdError:
+        return
+    assert action.shape == (7,) and np.isfinite(action).all()
 
 
 def test_wrong_image_size_raises(tiny_main):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rsd.errors import CheckpointError
+from rsd.errors import CheckpointError, ConfigError
 from rsd.models.draft import DraftHead
 from rsd.training.calibrate import calibrate, risk_curve
 from rsd.training.draft import distillation_loss, train_draft
@@ -60,6 +60,13 @@ def test_features_of_another_model_or_exit_layer_cannot_be_mixed(pipeline, tmp_p
         collect_features(tmp_path / "other", pipeline / "demos.hdf5", 3, pipeline / "features", shard_size=64, progress=False)
     with pytest.raises(CheckpointError, match="exit_layer"):
         collect_features(pipeline / "policy", pipeline / "demos.hdf5", 2, pipeline / "features", shard_size=64, progress=False)
+
+
+def test_bad_sizes_are_refused_before_anything_is_written(pipeline) -> None:
+    for sizes in ({"shard_size": 0}, {"batch_size": 0}, {"shard_size": -3}):
+        with pytest.raises(ConfigError, match="expected an int >= 1"):
+            collect_features(pipeline / "policy", pipeline / "demos.hdf5", 3, pipeline / "fresh", progress=False, **sizes)
+    assert not (pipeline / "fresh").exists()
 
 
 def test_a_few_training_steps_reduce_the_loss(pipeline) -> None:

@@ -69,3 +69,41 @@ def test_smooth_synthetic_set_reaches_the_target_mse(tmp_path) -> None:
     report = train_tokenizer(episodes, spec.tokenizer, train, tmp_path, progress=False)
     assert report["val_mse_by_layers"][-1] <= 1e-3
     assert (tmp_path / "report.md").read_text().count("|") > 20
+
+
+@pytest.mark.parametrize("content", ["empty", "garbage", "truncated"])
+def test_unreadable_data_is_a_data_error_and_writes_nothing(tmp_path, content: str) -> None:
+    from click.testing import CliRunner
+
+    from rsd.cli import main
+    from rsd.data.dataset import Episode
+    from rsd.data.hdf5 import write_demos
+    from rsd.errors import DataError
+    from rsd.training.tokenizer import train_tokenizer_from_file
+
+    path = tmp_path / "demos.hdf5"
+    if content == "empty":
+        path.write_bytes(b"")
+    elif content == "garbage":
+        path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4)
+    else:
+        rng = np.random.default_rng(0)
+        episodes = [Episode(i, "pick up the block", rng.uniform(-1, 1, (40, 7)).astype(np.float32),
+                            {"agentview": rng.integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)}) for i in range(3)]
+        write_demos(tmp_path / "whole.hdf5", episodes, env_name="tabletop")
+        path.write_bytes((tmp_path / "whole.hdf5").read_bytes()[:4096])
+    with pytest.raises(DataError, match="demos.hdf5.*HDF5"):
+        train_tokenizer_from_file(path, tmp_path / "tokenizer", progress=False)
+    result = CliRunner().invoke(main, ["train-tokenizer", "--data", str(path), "--out", str(tmp_path / "tokenizer")])
+    assert result.exit_code == 1 and "DataError" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "tokenizer").exists()
+
+
+def test_a_corrupt_action_is_refused_not_clipped(tmp_path) -> None:
+    from rsd.errors import DataError
+
+    episodes = synthetic_action_episodes(8, seed=3)
+    episodes[5][7, 2] = 1e30
+    with pytest.raises(DataError, match=r"episode 5 step 7 action dim 2.*1e\+30"):
+        train_tokenizer(episodes, CONFIG, TrainConfig(epochs=1), tmp_path / "tokenizer", progress=False)
+    assert not (tmp_path / "tokenizer").exists()
