@@ -108,7 +108,7 @@ def run_and_kill(writer: str, root: Path, hook: str, sig: signal.Signals, log: P
         return process.wait()
 
 
-@pytest.mark.parametrize(("writer", "hook"), [("tokenizer", "fsync"), ("policy", "weights"), ("features", "fsync"), ("draft", "fsync"),
+@pytest.mark.parametrize(("writer", "hook"), [("tokenizer", "fsync"), ("policy", "weights"), ("draft", "fsync"),
                                               ("calibration", "fsync"), ("bundle", "fsync"), ("demo", "fsync")])
 def test_a_writer_killed_mid_write_leaves_the_old_artifact_whole(artifacts: Path, tmp_path: Path, writer: str, hook: str) -> None:
     out = artifacts / OUTPUTS[writer]
@@ -138,8 +138,6 @@ def cli_writes(root: Path) -> dict[str, list[str]]:
         "tokenizer": ["train-tokenizer", "--data", str(root / "demos.hdf5"), "--out", str(root / "tokenizer"), "--epochs", "1"],
         "policy": ["train-policy", "--data", str(root / "demos.hdf5"), "--tokenizer", str(root / "tokenizer"), "--out", str(root / "policy"),
                    "--epochs", "1"],
-        "features": ["collect-features", "--policy", str(root / "policy"), "--data", str(root / "demos.hdf5"), "--exit-layer", "3",
-                     "--out", str(root / "features")],
         "draft": ["train-draft", "--features", str(root / "features"), "--out", str(root / "draft"), "--epochs", "1"],
         "calibration": ["calibrate", "--draft", str(root / "draft"), "--features", str(root / "features")],
         "bundle": ["export-draft", "--draft", str(root / "draft"), "--tokenizer", str(root / "tokenizer"), "--out", str(root / "bundle"),
@@ -151,7 +149,18 @@ def cli_writes(root: Path) -> dict[str, list[str]]:
 
 
 def test_every_writer_refuses_an_existing_artifact_without_overwrite(artifacts: Path) -> None:
+    """collect-features is the exception by design: it resumes a features folder in place, shard by shard (also across
+    torchrun ranks), so over a complete folder it computes nothing and changes nothing (checked here too)."""
     from rsd.cli import main
+
+    from rsd.training.features import collect_features
+
+    features = snapshot(artifacts / "features")
+    result = collect_features(artifacts / "policy", artifacts / "demos.hdf5", 3, artifacts / "features", shard_size=64, progress=False)
+    assert result["computed_frames"] == 0 and snapshot(artifacts / "features") == features
+    result = CliRunner().invoke(main, ["collect-features", "--policy", str(artifacts / "policy"), "--data", str(artifacts / "demos.hdf5"),
+                                       "--exit-layer", "3", "--out", str(artifacts / "policy")])
+    assert result.exit_code == 1 and "holding a policy" in result.output, result.output
 
     before = snapshot(artifacts)
     for writer, args in cli_writes(artifacts).items():

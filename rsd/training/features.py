@@ -35,7 +35,7 @@ from rsd.data.dataset import FrameDataset
 from rsd.data.source import DataSource, as_source, read_episodes, source_fingerprint
 from rsd.device import check_device, resolve_device_dtype
 from rsd.errors import CheckpointError, ConfigError
-from rsd.io import FORMAT_VERSION, read_manifest, sha256_file
+from rsd.io import FORMAT_VERSION, check_out, read_manifest, sha256_file
 from rsd.models.main import MainModel
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 
@@ -86,6 +86,8 @@ def collect_features(
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"collect-features --{name.replace('_', '-')}: expected an int >= 1, got {value!r}.")
+    if Path(out).is_dir() and any(Path(out).iterdir()):
+        check_out(out, "features", overwrite=True)  # resumed in place: only a features folder (never a policy, a draft...)
     world = distributed.current()
     torch_device, torch_dtype = resolve_device_dtype(world.device(check_device(device)), dtype)
     main = MainModel.load(policy, device=torch_device, dtype=torch_dtype)
