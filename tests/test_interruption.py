@@ -152,7 +152,6 @@ def test_every_writer_refuses_an_existing_artifact_without_overwrite(artifacts: 
     """collect-features is the exception by design: it resumes a features folder in place, shard by shard (also across
     torchrun ranks), so over a complete folder it computes nothing and changes nothing (checked here too)."""
     from rsd.cli import main
-
     from rsd.training.features import collect_features
 
     features = snapshot(artifacts / "features")
