@@ -70,15 +70,31 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def gate_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The gate's fields of a manifest or calibration.json: its "gate" object, or for files written before gates
+    had modes, their "tau" and "gate_statistic" (a whole-chunk gate). `rsd.runtime.gate.Gate` validates them."""
+    if "gate" in data:
+        gate = data["gate"]
+        if not isinstance(gate, dict) or "tau" not in gate:
+            raise CheckpointError(f"{source}: expected \"gate\" to be an object with tau, mode, statistic and min_steps, got {gate!r}.")
+        return dict(gate)
+    if "tau" not in data or "gate_statistic" not in data:
+        raise CheckpointError(f"{source}: expected a \"gate\" object (or the older \"tau\" and \"gate_statistic\"), found neither. "
+                              "Re-run `rsd calibrate` or `rsd export-draft`.")
+    return {"tau": data["tau"], "mode": "chunk", "statistic": data["gate_statistic"], "min_steps": 1}
+
+
 def format_manifest(manifest: dict[str, Any]) -> str:
     """A readable summary of a bundle manifest (what `rsd inspect BUNDLE` prints)."""
     shapes = manifest["shapes"]
-    tau = manifest["tau"]
+    gate = gate_fields(manifest, "manifest.json")
+    tau = float(gate["tau"])
     tau_text = "inf (never accept)" if math.isinf(tau) else f"{tau:.4f}"
+    steps_text = f", at least {gate['min_steps']} leading steps" if gate["mode"] == "prefix" else ""
     lines = [
         f"bundle (format {manifest['format_version']}, rsd {manifest['rsd_version']}, created {manifest['created']})",
         f"main model fingerprint: {manifest['main_fingerprint']}",
-        f"exit layer {manifest['exit_layer']}; tau {tau_text} on the {manifest['gate_statistic']} confidence"
+        f"exit layer {manifest['exit_layer']}; {gate['mode']} gate, tau {tau_text} on the {gate['statistic']} confidence{steps_text}"
         + ("" if manifest["calibrated"] else " (NOT calibrated)"),
         f"shapes: hidden {shapes['hidden_size']}, chunk H={shapes['chunk_len']}, actions A={shapes['action_dim']}, "
         f"latent d={shapes['latent_dim']}, layers C={shapes['coarse_layers']} of L={shapes['num_layers']}, V={shapes['levels']} levels",

@@ -149,15 +149,33 @@ def train_draft_command(features: str, out: str, targets: str, kl_weight: float,
 @click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Trained draft folder.")
 @click.option("--features", required=True, type=click.Path(exists=True, file_okay=False), help="Features folder the draft was trained on.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="calibration.json to write (default: DRAFT/calibration.json).")
-@click.option("--eps", default=0.05, show_default=True, help="Chunk error (max-abs, normalised units) that counts as a failure.")
-@click.option("--target-risk", default=0.02, show_default=True, help="Highest acceptable share of failing accepted chunks.")
-@click.option("--statistic", type=click.Choice(["auto", "mean", "min"]), default="auto", show_default=True, help="Gate statistic.")
-def calibrate(draft: str, features: str, out: str | None, eps: float, target_risk: float, statistic: str) -> None:
-    """Measure coverage/risk over tau on held-out episodes and pick tau for a target risk."""
+@click.option("--alpha", default=0.05, show_default=True, help="Risk level: certified P(accepted and bad) <= alpha.")
+@click.option("--delta", default=0.1, show_default=True, help="Allowed probability that the guarantee fails.")
+@click.option("--tolerance", default=1.0, show_default=True,
+              help="A drafted step is bad when it misses the main model's step by more than this times the main model's own error.")
+@click.option("--mode", type=click.Choice(["chunk", "prefix"]), default="prefix", show_default=True,
+              help="Accept whole chunks, or the draft's confident leading steps (replanning sooner).")
+@click.option("--statistic", type=click.Choice(["mean", "min", "step"]), default=None,
+              help="Gate statistic: mean or min for chunk mode, step for prefix mode (default: min / step).")
+@click.option("--min-steps", default=4, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration/test split of the held-out episodes.")
+def calibrate(draft: str, features: str, out: str | None, alpha: float, delta: float, tolerance: float, mode: str,
+              statistic: str | None, min_steps: int, seed: int) -> None:
+    """Certify the gate's tau on held-out episodes (Learn-then-Test) and report it on a test half they did not fit."""
     from rsd.training.calibrate import calibrate as run_calibration
 
-    report = run_calibration(draft, features, out or str(Path(draft) / "calibration.json"), eps, target_risk, statistic)
-    click.echo(json.dumps({k: report[k] for k in ("tau", "gate_statistic", "test")}))
+    path = out or str(Path(draft) / "calibration.json")
+    report = run_calibration(draft, features, path, alpha=alpha, delta=delta, tolerance=tolerance, mode=mode,
+                             statistic=statistic, min_steps=min_steps, seed=seed)
+    gate, risk, calib, test = report["gate"], report["risk"], report["calibration"], report["test"]
+    click.echo(f"gate: {gate['mode']}, tau {gate['tau']:.4f} on the {gate['statistic']} confidence"
+               + (f", at least {gate['min_steps']} steps" if gate["mode"] == "prefix" else ""))
+    click.echo(f"certified: {risk['guarantee']}; (1 - delta) upper bound on the risk at tau: {risk['upper_bound']:.4f}")
+    for name, part in (("calibration half", calib), ("test half", test)):
+        click.echo(f"{name} ({part['frames']} chunks): acceptance {part['coverage']:.3f}, risk {part['risk']:.4f}, "
+                   f"steps per accepted chunk {part['steps_per_accepted']:.2f}")
+    click.echo(f"wrote {path}")
+    click.echo(json.dumps({"gate": gate, "upper_bound": risk["upper_bound"], "test_acceptance": test["coverage"], "test_risk": test["risk"]}))
 
 
 def _int_list(text: str | None) -> list[int] | None:

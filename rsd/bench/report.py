@@ -1,14 +1,27 @@
-"""Benchmark reports: the hardware card and stage table as markdown, the latency-over-acceptance plot, one JSON line.
+"""Benchmark reports: the hardware card and stage table as markdown, the latency-over-acceptance plot, one JSON line,
+and the Wilson interval that closed-loop success rates are reported with.
 
 Usage:
     print(format_report(report)); plot_report(report, "bench.png"); print(json_line(report))
+    low, high = wilson_interval(successes=41, n=50)
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate, `successes` of `n` (95 % at the default z); (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    rate = successes / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -37,7 +50,8 @@ def format_report(report: dict[str, Any]) -> str:
                   "| policy | p50 ms | p90 ms | p99 ms | acceptance |", "|---|---|---|---|---|",
                   f"| baseline (main only) | {r['baseline']['p50']:.3f} | {r['baseline']['p90']:.3f} | {r['baseline']['p99']:.3f} | - |",
                   f"| speculative | {r['speculative']['p50']:.3f} | {r['speculative']['p90']:.3f} | {r['speculative']['p99']:.3f} | {r['acceptance']:.3f} |",
-                  "", f"Measured speed-up: {r['speedup']:.3f}x"]
+                  "", f"Measured speed-up per chunk: {r['speedup']:.3f}x; {r['steps_per_chunk']:.2f} steps executed per speculative "
+                  f"chunk, so per control step (mean times): {r['per_step_speedup']:.3f}x"]
     return "\n".join(lines) + "\n"
 
 
