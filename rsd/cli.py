@@ -282,6 +282,52 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
         Path(json_path).write_text(json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
 
 
+def _float_list(text: str | None) -> list[float]:
+    """Parse "0.05,0.2" into [0.05, 0.2] (empty for none)."""
+    if not text:
+        return []
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.05,0.2, got {text!r}") from error
+
+
+@main.command("sweep")
+@click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (main model).")
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False), help="Bundle made for the policy.")
+@click.option("--env", "env_name", default="tabletop", show_default=True, help="Environment, e.g. tabletop or robosuite:Lift.")
+@click.option("--episodes", default=100, show_default=True, help="Seeds (one episode each per policy): seed .. seed+episodes-1.")
+@click.option("--seed", default=10_000, show_default=True, help="First seed.")
+@click.option("--taus", default=None, help="Comma-separated thresholds for the bundle's gate mode, e.g. 0.5,0.7.")
+@click.option("--modes", default="chunk,prefix", show_default=True, help="Gate modes to calibrate (with --alphas, --draft, --features).")
+@click.option("--alphas", default=None, help="Comma-separated risk levels to calibrate a gate for, e.g. 0.05,0.2.")
+@click.option("--draft", type=click.Path(exists=True, file_okay=False), default=None, help="Draft folder (to calibrate --alphas).")
+@click.option("--features", type=click.Path(exists=True, file_okay=False), default=None, help="Its features folder.")
+@click.option("--delta", default=0.1, show_default=True, help="Calibration: allowed probability that the guarantee fails.")
+@click.option("--tolerance", default=1.0, show_default=True, help="Calibration: error tolerance in units of the main model's own error.")
+@click.option("--min-steps", default=4, show_default=True, help="Calibration, prefix mode: fewest leading steps worth accepting.")
+@click.option("--rule", default="within:5", show_default=True,
+              help="Operating point: 'within:P' (fastest setting within P success points of main-only) or 'fastest'.")
+@click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
+@click.option("--device", default=None, help="cpu or cuda (default: resolved and logged).")
+@click.option("--warmup", default=3, show_default=True, help="Untimed warm-up chunks per policy (excluded).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write success vs speed-up (PNG).")
+@click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
+def sweep_command(policy: str, bundle: str, env_name: str, episodes: int, seed: int, taus: str | None, modes: str, alphas: str | None,
+                  draft: str | None, features: str | None, delta: float, tolerance: float, min_steps: int, rule: str, engine: str,
+                  device: str | None, warmup: int, json_path: str | None, plot_path: str | None, image_size: int | None) -> None:
+    """Success, acceptance and compute per control step of main-only and each gate setting on the same seeds."""
+    from rsd.bench.frontier import run_sweep_command, sweep_json_line
+
+    report = run_sweep_command(policy, bundle, env_name, episodes, seed, _float_list(taus),
+                               [m.strip() for m in modes.split(",") if m.strip()] if alphas else [], _float_list(alphas), draft, features,
+                               delta, tolerance, min_steps, rule, engine, device, warmup, json_path, plot_path,
+                               {} if image_size is None else {"image_size": image_size})
+    click.echo(report["markdown"])
+    click.echo(sweep_json_line(report))
+
+
 @main.command("export-draft")
 @click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Draft folder (rsd train-draft).")
 @click.option("--tokenizer", required=True, type=click.Path(exists=True, file_okay=False), help="Tokenizer folder (rsd train-tokenizer).")

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from rsd.cli import main
 
 COMMANDS = ("bench-latency", "calibrate", "collect-features", "demo", "eval", "export-draft", "generate-demos", "inspect",
-            "inspect-main", "presets", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
+            "inspect-main", "presets", "sweep", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
 
 
 def test_help_lists_every_command() -> None:
