@@ -157,7 +157,7 @@ def train_draft_command(features: str, out: str, targets: str, kl_weight: float,
               help="Accept whole chunks, or the draft's confident leading steps (replanning sooner).")
 @click.option("--statistic", type=click.Choice(["mean", "min", "step"]), default=None,
               help="Gate statistic: mean or min for chunk mode, step for prefix mode (default: min / step).")
-@click.option("--min-steps", default=4, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
+@click.option("--min-steps", default=6, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration/test split of the held-out episodes.")
 def calibrate(draft: str, features: str, out: str | None, alpha: float, delta: float, tolerance: float, mode: str,
               statistic: str | None, min_steps: int, seed: int) -> None:
@@ -305,7 +305,7 @@ def _float_list(text: str | None) -> list[float]:
 @click.option("--features", type=click.Path(exists=True, file_okay=False), default=None, help="Its features folder.")
 @click.option("--delta", default=0.1, show_default=True, help="Calibration: allowed probability that the guarantee fails.")
 @click.option("--tolerance", default=1.0, show_default=True, help="Calibration: error tolerance in units of the main model's own error.")
-@click.option("--min-steps", default=4, show_default=True, help="Calibration, prefix mode: fewest leading steps worth accepting.")
+@click.option("--min-steps", default=6, show_default=True, help="Calibration, prefix mode: fewest leading steps worth accepting.")
 @click.option("--rule", default="within:5", show_default=True,
               help="Operating point: 'within:P' (fastest setting within P success points of main-only) or 'fastest'.")
 @click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")

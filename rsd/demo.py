@@ -36,8 +36,9 @@ class DemoConfig:
     draft_epochs: int = 40  # draft training epochs
     extra_exit_layers: tuple[int, ...] = (2, 4)  # other exit layers whose drafts are reported
     gate_mode: str = "prefix"  # the bundle's gate: "prefix" (confident leading steps) or "chunk"
-    alpha: float = 0.05  # the bundle's certified risk level
-    sweep_alphas: tuple[float, ...] = (0.05, 0.2)  # risk levels of the sweep's other gates, in both modes
+    min_steps: int = 6  # prefix gate: fewest leading steps worth accepting
+    alpha: float = 0.2  # the bundle's certified risk level
+    sweep_alphas: tuple[float, ...] = (0.05, 0.2, 0.3)  # risk levels of the sweep's gates, in both modes
     rule: str = "within:5"  # the sweep's operating-point rule
     eval_episodes: int = 50  # closed-loop episodes per policy
     bench_iters: int = 50  # timed iterations per stage
@@ -45,7 +46,7 @@ class DemoConfig:
     seed: int = 0  # seeds everything
 
 
-QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), sweep_alphas=(0.2,),
+QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), sweep_alphas=(0.3,),
                    eval_episodes=4, bench_iters=10, bench_warmup=3)
 
 
@@ -106,7 +107,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "
             draft_train = dataclasses.replace(spec.draft_train, epochs=config.draft_epochs, seed=config.seed)
             trained = train_draft(features, out / f"draft_k{layer}", preset, draft_train)
             calibration = calibrate(out / f"draft_k{layer}", features, out / f"draft_k{layer}" / "calibration.json", alpha=config.alpha,
-                                    mode=config.gate_mode)
+                                    mode=config.gate_mode, min_steps=config.min_steps)
             drafts[layer] = {"draft": trained["best"], "parameters": trained["parameters"], "calibration": _calibration_summary(calibration),
                              "calibration_curve": calibration["calibration"]["curve"]}
     report["drafts"] = drafts
@@ -124,7 +125,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "
         seeds = list(range(10_000 + config.seed, 10_000 + config.seed + config.eval_episodes))
         bundle_gate = Gate(**drafts[k]["calibration"]["gate"])
         settings = gate_settings(bundle_gate, modes=("chunk", "prefix"), alphas=config.sweep_alphas, draft=out / f"draft_k{k}",
-                                 features=out / f"features_k{k}")
+                                 features=out / f"features_k{k}", min_steps=config.min_steps)
         sweep = run_sweep(load_main(out / "policy", "cpu", None), out / "bundle", "tabletop", seeds, settings, rule=config.rule)
         (out / "sweep.json").write_text(json.dumps({k2: v for k2, v in sweep.items() if k2 != "markdown"}, indent=2, allow_nan=True) + "\n")
         plot_sweep(sweep, out / "sweep.png")
@@ -178,7 +179,7 @@ def format_demo_report(report: dict[str, Any]) -> str:
                      f"{c['test_coverage']:.3f} | {c['test_risk']:.4f} | {c['test_steps_per_accepted']:.2f} |")
     lines += ["", "## Latency (CPU)", "", report["bench_markdown"]]
     lines += ["", "## Closed-loop sweep: success against compute per control step (same seeds)", "",
-              "Main-only, the bundle's gate, and the gates certified for each mode at the other risk levels, one episode per "
+              "Main-only, the bundle's gate, and the gates certified for each mode at each of the sweep's risk levels, one episode per "
               "seed each, interleaved seed by seed; `sweep.png` plots success against speed-up.", "", report["sweep"]["markdown"]]
     return "\n".join(lines) + "\n"
 

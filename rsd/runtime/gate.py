@@ -14,7 +14,7 @@ the speculative engine then returns exactly the draft's or exactly the main mode
 (`Gate.accepted_steps`) drives calibration (`rsd.training.calibrate`) and the runtime (`rsd.runtime.speculative`).
 
 Usage:
-    gate = Gate(tau=0.62, mode="prefix", statistic="step", min_steps=4)
+    gate = Gate(tau=0.62, mode="prefix", statistic="step", min_steps=6)
     steps = gate.accepted_steps(confidence, confidence_min, step_confidence(logits, chunk_len=8, latent_dim=16))
 """
 

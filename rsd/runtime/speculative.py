@@ -131,7 +131,7 @@ class SpeculativeEngine:
             # reaches tau, all of it ("chunk") or the run of leading steps whose confidence reaches tau if it is at
             # least min_steps long ("prefix"); tau = 0 accepts every chunk in full, tau = inf none. Rejected rows
             # resume the main model from the stored layer-k states, so no layer below exit_layer runs twice, and
-            # execute its whole chunk.
+            # execute the main model's whole chunk.
             draft_steps = self.gate.accepted_steps(confidence.float(), confidence_min.float(), per_step).cpu()
             statistic = self.gate.statistic_of(confidence.float(), confidence_min.float(), per_step)
             accepted = draft_steps > 0
