@@ -189,10 +189,12 @@ def validate_manifest(manifest: dict[str, Any], source: str | Path) -> dict[str,
             need(_is_int(entry.get("bytes")), f"{where}.bytes", "an int >= 0", entry.get("bytes", MISSING))
         return value
 
-    for key in ("rsd_version", "created", "main_fingerprint", "gate_statistic"):
+    for key in ("rsd_version", "created", "main_fingerprint"):
         need(isinstance(manifest.get(key), str), key, "a string", manifest.get(key, MISSING))
     need(_is_int(manifest.get("exit_layer")), "exit_layer", "an int >= 0", manifest.get("exit_layer", MISSING))
-    need(_is_number(manifest.get("tau")), "tau", "a number", manifest.get("tau", MISSING))
+    gate = gate_fields(manifest, source)  # values are checked by rsd.runtime.gate.Gate when the bundle loads
+    need(_is_number(gate["tau"]), "gate.tau", "a number", gate["tau"])
+    need(isinstance(gate["statistic"], str), "gate.statistic", "a string", gate["statistic"])
     need(isinstance(manifest.get("calibrated"), bool), "calibrated", "true or false", manifest.get("calibrated", MISSING))
     need(manifest.get("calibration") is None or isinstance(manifest.get("calibration"), dict), "calibration", "null or a JSON object",
          manifest.get("calibration"))
@@ -255,15 +257,31 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def gate_fields(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """The gate's fields of a manifest or calibration.json: its "gate" object, or for files written before gates
+    had modes, their "tau" and "gate_statistic" (a whole-chunk gate). `rsd.runtime.gate.Gate` validates them."""
+    if "gate" in data:
+        gate = data["gate"]
+        if not isinstance(gate, dict) or "tau" not in gate:
+            raise CheckpointError(f"{source}: expected \"gate\" to be an object with tau, mode, statistic and min_steps, got {gate!r}.")
+        return dict(gate)
+    if "tau" not in data or "gate_statistic" not in data:
+        raise CheckpointError(f"{source}: expected a \"gate\" object (or the older \"tau\" and \"gate_statistic\"), found neither. "
+                              "Re-run `rsd calibrate` or `rsd export-draft`.")
+    return {"tau": data["tau"], "mode": "chunk", "statistic": data["gate_statistic"], "min_steps": 1}
+
+
 def format_manifest(manifest: dict[str, Any]) -> str:
     """A readable summary of a bundle manifest (what `rsd inspect BUNDLE` prints)."""
     shapes = manifest["shapes"]
-    tau = manifest["tau"]
+    gate = gate_fields(manifest, "manifest.json")
+    tau = float(gate["tau"])
     tau_text = "inf (never accept)" if math.isinf(tau) else f"{tau:.4f}"
+    steps_text = f", at least {gate['min_steps']} leading steps" if gate["mode"] == "prefix" else ""
     lines = [
         f"bundle (format {manifest['format_version']}, rsd {manifest['rsd_version']}, created {manifest['created']})",
         f"main model fingerprint: {manifest['main_fingerprint']}",
-        f"exit layer {manifest['exit_layer']}; tau {tau_text} on the {manifest['gate_statistic']} confidence"
+        f"exit layer {manifest['exit_layer']}; {gate['mode']} gate, tau {tau_text} on the {gate['statistic']} confidence{steps_text}"
         + ("" if manifest["calibrated"] else " (NOT calibrated)"),
         f"shapes: hidden {shapes['hidden_size']}, chunk H={shapes['chunk_len']}, actions A={shapes['action_dim']}, "
         f"latent d={shapes['latent_dim']}, layers C={shapes['coarse_layers']} of L={shapes['num_layers']}, V={shapes['levels']} levels",

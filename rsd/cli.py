@@ -331,24 +331,34 @@ def train_draft_command(features: str, out: str, targets: str, kl_weight: float,
 @click.option("--draft", required=True, type=click.Path(exists=True, file_okay=False), help="Trained draft folder.")
 @click.option("--features", required=True, type=click.Path(exists=True, file_okay=False), help="Features folder the draft was trained on.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="calibration.json to write (default: DRAFT/calibration.json).")
-@click.option("--alpha", type=OPEN_UNIT, default=0.05, show_default=True, help="Highest acceptable risk P(accepted and bad).")
-@click.option("--delta", type=OPEN_UNIT, default=0.1, show_default=True, help="The guarantee holds with probability at least 1 - delta.")
+@click.option("--alpha", type=OPEN_UNIT, default=0.05, show_default=True, help="Risk level: certified P(accepted and bad) <= alpha.")
+@click.option("--delta", type=OPEN_UNIT, default=0.1, show_default=True, help="Allowed probability that the guarantee fails.")
 @click.option("--tolerance", type=POSITIVE_FLOAT, default=1.0, show_default=True,
-              help="A drafted step is bad beyond this many times the main model's own error against the expert.")
+              help="A drafted step is bad when it misses the main model's step by more than this times the main model's own error.")
 @click.option("--mode", type=click.Choice(["chunk", "prefix"]), default="prefix", show_default=True,
-              help="Accept the whole chunk, or its confident leading steps (partial acceptance).")
-@click.option("--statistic", type=click.Choice(["mean", "min"]), default="min", show_default=True, help="Chunk-mode gate statistic.")
-@click.option("--min-steps", type=POSITIVE, default=4, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
-@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the calibration/test split.")
+              help="Accept whole chunks, or the draft's confident leading steps (replanning sooner).")
+@click.option("--statistic", type=click.Choice(["mean", "min", "step"]), default=None,
+              help="Gate statistic: mean or min for chunk mode, step for prefix mode (default: min / step).")
+@click.option("--min-steps", type=POSITIVE, default=6, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the calibration/test split of the held-out episodes.")
 @OVERWRITE
-def calibrate(draft: str, features: str, out: str | None, alpha: float, delta: float, tolerance: float, mode: str, statistic: str,
-              min_steps: int, seed: int, overwrite: bool) -> None:
-    """Certify tau on held-out episodes (Learn-then-Test) and report coverage and risk on a test half."""
+def calibrate(draft: str, features: str, out: str | None, alpha: float, delta: float, tolerance: float, mode: str,
+              statistic: str | None, min_steps: int, seed: int, overwrite: bool) -> None:
+    """Certify the gate's tau on held-out episodes (Learn-then-Test) and report it on a test half they did not fit."""
     from rsd.training.calibrate import calibrate as run_calibration
 
-    report = run_calibration(draft, features, out or str(Path(draft) / "calibration.json"), alpha, delta, tolerance, mode, statistic,
-                             min_steps, seed, overwrite=overwrite)
-    click.echo(json.dumps({k: report[k] for k in ("tau", "gate", "test")}))
+    path = out or str(Path(draft) / "calibration.json")
+    report = run_calibration(draft, features, path, alpha=alpha, delta=delta, tolerance=tolerance, mode=mode,
+                             statistic=statistic, min_steps=min_steps, seed=seed, overwrite=overwrite)
+    gate, risk, calib, test = report["gate"], report["risk"], report["calibration"], report["test"]
+    click.echo(f"gate: {gate['mode']}, tau {gate['tau']:.4f} on the {gate['statistic']} confidence"
+               + (f", at least {gate['min_steps']} steps" if gate["mode"] == "prefix" else ""))
+    click.echo(f"certified: {risk['guarantee']}; (1 - delta) upper bound on the risk at tau: {risk['upper_bound']:.4f}")
+    for name, part in (("calibration half", calib), ("test half", test)):
+        click.echo(f"{name} ({part['frames']} chunks): acceptance {part['coverage']:.3f}, risk {part['risk']:.4f}, "
+                   f"steps per accepted chunk {part['steps_per_accepted']:.2f}")
+    click.echo(f"wrote {path}")
+    click.echo(json.dumps({"gate": gate, "upper_bound": risk["upper_bound"], "test_acceptance": test["coverage"], "test_risk": test["risk"]}))
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -552,6 +562,52 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
         from rsd.io import write_text_atomic
 
         write_text_atomic(json_path, json.dumps({k: v.to_json() for k, v in reports.items()}, indent=2) + "\n")
+
+
+def _float_list(text: str | None) -> list[float]:
+    """Parse "0.05,0.2" into [0.05, 0.2] (empty for none)."""
+    if not text:
+        return []
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.05,0.2, got {text!r}") from error
+
+
+@main.command("sweep")
+@click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (main model).")
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False), help="Bundle made for the policy.")
+@click.option("--env", "env_name", default="tabletop", show_default=True, help="Environment, e.g. tabletop or robosuite:Lift.")
+@click.option("--episodes", default=100, show_default=True, help="Seeds (one episode each per policy): seed .. seed+episodes-1.")
+@click.option("--seed", default=10_000, show_default=True, help="First seed.")
+@click.option("--taus", default=None, help="Comma-separated thresholds for the bundle's gate mode, e.g. 0.5,0.7.")
+@click.option("--modes", default="chunk,prefix", show_default=True, help="Gate modes to calibrate (with --alphas, --draft, --features).")
+@click.option("--alphas", default=None, help="Comma-separated risk levels to calibrate a gate for, e.g. 0.05,0.2.")
+@click.option("--draft", type=click.Path(exists=True, file_okay=False), default=None, help="Draft folder (to calibrate --alphas).")
+@click.option("--features", type=click.Path(exists=True, file_okay=False), default=None, help="Its features folder.")
+@click.option("--delta", default=0.1, show_default=True, help="Calibration: allowed probability that the guarantee fails.")
+@click.option("--tolerance", default=1.0, show_default=True, help="Calibration: error tolerance in units of the main model's own error.")
+@click.option("--min-steps", default=6, show_default=True, help="Calibration, prefix mode: fewest leading steps worth accepting.")
+@click.option("--rule", default="within:5", show_default=True,
+              help="Operating point: 'within:P' (fastest setting within P success points of main-only) or 'fastest'.")
+@click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
+@click.option("--device", default=None, help="cpu or cuda (default: resolved and logged).")
+@click.option("--warmup", default=3, show_default=True, help="Untimed warm-up chunks per policy (excluded).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write success vs speed-up (PNG).")
+@click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
+def sweep_command(policy: str, bundle: str, env_name: str, episodes: int, seed: int, taus: str | None, modes: str, alphas: str | None,
+                  draft: str | None, features: str | None, delta: float, tolerance: float, min_steps: int, rule: str, engine: str,
+                  device: str | None, warmup: int, json_path: str | None, plot_path: str | None, image_size: int | None) -> None:
+    """Success, acceptance and compute per control step of main-only and each gate setting on the same seeds."""
+    from rsd.bench.frontier import run_sweep_command, sweep_json_line
+
+    report = run_sweep_command(policy, bundle, env_name, episodes, seed, _float_list(taus),
+                               [m.strip() for m in modes.split(",") if m.strip()] if alphas else [], _float_list(alphas), draft, features,
+                               delta, tolerance, min_steps, rule, engine, device, warmup, json_path, plot_path,
+                               {} if image_size is None else {"image_size": image_size})
+    click.echo(report["markdown"])
+    click.echo(sweep_json_line(report))
 
 
 @main.command("export-draft")

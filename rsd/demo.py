@@ -1,8 +1,9 @@
 """rsd demo: the whole pipeline on the CPU with built-in data, ending in `report.md`.
 
 generate demonstrations (tabletop world) → train the RFSQ tokenizer → train the tiny policy → collect
-exit-layer features → train the draft → calibrate tau → export ONNX + TorchScript engines → bench-latency
-→ closed-loop evaluation of SpeculativePolicy against MainOnlyPolicy on the same seeds → report.
+exit-layer features → train the draft → calibrate the gate (Learn-then-Test) → export ONNX + TorchScript
+engines → bench-latency → the success–latency sweep: MainOnlyPolicy and SpeculativePolicy at the bundle's gate
+and at gates calibrated for other modes and risk levels, on the same seeds (`rsd.bench.frontier`) → report.
 
 Usage:
     rsd demo                      # about 7 minutes on 2 cores
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +36,19 @@ class DemoConfig:
     policy_epochs: int = 12  # policy training epochs
     draft_epochs: int = 40  # draft training epochs
     extra_exit_layers: tuple[int, ...] = (2, 4)  # other exit layers whose drafts are reported
+    gate_mode: str = "prefix"  # the bundle's gate: "prefix" (confident leading steps) or "chunk"
+    min_steps: int = 6  # prefix gate: fewest leading steps worth accepting
+    alpha: float = 0.2  # the bundle's certified risk level
+    sweep_alphas: tuple[float, ...] = (0.05, 0.2, 0.3)  # risk levels of the sweep's gates, in both modes
+    rule: str = "within:5"  # the sweep's operating-point rule
     eval_episodes: int = 50  # closed-loop episodes per policy
     bench_iters: int = 50  # timed iterations per stage
     bench_warmup: int = 10  # untimed warm-up iterations per stage
     seed: int = 0  # seeds everything
 
 
-EXPLORE_COVERAGE = 0.5  # coverage of the extra, uncalibrated speculative evaluation (shows what acceptance costs)
-
-QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), eval_episodes=4,
-                   bench_iters=10, bench_warmup=3)
+QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), sweep_alphas=(0.3,),
+                   eval_episodes=4, bench_iters=10, bench_warmup=3)
 
 
 def _step(name: str, timings: dict[str, float]) -> Any:
@@ -91,11 +94,12 @@ def _moved(value: Any, old: str, new: str) -> Any:
 
 def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
     """Every step of the demo, writing into the folder `out`; return the report (without writing it)."""
+    from rsd.bench.frontier import gate_settings, plot_sweep, run_sweep
     from rsd.bench.latency import run_bench_latency
     from rsd.data.hdf5 import read_demos
     from rsd.envs.demos import generate_demos
-    from rsd.envs.evaluate import compare_policies
     from rsd.export import export_draft
+    from rsd.runtime.gate import Gate
     from rsd.runtime.policy import load_main
     from rsd.training.calibrate import calibrate
     from rsd.training.draft import train_draft
@@ -127,7 +131,8 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
             collect_features(out / "policy", data, layer, features)
             draft_train = dataclasses.replace(spec.draft_train, epochs=config.draft_epochs, seed=config.seed)
             trained = train_draft(features, out / f"draft_k{layer}", preset, draft_train)
-            calibration = calibrate(out / f"draft_k{layer}", features, out / f"draft_k{layer}" / "calibration.json")
+            calibration = calibrate(out / f"draft_k{layer}", features, out / f"draft_k{layer}" / "calibration.json", alpha=config.alpha,
+                                    mode=config.gate_mode, min_steps=config.min_steps)
             drafts[layer] = {"draft": trained["best"], "parameters": trained["parameters"], "calibration": _calibration_summary(calibration),
                              "calibration_curve": calibration["calibration"]["curve"]}
     report["drafts"] = drafts
@@ -141,33 +146,29 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
                                   plot_path=out / "bench.png", markdown_path=out / "bench.md")
         report["bench"] = {k2: bench[k2] for k2 in ("baseline_p50", "acceptance", "speedup", "replay")}
         report["bench_markdown"] = bench["markdown"]
-    with _step("closed-loop evaluation", timings):
+    with _step("closed-loop sweep (same seeds)", timings):
         seeds = list(range(10_000 + config.seed, 10_000 + config.seed + config.eval_episodes))
-        taus: dict[str, float | None] = {"speculative": None}
-        explore_tau = tau_at_coverage(drafts[k]["calibration_curve"], EXPLORE_COVERAGE)
-        if explore_tau != drafts[k]["calibration"]["tau"]:
-            taus[f"speculative, tau {explore_tau:.3f} (coverage {EXPLORE_COVERAGE:.0%}, above the risk target)"] = explore_tau
-        reports = compare_policies(load_main(out / "policy", "cpu", None), "tabletop", seeds, bundle=out / "bundle", taus=taus)
-        report["eval"] = {name: r.to_json() for name, r in reports.items()}
-        report["eval_markdown"] = {name: r.to_markdown() for name, r in reports.items()}
+        bundle_gate = Gate(**drafts[k]["calibration"]["gate"])
+        settings = gate_settings(bundle_gate, modes=("chunk", "prefix"), alphas=config.sweep_alphas, draft=out / f"draft_k{k}",
+                                 features=out / f"features_k{k}", min_steps=config.min_steps)
+        sweep = run_sweep(load_main(out / "policy", "cpu", None), out / "bundle", "tabletop", seeds, settings, rule=config.rule)
+        (out / "sweep.json").write_text(json.dumps({k2: v for k2, v in sweep.items() if k2 != "markdown"}, indent=2, allow_nan=True) + "\n")
+        plot_sweep(sweep, out / "sweep.png")
+        report["sweep"] = {k2: sweep[k2] for k2 in ("rows", "chosen", "rule", "comparison", "markdown")}
     report["timings_s"] = timings
     return report
-
-
-def tau_at_coverage(curve: list[dict[str, Any]], coverage: float) -> float:
-    """The threshold of a calibration curve whose coverage is closest to `coverage` (for an exploratory run)."""
-    finite = [p for p in curve if math.isfinite(p["tau"])]
-    return min(finite, key=lambda p: abs(p["coverage"] - coverage))["tau"]
 
 
 def _calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
     """The figures of a calibration worth reporting."""
     return {
-        "tau": calibration["tau"],
-        "gate_statistic": calibration["gate_statistic"],
+        "gate": calibration["gate"],
+        "alpha": calibration["risk"]["alpha"],
+        "upper_bound": calibration["risk"]["upper_bound"],
         "calibration_coverage": calibration["calibration"]["coverage"],
         "test_coverage": calibration["test"]["coverage"],
         "test_risk": calibration["test"]["risk"],
+        "test_steps_per_accepted": calibration["test"]["steps_per_accepted"],
         "test_agreement": calibration["test"]["agreement"],
         "token_agreement_all": calibration["token_agreement_all"],
     }
@@ -187,26 +188,21 @@ def format_demo_report(report: dict[str, Any]) -> str:
               "- token accuracy per layer: " + ", ".join(f"{a:.3f}" for a in pol["val_layer_accuracy"]),
               f"- training time: {report['policy']['seconds']:.1f} s"]
     lines += ["", "## Drafts by exit layer", "",
-              "| exit layer | params | val token agreement | val chunk agreement | tau | statistic | test acceptance | test risk |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Each draft's gate is certified by Learn-then-Test on half of its held-out episodes (P(accepted and bad) <= alpha "
+              "with probability 0.9; bad: an executed step misses the main model's by more than the main model's own error "
+              "against the expert) and measured on the other half.", "",
+              "| exit layer | params | val token agreement | val chunk agreement | gate | tau | alpha | certified bound | "
+              "test acceptance | test risk | steps / accepted chunk |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for layer, entry in report["drafts"].items():
         d, c = entry["draft"], entry["calibration"]
-        lines.append(f"| {layer} | {entry['parameters']:,} | {d['val_agreement']:.3f} | {d['val_chunk_agreement']:.3f} | {c['tau']:.4f} | "
-                     f"{c['gate_statistic']} | {c['test_coverage']:.3f} | {c['test_risk']:.3f} |")
+        lines.append(f"| {layer} | {entry['parameters']:,} | {d['val_agreement']:.3f} | {d['val_chunk_agreement']:.3f} | "
+                     f"{c['gate']['mode']} ({c['gate']['statistic']}) | {c['gate']['tau']:.4f} | {c['alpha']} | {c['upper_bound']:.4f} | "
+                     f"{c['test_coverage']:.3f} | {c['test_risk']:.4f} | {c['test_steps_per_accepted']:.2f} |")
     lines += ["", "## Latency (CPU)", "", report["bench_markdown"]]
-    ev = report["eval"]
-    lines += ["", "## Closed-loop evaluation (same seeds)", "",
-              "The calibrated speculative policy uses the bundle's tau; the third row, when present, gates at the tau whose "
-              f"calibration coverage is {EXPLORE_COVERAGE:.0%}, above the risk target, to show what accepting drafts costs.", "",
-              "| policy | success | mean length | acceptance | chunk p50 ms |", "|---|---|---|---|---|"]
-    for name, e in ev.items():
-        acc = e.get("acceptance_rate")
-        latency = e.get("latency_ms") or {}
-        lines.append(f"| {name} | {e['success_rate']:.3f} | {e['mean_length']:.1f} | "
-                     f"{'-' if acc is None or (isinstance(acc, float) and math.isnan(acc)) else f'{acc:.3f}'} | "
-                     f"{latency.get('p50', math.nan):.2f} |")
-    for name, md in report["eval_markdown"].items():
-        lines += ["", f"### {name}", "", md]
+    lines += ["", "## Closed-loop sweep: success against compute per control step (same seeds)", "",
+              "Main-only, the bundle's gate, and the gates certified for each mode at each of the sweep's risk levels, one episode per "
+              "seed each, interleaved seed by seed; `sweep.png` plots success against speed-up.", "", report["sweep"]["markdown"]]
     return "\n".join(lines) + "\n"
 
 

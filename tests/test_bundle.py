@@ -35,7 +35,9 @@ from rsd.io import sha256_file
 from rsd.runtime.bundle import available_engines
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "old_bundle"
-VALID = json.loads((FIXTURE / f"{MANIFEST}.json").read_text())
+OLD = json.loads((FIXTURE / f"{MANIFEST}.json").read_text())
+VALID = {**{k: v for k, v in OLD.items() if k not in ("tau", "gate_statistic")},  # today's manifests carry a "gate" object
+         "gate": {"tau": OLD["tau"], "mode": "chunk", "statistic": OLD["gate_statistic"], "min_steps": 1}}
 
 
 @pytest.fixture()
@@ -143,12 +145,14 @@ MALFORMED = [
     ("a string", '"bundle"', "JSON str"),
     ("no kind", _without("kind"), "kind 'bundle'"),
     ("old version", _set("format_version", 0), "format version"),
-    *[(f"no {key}", _without(key), f"'{key}'") for key in ("rsd_version", "created", "main_fingerprint", "exit_layer", "tau",
-                                                           "gate_statistic", "calibrated", "shapes", "draft_config",
+    ("no gate", _without("gate"), "\"gate\" object"),
+    *[(f"no {key}", _without(key), f"'{key}'") for key in ("rsd_version", "created", "main_fingerprint", "exit_layer",
+                                                           "calibrated", "shapes", "draft_config",
                                                            "draft_parameters", "precision", "parity_inputs", "sources", "engines")],
-    ("tau text", _set("tau", "abc"), "'tau'"),
-    ("tau bool", _set("tau", True), "'tau'"),
-    ("tau huge int", _set("tau", 10**400), "'tau'"),
+    ("tau text", _set("gate", "tau", "abc"), "'gate.tau'"),
+    ("tau bool", _set("gate", "tau", True), "'gate.tau'"),
+    ("tau huge int", _set("gate", "tau", 10**400), "'gate.tau'"),
+    ("gate a list", _set("gate", [0.5]), "\"gate\""),
     ("exit layer negative", _set("exit_layer", -1), "'exit_layer'"),
     ("exit layer float", _set("exit_layer", 3.0), "'exit_layer'"),
     ("unknown precision", _set("precision", "int8"), "'precision'"),
@@ -243,7 +247,8 @@ def test_fuzzed_manifests_raise_nothing_but_rsd_errors(bundle: Path, edits: list
                 break
             target = target[key]
         else:
-            if isinstance(target, dict) and path[-1] in target or isinstance(target, list) and path[-1] < len(target):
+            if isinstance(target, dict) and path[-1] in target or (isinstance(target, list) and isinstance(path[-1], int)
+                                                                   and path[-1] < len(target)):
                 if value == "delete":
                     del target[path[-1]]
                 else:

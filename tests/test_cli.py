@@ -17,7 +17,7 @@ from rsd.cli import EXIT_BUG, main
 from rsd.presets import get_preset
 
 COMMANDS = ("bench-latency", "calibrate", "check-expert", "collect-features", "convert", "demo", "eval", "export-draft", "generate-demos",
-            "inspect", "inspect-main", "presets", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
+            "inspect", "inspect-main", "presets", "sweep", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
 
 
 def test_help_lists_every_command() -> None:

@@ -18,20 +18,24 @@ def test_demo_quick_end_to_end(tmp_path) -> None:
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((out / "report.json").read_text())
     markdown = (out / "report.md").read_text()
-    for section in ("Time per step", "Tokenizer", "Drafts by exit layer", "Latency", "Closed-loop evaluation"):
+    for section in ("Time per step", "Tokenizer", "Drafts by exit layer", "Latency", "Closed-loop sweep"):
         assert section in markdown
     assert len(report["tokenizer"]["val_mse_by_layers"]) == 8
     assert report["bench"]["baseline_p50"] > 0
     assert report["bench"]["replay"]["speedup"] > 0 and 0.0 <= report["bench"]["replay"]["acceptance"] <= 1.0
     for layer in report["bench"]["speedup"].values():
         assert layer["speedup"] > 0
-    for name in ("baseline", "speculative"):
-        assert 0.0 <= report["eval"][name]["success_rate"] <= 1.0
-    acceptance = report["eval"]["speculative"]["acceptance_rate"]
-    assert 0.0 <= acceptance <= 1.0
-    assert report["eval"]["baseline"]["acceptance_rate"] is None
+    rows = {row["name"]: row for row in report["sweep"]["rows"]}
+    assert list(rows)[:2] == ["main-only", "bundle"] and report["sweep"]["chosen"] in rows
+    assert {"chunk alpha=0.3", "prefix alpha=0.3"} & set(rows) or len(rows) == 2  # the calibrated gates, unless all equal the bundle's
+    for row in rows.values():
+        assert row["episodes"] == 4 and 0.0 <= row["success_rate"] <= 1.0 and row["ms_per_step"] > 0
+    assert rows["main-only"]["acceptance"] is None and 0.0 <= rows["bundle"]["acceptance"] <= 1.0
+    assert rows["bundle"]["gate"] == json.loads((out / "bundle" / "manifest.json").read_text())["gate"]
     for entry in report["drafts"].values():
         assert 0.0 <= entry["draft"]["val_agreement"] <= 1.0
-        assert math.isinf(entry["calibration"]["tau"]) or 0.0 <= entry["calibration"]["tau"] <= 1.0
-    for path in ("bundle/manifest.json", "policy/policy.json", "tokenizer/tokenizer.json", "bench.png", "demos.hdf5"):
+        gate = entry["calibration"]["gate"]
+        assert gate["mode"] == "prefix" and (math.isinf(gate["tau"]) or 0.0 <= gate["tau"] <= 1.0)
+        assert entry["calibration"]["test_risk"] <= 1.0 and entry["calibration"]["upper_bound"] <= 1.0
+    for path in ("bundle/manifest.json", "policy/policy.json", "tokenizer/tokenizer.json", "bench.png", "sweep.png", "sweep.json", "demos.hdf5"):
         assert (out / path).is_file(), path

@@ -28,6 +28,7 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from rsd.device import resolve_device_dtype
 from rsd.errors import ConfigError
 from rsd.io import atomic_file, write_text_atomic
 from rsd.presets import get_preset
+from rsd.runtime.gate import Gate
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine
 from rsd.runtime.timing import summarize
@@ -93,8 +95,8 @@ def bench_latency(setup: BenchSetup, iters: int = 50, warmup: int = 10, acceptan
             record("draft", name, lambda d=draft, s=state_k: d(s.query_hidden), k)
         draft_name = next(iter(setup.drafts))
         decoders = setup.decoders[draft_name]
-        always = SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, 0.0)
-        never = SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, math.inf)
+        always = SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, Gate(tau=0.0))
+        never = SpeculativeEngine(main, setup.drafts[draft_name], decoders, k, Gate(tau=math.inf))
         accept = record("speculative, accept path (tau=0)", draft_name, lambda e=always: e.run(inputs), k)
         reject = record("speculative, reject path (tau=inf)", draft_name, lambda e=never: e.run(inputs), k)
         curve = [{"acceptance": p, "latency_ms": p * accept["p50"] + (1 - p) * reject["p50"]} for p in ACCEPTANCE_GRID]
@@ -127,37 +129,40 @@ def bench_latency(setup: BenchSetup, iters: int = 50, warmup: int = 10, acceptan
 
 
 def replay_speculative(setup: BenchSetup, iters: int, warmup: int, tau: float | None) -> dict[str, Any]:
-    """Run the baseline and the speculative policy on replayed observations at the bundle's tau."""
+    """Run the baseline and the speculative policy on replayed observations at the bundle's gate (`tau` replaces its threshold)."""
     loaded = setup.bundle
-    threshold = loaded.tau if tau is None else tau
-    if threshold is None:
-        raise ConfigError("bench-latency: the bundle has no calibrated tau; pass --tau.")
+    gate = loaded.gate if tau is None else dataclasses.replace(loaded.gate, tau=tau)
     draft_name = next(iter(setup.drafts))
-    engine = SpeculativeEngine(setup.main, setup.drafts[draft_name], setup.decoders[draft_name], loaded.exit_layer, threshold,
-                               gate_statistic=loaded.gate_statistic)
+    engine = SpeculativeEngine(setup.main, setup.drafts[draft_name], setup.decoders[draft_name], loaded.exit_layer, gate)
     spec = SpeculativePolicy(setup.main, engine)
     base = MainOnlyPolicy(setup.main, decoder=setup.decoders[draft_name][setup.main.tokenizer.config.num_layers])
     observations = setup.observations
     for obs in observations[: min(warmup, len(observations))]:
         spec.predict_chunk(obs)
         base.predict_chunk(obs)
-    spec_ms, base_ms, accepted = [], [], []
+    spec_ms, base_ms, accepted, steps = [], [], [], []
     for i in range(max(iters, len(observations))):
         obs = observations[i % len(observations)]
         chunk = spec.predict_chunk(obs)
         spec_ms.append(chunk.total_ms)
         accepted.append(chunk.accepted)
+        steps.append(chunk.steps)
         base_ms.append(base.predict_chunk(obs).total_ms)
     spec_stats, base_stats = summarize(spec_ms), summarize(base_ms)
     return {
         "observations": len(observations),
-        "tau": threshold,
+        "tau": gate.tau,
+        "gate": gate.to_json(),
         "engine": draft_name,
         "exit_layer": loaded.exit_layer,
         "acceptance": float(np.mean(accepted)),
+        "mean_accepted_steps": float(np.mean([s for s, a in zip(steps, accepted, strict=True) if a])) if any(accepted) else math.nan,
         "speculative": spec_stats,
         "baseline": base_stats,
         "speedup": base_stats["p50"] / spec_stats["p50"],
+        "steps_per_chunk": float(np.mean(steps)),
+        # prefix acceptance executes fewer steps per chunk, so compare the compute per executed control step
+        "per_step_speedup": (base_stats["mean"] / setup.main.tokenizer.config.chunk_len) / (spec_stats["mean"] / float(np.mean(steps))),
     }
 
 

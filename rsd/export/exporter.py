@@ -51,6 +51,7 @@ from rsd.export.parity import (
 from rsd.io import FORMAT_VERSION, read_json, sha256_file, staged_dir
 from rsd.models.draft import DRAFT_FILE, DraftHead
 from rsd.runtime.engines import require_tensorrt
+from rsd.runtime.gate import Gate
 from rsd.tokenizer import ActionTokenizer
 from rsd.tokenizer.rfsq import TOKENIZER_FILE
 
@@ -92,7 +93,7 @@ def export_draft(
                                   f"the tokenizer {tokenizer} has {to_dict(tok.config)}. Export with the tokenizer the draft was trained on.")
         if "main_fingerprint" not in meta:
             raise CheckpointError(f"{draft}/{DRAFT_FILE}.json: expected a main_fingerprint, found none. Re-train with `rsd train-draft`.")
-        gate = _read_calibration(calibration, meta["main_fingerprint"], head.config.exit_layer)
+        gate = _read_calibration(calibration, meta["main_fingerprint"], head.config.exit_layer, tok.config.chunk_len)
         hidden, tokens, inputs_info = parity_inputs(head, tok, meta, features, seed)
         refs = references(head, tok, precision, device)
         engines = [_build_engine(fmt, graph, staging, refs, hidden, tokens, dry_run, opset, device)
@@ -102,7 +103,7 @@ def export_draft(
         "out": str(out),
         "seconds": time.perf_counter() - start,
         "calibrated": gate["calibrated"],
-        "tau": gate["tau"],
+        "gate": gate["gate"].to_json(),
         "parity_inputs": inputs_info,
         "engines": [{k: e.get(k) for k in ("name", "format", "precision", "built", "export_seconds", "exporter", "parity", "reason")}
                     | {"bytes": sum(f["bytes"] for f in e["files"])} for e in engines],
@@ -133,11 +134,11 @@ def _copy_sources(draft: Path, tokenizer: Path, staging: Path) -> list[dict[str,
     return [file_entry(staging, target) for _, target in copies]
 
 
-def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int) -> dict[str, Any]:
-    """tau and the gate statistic from a calibration.json made for the same main model and exit layer."""
+def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int, chunk_len: int) -> dict[str, Any]:
+    """The gate of a calibration.json made for the same main model and exit layer (`Gate.from_json` reads older files too)."""
     if path is None:
         log.warning("export-draft: no --calibration given; tau = inf, so the draft is never accepted until you calibrate.")
-        return {"tau": math.inf, "gate_statistic": "mean", "calibrated": False, "calibration": None}
+        return {"gate": Gate(tau=math.inf), "calibrated": False, "calibration": None}
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: expected a calibration.json written by `rsd calibrate`, found no file.")
@@ -149,9 +150,7 @@ def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int
                               f"but the draft was trained for {fingerprint!r}. Calibrate this draft with `rsd calibrate`.")
     if data.get("exit_layer") != exit_layer:
         raise CheckpointError(f"{path}: calibrated at exit layer {data.get('exit_layer')!r}, but the draft reads exit layer {exit_layer}.")
-    if data.get("gate_statistic") not in ("mean", "min"):
-        raise CheckpointError(f"{path}: expected gate_statistic 'mean' or 'min', got {data.get('gate_statistic')!r}.")
-    return {"tau": float(data["tau"]), "gate_statistic": data["gate_statistic"], "calibrated": True,
+    return {"gate": Gate.from_json(data, str(path), chunk_len=chunk_len), "calibrated": True,
             "calibration": {"file": str(path), "sha256": sha256_file(path)}}
 
 
@@ -211,8 +210,7 @@ def _manifest(head: DraftHead, tok: ActionTokenizer, meta: dict[str, Any], gate:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "main_fingerprint": meta["main_fingerprint"],
         "exit_layer": head.config.exit_layer,
-        "tau": gate["tau"],
-        "gate_statistic": gate["gate_statistic"],
+        "gate": gate["gate"].to_json(),
         "calibrated": gate["calibrated"],
         "calibration": gate["calibration"],
         "shapes": {

@@ -40,6 +40,7 @@ from rsd.runtime.engines import (
     TorchDraftEngine,
     runtime_available,
 )
+from rsd.runtime.gate import Gate
 from rsd.tokenizer import ActionTokenizer
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ class LoadedBundle:
     draft: DraftEngine  # exit hidden [B, hidden] -> logits, tokens, confidence, confidence_min
     decoders: dict[int, DecoderEngine]  # c -> tokens [B, H, d, c] -> actions [B, H, A], for c = C and c = L
     exit_layer: int  # the main model's layer the draft reads
-    tau: float  # calibrated gate threshold (inf when the bundle is not calibrated)
-    gate_statistic: str  # "mean" or "min" confidence
+    gate: Gate  # the calibrated gate (tau = inf when the bundle is not calibrated)
     manifest: dict[str, Any]  # the verified manifest
     engine: str  # the engine format in use
 
@@ -123,5 +123,5 @@ def load_bundle_engines(bundle: str | Path, main: MainModel, engine: str = "auto
         draft = DRAFT_ENGINES[name](bundle_file(bundle, entries["draft"]["files"][0]["path"]), device,
                                     resolve_dtype(entries["draft"]["precision"]))
         decoders = {c: DECODER_ENGINES[name](bundle_file(bundle, entries[f"decoder_c{c}"]["files"][0]["path"]), device, c) for c in layers}
-    return LoadedBundle(draft=draft, decoders=decoders, exit_layer=int(manifest["exit_layer"]), tau=float(manifest["tau"]),
-                        gate_statistic=manifest["gate_statistic"], manifest=manifest, engine=name)
+    gate = Gate.from_json(manifest, str(bundle / "manifest.json"), chunk_len=shapes["chunk_len"])
+    return LoadedBundle(draft=draft, decoders=decoders, exit_layer=int(manifest["exit_layer"]), gate=gate, manifest=manifest, engine=name)

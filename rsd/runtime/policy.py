@@ -3,7 +3,9 @@
 `SpeculativePolicy` pairs the frozen main model with a bundle's draft and decoder engines
 (`rsd.runtime.speculative.SpeculativeEngine`); `MainOnlyPolicy` is the baseline with the same interface.
 Both validate observations, keep an action queue (all H actions of a chunk are executed unless
-`replan_every` says otherwise; docs/pitfalls.md #7), and return their own timing.
+`replan_every` says otherwise; docs/pitfalls.md #7), and return their own timing. When the gate accepts only
+the draft's leading k steps ("prefix" mode, `rsd.runtime.gate`), the queue holds those k and the policy replans
+after them: no step is executed twice or skipped.
 
 Neither policy is thread-safe: the action queue and the statistics are per instance, so give each
 control loop (thread) its own policy object; the model weights may be shared read-only.
@@ -20,6 +22,7 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -35,6 +38,7 @@ from rsd.models.main import MainModel
 from rsd.models.processor import observation_batch
 from rsd.runtime.bundle import load_bundle_engines
 from rsd.runtime.engines import TorchDecoderEngine
+from rsd.runtime.gate import Gate
 from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine, Verify
 from rsd.runtime.timing import RollingStats
 
@@ -48,7 +52,8 @@ class ActionChunk:
     """One predicted chunk and how it was produced."""
 
     actions: np.ndarray  # [H, A] un-normalised actions
-    accepted: bool  # the draft's chunk was returned
+    accepted: bool  # the draft's chunk (or its leading steps) was returned
+    steps: int  # leading steps of `actions` to execute (H unless a prefix of the draft was accepted)
     confidence: float  # the draft's gate statistic (nan for the main-only policy)
     tokens: np.ndarray  # [H, d, L] the decoded tokens (layers past C are the zero level when accepted)
     timings: dict[str, float]  # ms per stage: vision, prefix, draft, gate, suffix, head, decode (or llm)
@@ -76,6 +81,7 @@ class _ChunkPolicy:
         self._stats = RollingStats()
         self._calls = 0
         self._accepted = 0
+        self._accepted_steps = 0
         self._agreements: deque[float] = deque(maxlen=2000)
 
     def predict_chunk(self, obs: dict[str, Any]) -> ActionChunk:
@@ -91,6 +97,7 @@ class _ChunkPolicy:
         chunk = ActionChunk(
             actions=result.actions[0].float().cpu().numpy(),
             accepted=bool(result.accepted[0]),
+            steps=int(result.steps[0]),
             confidence=float(result.confidence[0]),
             tokens=result.tokens[0].cpu().numpy(),
             timings=result.timings,
@@ -102,15 +109,17 @@ class _ChunkPolicy:
     def _record(self, chunk: ActionChunk) -> None:
         self._calls += 1
         self._accepted += int(chunk.accepted)
+        self._accepted_steps += chunk.steps if chunk.accepted else 0
         if chunk.agreement is not None:
             self._agreements.append(chunk.agreement)
         self._stats.add({**chunk.timings, "total": chunk.total_ms})
 
     def act(self, obs: dict[str, Any]) -> np.ndarray:
-        """One action `[A]`: from the queue, replanning when it is empty or every `replan_every` steps."""
+        """One action `[A]`: from the queue, replanning when it is empty (after the chunk's executable steps, at
+        most `replan_every`)."""
         if not self._queue or self._since_plan >= self.replan_every:
             chunk = self.predict_chunk(obs)
-            self._queue = deque(chunk.actions[: self.replan_every])
+            self._queue = deque(chunk.actions[: min(self.replan_every, chunk.steps)])
             self._since_plan = 0
         self._since_plan += 1
         return self._queue.popleft()
@@ -121,10 +130,13 @@ class _ChunkPolicy:
         self._since_plan = 0
 
     def stats(self) -> dict[str, Any]:
-        """Calls, acceptance rate, agreement (verify="always") and per-stage mean/p50/p90/p99 in ms."""
+        """Calls, accepted chunks and their steps, acceptance rate, agreement (verify="always"), per-stage ms."""
         return {
             "calls": self._calls,
+            "accepted": self._accepted,
+            "accepted_steps": self._accepted_steps,
             "acceptance_rate": self._accepted / self._calls if self._calls else math.nan,
+            "mean_accepted_steps": self._accepted_steps / self._accepted if self._accepted else math.nan,
             "agreement": float(np.mean(self._agreements)) if self._agreements else None,
             "stages": self._stats.summary(),
         }
@@ -161,14 +173,21 @@ class SpeculativePolicy(_ChunkPolicy):
         verify: Verify = "never",
         tau: float | None = None,
         replan_every: int | None = None,
+        gate: Gate | None = None,
     ) -> SpeculativePolicy:
-        """Pair a bundle's engines with the main model it was made for (checked by fingerprint and shapes)."""
+        """Pair a bundle's engines with the main model it was made for (checked by fingerprint and shapes).
+
+        The bundle's calibrated gate is used unless `gate` replaces it; `tau` replaces the threshold of either.
+        """
         main_model = main if isinstance(main, MainModel) else load_main(main, device, dtype)
         loaded = load_bundle_engines(bundle, main_model, engine=engine)
-        threshold = loaded.tau if tau is None else float(tau)
-        log.info("speculative policy: exit layer %d, tau %.4f (%s), draft engine %s, verify=%s",
-                 loaded.exit_layer, threshold, "given" if tau is not None else "from the bundle", loaded.draft.name, verify)
-        spec = SpeculativeEngine(main_model, loaded.draft, loaded.decoders, loaded.exit_layer, threshold, verify, loaded.gate_statistic)
+        chosen = loaded.gate if gate is None else gate
+        if tau is not None:
+            chosen = dataclasses.replace(chosen, tau=float(tau))
+        source = "from the bundle" if gate is None and tau is None else "given"
+        log.info("speculative policy: exit layer %d, %s (%s), draft engine %s, verify=%s",
+                 loaded.exit_layer, chosen.describe(), source, loaded.draft.name, verify)
+        spec = SpeculativeEngine(main_model, loaded.draft, loaded.decoders, loaded.exit_layer, chosen, verify)
         return cls(main_model, spec, replan_every)
 
 

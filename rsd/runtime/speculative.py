@@ -1,14 +1,17 @@
 """The speculative engine: prefix → draft → gate → (accept: decode coarse | reject: resume, head, decode).
 
 docs/architecture.md, "The early-exit design". This module knows nothing about observations, cameras or robots: it takes model inputs
-(`VLAInputs`) and returns action chunks with the per-stage timing. `rsd.runtime.policy` wraps it for the
-control loop.
+(`VLAInputs`) and returns action chunks, how many of their leading steps to execute, and the per-stage timing.
+`rsd.runtime.policy` wraps it for the control loop. The gate (`rsd.runtime.gate.Gate`) accepts a whole draft
+chunk or, in "prefix" mode, only its confident leading steps; a rejected row's chunk is the main model's, all
+of it to be executed.
 
 Expected latency: `t_vision + t_prefix(k) + t_draft + (1 - p_accept) * (t_suffix(k) + t_head)` plus decode.
 
 Usage:
-    engine = SpeculativeEngine(main, draft_engine, {3: coarse_decoder, 8: full_decoder}, exit_layer=3, tau=0.9)
+    engine = SpeculativeEngine(main, draft_engine, {3: coarse_decoder, 8: full_decoder}, exit_layer=3, gate=Gate(tau=0.9))
     result = engine.run(main.prepare(images, instructions, proprio))
+    result.actions[0, : result.steps[0]]   # the steps to execute
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rsd.errors import ConfigError, ShapeError
 from rsd.models.main import MainModel
 from rsd.models.processor import VLAInputs
 from rsd.runtime.engines import DecoderEngine, DraftEngine
+from rsd.runtime.gate import Gate, step_confidence
 from rsd.runtime.timing import StageTimer
 from rsd.tokenizer import layers_to_tokens, tokens_to_layers
 
@@ -34,7 +38,8 @@ class EngineResult:
     """One batch's chunks and what produced them."""
 
     actions: torch.Tensor  # [B, H, A] un-normalised actions
-    accepted: torch.Tensor  # [B] bool: the draft's chunk was returned
+    accepted: torch.Tensor  # [B] bool: the draft's chunk (or its leading steps) was returned
+    steps: torch.Tensor  # [B] int64 leading steps of the chunk to execute: H unless a prefix of the draft was accepted
     confidence: torch.Tensor  # [B] the draft's gate statistic (nan for main-only)
     tokens: torch.Tensor  # [B, H, d, c] the tokens decoded (c = C when accepted, L otherwise)
     timings: dict[str, float] = field(default_factory=dict)  # ms per stage
@@ -67,6 +72,7 @@ class MainOnlyEngine:
         return EngineResult(
             actions=actions,
             accepted=torch.zeros(batch, dtype=torch.bool),
+            steps=torch.full((batch,), actions.shape[1], dtype=torch.int64),
             confidence=torch.full((batch,), math.nan),
             tokens=tokens,
             timings=timer.timings,
@@ -82,9 +88,8 @@ class SpeculativeEngine:
         draft: DraftEngine,
         decoders: dict[int, DecoderEngine],
         exit_layer: int,
-        tau: float,
+        gate: Gate,
         verify: Verify = "never",
-        gate_statistic: Literal["mean", "min"] = "mean",
     ) -> None:
         tok = main.tokenizer.config
         if not 0 <= exit_layer <= main.num_layers:
@@ -96,17 +101,16 @@ class SpeculativeEngine:
             )
         if verify not in ("never", "always"):
             raise ConfigError(f"SpeculativeEngine.verify: expected 'never' or 'always', got {verify!r}.")
-        if gate_statistic not in ("mean", "min"):
-            raise ConfigError(f"SpeculativeEngine.gate_statistic: expected 'mean' or 'min', got {gate_statistic!r}.")
-        if math.isnan(tau):
-            raise ConfigError("SpeculativeEngine.tau: expected a number, got nan.")
+        if not isinstance(gate, Gate):
+            raise ConfigError(f"SpeculativeEngine.gate: expected a rsd.runtime.gate.Gate, got {type(gate).__name__} {gate!r}.")
+        if gate.mode == "prefix" and gate.min_steps > tok.chunk_len:
+            raise ConfigError(f"SpeculativeEngine.gate.min_steps: expected at most the chunk length {tok.chunk_len}, got {gate.min_steps}.")
         self.main = main
         self.draft = draft
         self.decoders = decoders
         self.exit_layer = exit_layer
-        self.tau = float(tau)
+        self.gate = gate
         self.verify = verify
-        self.gate_statistic = gate_statistic
         self.device = next(main.vla.parameters()).device
 
     @torch.inference_mode()
@@ -120,13 +124,18 @@ class SpeculativeEngine:
         with timer("prefix"):
             state = vla.advance(state, self.exit_layer)
         with timer("draft"):
-            _, draft_layers, confidence, confidence_min = self.draft(state.query_hidden)
+            logits, draft_layers, confidence, confidence_min = self.draft(state.query_hidden)
         with timer("gate"):
-            statistic = confidence if self.gate_statistic == "mean" else confidence_min
-            # The acceptance rule: the draft's chunk is returned when its calibrated confidence reaches tau
-            # (confidence >= tau; tau = 0 always accepts, tau = inf never does). Rejected rows resume the
-            # main model from the stored layer-k states, so no layer below exit_layer runs twice.
-            accepted = (statistic >= self.tau).cpu()
+            per_step = step_confidence(torch.softmax(logits.float(), dim=-1).amax(dim=-1), tok.chunk_len, tok.latent_dim)
+            # The acceptance rule (rsd.runtime.gate): a row returns the draft's chunk when its calibrated confidence
+            # reaches tau, all of it ("chunk") or the run of leading steps whose confidence reaches tau if it is at
+            # least min_steps long ("prefix"); tau = 0 accepts every chunk in full, tau = inf none. Rejected rows
+            # resume the main model from the stored layer-k states, so no layer below exit_layer runs twice, and
+            # execute the main model's whole chunk.
+            draft_steps = self.gate.accepted_steps(confidence.float(), confidence_min.float(), per_step).cpu()
+            statistic = self.gate.statistic_of(confidence.float(), confidence_min.float(), per_step)
+            accepted = draft_steps > 0
+            steps = torch.where(accepted, draft_steps, tok.chunk_len)
             rejected_rows = torch.nonzero(~accepted).flatten()
             need_main = rejected_rows if self.verify == "never" else torch.arange(accepted.shape[0])
         draft_tokens = layers_to_tokens(draft_layers.to(torch.int64), tok.chunk_len, tok.latent_dim)
@@ -160,6 +169,7 @@ class SpeculativeEngine:
         return EngineResult(
             actions=actions,
             accepted=accepted,
+            steps=steps,
             confidence=statistic.float().cpu(),
             tokens=tokens,
             timings=timer.timings,

@@ -11,7 +11,9 @@ Gate modes:
   probability over its coarse tokens) reaches tau; a chunk is bad when any of its steps is.
 - "prefix" (partial acceptance): the draft's leading steps are accepted while each step's confidence (min over
   its coarse tokens) reaches tau, if at least `min_steps` of them do; the policy executes them and replans
-  sooner. A chunk is bad when any accepted step is.
+  sooner. A chunk is bad when any accepted step is. A prefix of s steps pays only if s > H * t_accept / t_reject
+  (chunk times of the accept and reject paths; `rsd bench-latency`): about 5 of 8 for the tiny preset on a CPU,
+  hence the default of 6.
 
 The held-out episodes (the draft's validation split) are split by episode into a calibration half and a test
 half. On the calibration half, Learn-then-Test (`rsd.training.risk`) certifies the least strict tau with
@@ -24,13 +26,14 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,14 +42,13 @@ from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
 from rsd.io import atomic_file, check_file_out, write_text_atomic
 from rsd.models.draft import DraftHead
+from rsd.runtime.gate import STATISTICS, Gate, Mode, Statistic, step_confidence
 from rsd.tokenizer import ActionTokenizer, layers_to_tokens
 from rsd.training.features import Features, load_features
 from rsd.training.risk import learn_then_test
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["chunk", "prefix"]
-Statistic = Literal["mean", "min", "step"]
 ERROR_FLOOR = 0.05  # smallest per-dimension yardstick (normalised units): dimensions the main model never misses
 
 
@@ -62,34 +64,22 @@ class DraftMeasurements:
     episode: np.ndarray  # [N] episode ids
 
 
-def prefix_length(step_confidence: np.ndarray, tau: float) -> np.ndarray:
-    """Leading steps `[N]` whose confidence `[N, H]` all reach `tau`."""
-    passing = step_confidence >= tau
-    return np.where(passing.all(axis=1), passing.shape[1], passing.argmin(axis=1))
-
-
-def gate_outcome(measured: DraftMeasurements, mode: Mode, statistic: Statistic, tolerance: float, min_steps: int,
+def gate_outcome(measured: DraftMeasurements, gate: Gate, tolerance: float,
                  ) -> tuple[np.ndarray, Callable[[float], tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """The gate's confidence `[N]` for LTT's candidate thresholds and `outcome(tau) -> (accepted, bad, steps)`."""
+    """The gate's statistic `[N]` (LTT's candidate thresholds) and `outcome(tau) -> (accepted, bad, steps)` `[N]` each.
+
+    The runtime's own rule (`Gate.accepted_steps`) decides which leading steps are accepted at each tau; a chunk
+    is bad when any accepted step is.
+    """
     bad_step = measured.step_error > tolerance
-    if mode == "chunk":
-        confidence = getattr(measured, statistic)
-        bad_chunk = bad_step.any(axis=1)
+    mean, minimum, step = (torch.as_tensor(a) for a in (measured.mean, measured.min, measured.step))
 
-        def outcome(tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            accepted = confidence >= tau
-            return accepted, accepted & bad_chunk, np.where(accepted, bad_step.shape[1], 0)
-
-        return confidence, outcome
-
-    def prefix_outcome(tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        steps = prefix_length(measured.step, tau)
-        accepted = steps >= min_steps
+    def outcome(tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        steps = dataclasses.replace(gate, tau=tau).accepted_steps(mean, minimum, step).numpy()
         reach = np.arange(bad_step.shape[1])[None, :] < steps[:, None]
-        return accepted, accepted & (bad_step & reach).any(axis=1), np.where(accepted, steps, 0)
+        return steps > 0, (bad_step & reach).any(axis=1), steps
 
-    # a chunk is accepted at tau iff its first min_steps steps all reach tau: that minimum orders the thresholds
-    return measured.step[:, :min_steps].min(axis=1), prefix_outcome
+    return gate.statistic_of(mean, minimum, step).numpy(), outcome
 
 
 @torch.inference_mode()
@@ -98,7 +88,7 @@ def measure_draft(head: DraftHead, feats: Features, rows: torch.Tensor, yardstic
     tok = feats.tokenizer.config
     logits = torch.cat([head.forward_logits(feats.exit_hidden[rows[i : i + 512]].float()) for i in range(0, len(rows), 512)])
     top, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # [N, C, H*d]
-    per_step = top.reshape(len(rows), tok.coarse_layers, tok.chunk_len, tok.latent_dim).amin(dim=(1, 3))  # [N, H]
+    per_step = step_confidence(top, tok.chunk_len, tok.latent_dim)  # [N, H]
     main = feats.main_tokens[rows]
     draft_actions, main_actions = decode_pair(feats.tokenizer, tokens, main)
     error = ((draft_actions - main_actions).abs() * feats.tokenizer.stats.normalized_scale() / yardstick).amax(dim=2)
@@ -129,24 +119,26 @@ def calibrate(
     delta: float = 0.1,
     tolerance: float = 1.0,
     mode: Mode = "prefix",
-    statistic: Statistic = "min",
-    min_steps: int = 4,
+    statistic: Statistic | None = None,
+    min_steps: int = 6,
     seed: int = 0,
     plot: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Certify tau for `draft` on held-out feature episodes (Learn-then-Test), report it on a test half; write JSON and a plot.
 
+    `statistic` defaults to the mode's own ("step" for prefix, "min" for chunk); `min_steps` applies to prefix mode.
     `out` and its plot are written atomically; an existing calibration at `out` needs `overwrite=True`.
     """
-    if out is not None:
-        check_file_out(out, "calibration", overwrite)
-    if mode not in ("chunk", "prefix"):
+    if mode not in STATISTICS:
         raise ConfigError(f"calibrate --mode: expected 'chunk' or 'prefix', got {mode!r}.")
-    if statistic not in ("mean", "min", "step"):
-        raise ConfigError(f"calibrate --statistic: expected mean, min or step, got {statistic!r}.")
+    stat = statistic or ("step" if mode == "prefix" else "min")
+    if stat not in STATISTICS[mode]:
+        raise ConfigError(f"calibrate --statistic: expected one of {STATISTICS[mode]} with --mode {mode}, got {stat!r}.")
     if not tolerance > 0:
         raise ConfigError(f"calibrate --tolerance: expected a positive float, got {tolerance}.")
+    if out is not None:
+        check_file_out(out, "calibration", overwrite)
     feats = load_features(features)
     tok = feats.tokenizer.config
     if not 1 <= min_steps <= tok.chunk_len:
@@ -159,25 +151,24 @@ def calibrate(
     yardstick = main_model_error(feats, calib_rows).clamp_min(ERROR_FLOOR)
     calib = measure_draft(head, feats, calib_rows, yardstick)
     test = measure_draft(head, feats, test_rows, yardstick)
-    stat = "step" if mode == "prefix" else statistic
-    confidence, outcome = gate_outcome(calib, mode, stat, tolerance, min_steps)
+    shape = Gate(tau=math.inf, mode=mode, statistic=stat, min_steps=min_steps if mode == "prefix" else 1)
+    confidence, outcome = gate_outcome(calib, shape, tolerance)
     control = learn_then_test(confidence, outcome, alpha, delta)
     if math.isinf(control.tau):
         log.warning("calibrate: no threshold is certified at alpha %.3f, delta %.2f; tau = inf (the draft is never accepted).", alpha, delta)
+    gate = dataclasses.replace(shape, tau=control.tau)
     report = {
         "kind": "calibration",
-        "tau": control.tau,
-        "gate": {"mode": mode, "statistic": stat, "min_steps": min_steps if mode == "prefix" else tok.chunk_len},
-        "gate_statistic": stat,
+        "gate": gate.to_json(),
         "risk": {"alpha": alpha, "delta": delta, "tolerance": tolerance, "yardstick": [float(v) for v in yardstick],
                  "guarantee": control.guarantee, "upper_bound": control.upper_bound},
         "exit_layer": feats.exit_layer,
         "main_fingerprint": feats.index["main_fingerprint"],
         "calibration": {"episodes": [int(e) for e in calib_eps], "frames": int(len(calib_rows)),
-                        **summarize_gate(calib, mode, stat, tolerance, min_steps, control.tau),
-                        "curve": risk_curve(calib, mode, stat, tolerance, min_steps)},
+                        **summarize_gate(calib, gate, tolerance),
+                        "curve": risk_curve(calib, gate, tolerance)},
         "test": {"episodes": [int(e) for e in test_eps], "frames": int(len(test_rows)),
-                 **summarize_gate(test, mode, stat, tolerance, min_steps, control.tau)},
+                 **summarize_gate(test, gate, tolerance)},
         "token_agreement_all": float(np.concatenate([calib.agreement, test.agreement]).mean()),
     }
     if out is not None:
@@ -189,14 +180,13 @@ def calibrate(
     return report
 
 
-def summarize_gate(measured: DraftMeasurements, mode: Mode, statistic: Statistic, tolerance: float, min_steps: int,
-                   tau: float) -> dict[str, float]:
-    """Acceptance, risk (accepted and bad), steps per accepted chunk and token agreement at `tau`."""
-    _, outcome = gate_outcome(measured, mode, statistic, tolerance, min_steps)
-    accepted, bad, steps = outcome(tau)
+def summarize_gate(measured: DraftMeasurements, gate: Gate, tolerance: float) -> dict[str, float]:
+    """Acceptance, risk (accepted and bad), steps per accepted chunk and token agreement at the gate's tau."""
+    _, outcome = gate_outcome(measured, gate, tolerance)
+    accepted, bad, steps = outcome(gate.tau)
     count = int(accepted.sum())
     return {
-        "tau": float(tau),
+        "tau": gate.tau,
         "coverage": float(accepted.mean()) if len(accepted) else 0.0,
         "risk": float(bad.mean()) if len(bad) else 0.0,
         "risk_given_accepted": float(bad[accepted].mean()) if count else 0.0,
@@ -206,12 +196,11 @@ def summarize_gate(measured: DraftMeasurements, mode: Mode, statistic: Statistic
     }
 
 
-def risk_curve(measured: DraftMeasurements, mode: Mode, statistic: Statistic, tolerance: float, min_steps: int,
-               count: int = 100) -> list[dict[str, float]]:
-    """`summarize_gate` over `count` thresholds spanning the observed confidences (and inf)."""
-    confidence, _ = gate_outcome(measured, mode, statistic, tolerance, min_steps)
+def risk_curve(measured: DraftMeasurements, gate: Gate, tolerance: float, count: int = 100) -> list[dict[str, float]]:
+    """`summarize_gate` for the gate's mode over `count` thresholds spanning the observed statistic (and inf)."""
+    confidence, _ = gate_outcome(measured, gate, tolerance)
     taus = np.unique(np.concatenate([np.quantile(confidence, np.linspace(0.0, 1.0, count)), [np.inf]])) if len(confidence) else [np.inf]
-    return [summarize_gate(measured, mode, statistic, tolerance, min_steps, float(t)) for t in taus]
+    return [summarize_gate(measured, dataclasses.replace(gate, tau=float(t)), tolerance) for t in taus]
 
 
 def plot_curve(report: dict[str, Any], path: Path) -> None:
@@ -227,8 +216,8 @@ def plot_curve(report: dict[str, Any], path: Path) -> None:
     ax.plot(taus, [p["coverage"] for p in curve], label="coverage (acceptance rate)")
     ax.plot(taus, [p["risk"] for p in curve], label="risk: P(accepted and bad)")
     ax.plot(taus, [p["agreement"] for p in curve], label="token agreement | accepted")
-    if math.isfinite(report["tau"]):
-        ax.axvline(report["tau"], color="k", linestyle="--", label=f"certified tau = {report['tau']:.3f}")
+    if math.isfinite(report["gate"]["tau"]):
+        ax.axvline(report["gate"]["tau"], color="k", linestyle="--", label=f"certified tau = {report['gate']['tau']:.3f}")
     ax.axhline(report["risk"]["alpha"], color="r", linestyle=":", label=f"alpha = {report['risk']['alpha']}")
     ax.set_xlabel(f"tau ({report['gate']['statistic']} token confidence, {report['gate']['mode']} gate)")
     ax.set_ylim(-0.02, 1.02)

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from conftest import make_observation, make_tiny_main
 from safetensors.torch import save_file
 
-from rsd.bundle import read_manifest, verify_bundle
+from rsd.bundle import format_manifest, read_manifest, verify_bundle
 from rsd.cli import main as cli
 from rsd.data.stats import ActionStats
 from rsd.errors import CheckpointError, DataError, EngineError, ParityError
@@ -30,6 +30,7 @@ from rsd.models.draft import DraftHead
 from rsd.presets import get_preset
 from rsd.runtime.bundle import available_engines, load_bundle_engines
 from rsd.runtime.engines import OnnxSession, tensorrt_missing
+from rsd.runtime.gate import Gate
 from rsd.runtime.policy import SpeculativePolicy
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 
@@ -72,7 +73,7 @@ def test_manifest_records_shapes_engines_and_parity(bundle: Path) -> None:
     manifest = verify_bundle(bundle)
     assert manifest["kind"] == "bundle" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["main_fingerprint"] == FINGERPRINT and manifest["exit_layer"] == 3
-    assert math.isinf(manifest["tau"]) and manifest["calibrated"] is False
+    assert manifest["gate"] == {"tau": math.inf, "mode": "chunk", "statistic": "mean", "min_steps": 1} and manifest["calibrated"] is False
     assert manifest["shapes"]["coarse_layers"] == 3 and manifest["shapes"]["num_layers"] == 8
     for name in ("draft", "decoder_c3", "decoder_c8"):
         for fmt in ("onnx", "torchscript"):
@@ -122,7 +123,7 @@ def test_reloaded_engines_match_eager(bundle: Path, sources: dict[str, Path], ma
 def test_available_engines_and_auto_choice(bundle: Path, main_model) -> None:
     assert available_engines(bundle, "cpu") == ["onnx", "torchscript", "torch"]
     loaded = load_bundle_engines(bundle, main_model)
-    assert loaded.engine == "onnx" and loaded.exit_layer == 3 and loaded.gate_statistic == "mean"
+    assert loaded.engine == "onnx" and loaded.exit_layer == 3 and loaded.gate == Gate(tau=math.inf)
     with pytest.raises(EngineError, match=r"tensorrt.*\['onnx', 'torchscript', 'torch'\]"):
         load_bundle_engines(bundle, main_model, engine="tensorrt")
     if not torch.cuda.is_available():
@@ -175,7 +176,8 @@ def test_calibration_of_another_model_is_refused(sources: dict[str, Path], tmp_p
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == [calibration]
 
 
-def test_cli_export_with_calibration(sources: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_export_with_an_older_calibration(sources: dict[str, Path], tmp_path: Path) -> None:
+    """A calibration.json written before gates had modes (tau and gate_statistic) becomes a whole-chunk gate."""
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps({"tau": 0.25, "gate_statistic": "min", "exit_layer": 3, "main_fingerprint": FINGERPRINT}))
     out = tmp_path / "bundle"
@@ -185,8 +187,21 @@ def test_cli_export_with_calibration(sources: dict[str, Path], tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "decoder_c8" in result.output
     manifest = verify_bundle(out)
-    assert manifest["tau"] == 0.25 and manifest["gate_statistic"] == "min" and manifest["calibrated"] is True
+    assert manifest["gate"] == {"tau": 0.25, "mode": "chunk", "statistic": "min", "min_steps": 1} and manifest["calibrated"] is True
     assert {e["format"] for e in manifest["engines"]} == {"torchscript"}
+    assert "chunk gate, tau 0.2500 on the min confidence" in CliRunner().invoke(cli, ["inspect", str(out)]).output
+
+
+def test_prefix_gate_of_the_calibration_reaches_the_runtime(sources: dict[str, Path], tmp_path: Path, main_model) -> None:
+    gate = Gate(tau=0.4, mode="prefix", statistic="step", min_steps=3)
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"gate": gate.to_json(), "exit_layer": 3, "main_fingerprint": FINGERPRINT}))
+    export_draft(sources["draft"], sources["tokenizer"], tmp_path / "bundle", formats=("torchscript",), calibration=calibration)
+    assert load_bundle_engines(tmp_path / "bundle", main_model, engine="torchscript").gate == gate
+    assert "prefix gate, tau 0.4000 on the step confidence, at least 3 leading steps" in format_manifest(read_manifest(tmp_path / "bundle"))
+    calibration.write_text(json.dumps({"gate": {**gate.to_json(), "min_steps": 9}, "exit_layer": 3, "main_fingerprint": FINGERPRINT}))
+    with pytest.raises(CheckpointError, match="at most the chunk length 8, got 9"):
+        export_draft(sources["draft"], sources["tokenizer"], tmp_path / "b2", formats=("torchscript",), calibration=calibration)
 
 
 def test_parity_failure_writes_no_manifest(sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from rsd.bundle import verify_bundle
 from rsd.errors import CheckpointError
 from rsd.io import FORMAT_VERSION
 from rsd.runtime.bundle import available_engines, load_bundle_engines
+from rsd.runtime.gate import Gate
 from rsd.runtime.policy import SpeculativePolicy
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "old_bundle"
@@ -46,7 +47,8 @@ def test_every_engine_of_the_old_bundle_computes_what_its_weights_compute(main_m
     outputs = {}
     for engine in ("torch", "onnx", "torchscript"):
         loaded = load_bundle_engines(FIXTURE, main_model, engine=engine)
-        assert loaded.engine == engine and loaded.exit_layer == 3 and np.isinf(loaded.tau)
+        assert loaded.engine == engine and loaded.exit_layer == 3
+        assert loaded.gate == Gate(tau=np.inf, mode="chunk", statistic="mean")  # from the old tau and gate_statistic fields
         outputs[engine] = loaded.draft(hidden), {c: loaded.decoders[c](tokens[..., :c]) for c in (3, 8)}
     (want_logits, want_tokens, want_conf, _), want_actions = outputs["torch"]
     for engine in ("onnx", "torchscript"):
@@ -59,7 +61,10 @@ def test_every_engine_of_the_old_bundle_computes_what_its_weights_compute(main_m
 
 def test_old_bundle_drives_the_speculative_policy(main_model) -> None:
     chunk = SpeculativePolicy.from_bundle(FIXTURE, main=main_model, tau=0.0).predict_chunk(make_observation())
-    assert chunk.accepted and chunk.actions.shape == (8, 7) and np.isfinite(chunk.actions).all()
+    assert chunk.accepted and chunk.steps == 8 and chunk.actions.shape == (8, 7) and np.isfinite(chunk.actions).all()
+    prefix = Gate(tau=0.0, mode="prefix", statistic="step", min_steps=2)
+    policy = SpeculativePolicy.from_bundle(FIXTURE, main=main_model, engine="onnx", gate=prefix)
+    assert policy.engine.gate == prefix and policy.predict_chunk(make_observation()).steps == 8
 
 
 def test_old_bundle_refuses_another_main_model() -> None:

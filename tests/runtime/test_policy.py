@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 
@@ -16,14 +17,15 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from rsd.errors import ConfigError, DataError, RsdError
 from rsd.models.draft import DraftHead
 from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine
+from rsd.runtime.gate import Gate
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
-from rsd.runtime.speculative import SpeculativeEngine
+from rsd.runtime.speculative import EngineResult, SpeculativeEngine
 from rsd.tokenizer import layers_to_tokens
 
 EXIT = 3
 
 
-def speculative(main, tau, verify="never", exit_layer=EXIT, replan_every=None):
+def speculative(main, tau, verify="never", exit_layer=EXIT, replan_every=None, gate=None):
     """A speculative policy with a seeded random draft (the runtime's logic does not depend on its training)."""
     torch.manual_seed(1)
     from rsd.presets import get_preset
@@ -31,7 +33,7 @@ def speculative(main, tau, verify="never", exit_layer=EXIT, replan_every=None):
     draft = DraftHead(get_preset("tiny").draft(exit_layer)).eval()
     tok = main.tokenizer.config
     decoders = {c: TorchDecoderEngine(main.tokenizer.decoder_module(), c) for c in (tok.coarse_layers, tok.num_layers)}
-    engine = SpeculativeEngine(main, TorchDraftEngine(draft), decoders, exit_layer, tau, verify)
+    engine = SpeculativeEngine(main, TorchDraftEngine(draft), decoders, exit_layer, gate or Gate(tau=tau), verify)
     return SpeculativePolicy(main, engine, replan_every), draft
 
 
@@ -104,12 +106,96 @@ def test_batch_rows_gate_independently(tiny_main):
     inputs = tiny_main.prepare(images, [o["instruction"] for o in obs], np.stack([o["proprio"] for o in obs]))
     engine = policy.engine
     conf = engine.run(inputs).confidence
-    engine.tau = float(conf.max())
+    engine.gate = Gate(tau=float(conf.max()))
     result = engine.run(inputs)
     assert result.accepted.tolist() == (conf >= conf.max()).tolist()
     rejected = int(torch.nonzero(~result.accepted)[0])
     baseline = MainOnlyPolicy(tiny_main).predict_chunk(obs[rejected])
     assert torch.allclose(result.actions[rejected], torch.as_tensor(baseline.actions), atol=1e-5)
+
+
+def _draft_step_confidence(main, draft, obs):
+    """The draft's per-step confidence `[H]` for one observation, computed here from its logits."""
+    with torch.inference_mode():
+        inputs = main.prepare(obs["image"][None, None], [obs["instruction"]], obs["proprio"][None])
+        logits = draft.forward_logits(main.vla.prefix(inputs, EXIT).query_hidden)
+        tok = main.tokenizer.config
+        top = torch.softmax(logits, dim=-1).amax(dim=-1).reshape(1, tok.coarse_layers, tok.chunk_len, tok.latent_dim)
+        return top.amin(dim=(1, 3))[0]
+
+
+def test_prefix_gate_returns_exactly_the_confident_leading_steps_and_the_queue_replans_after_them(tiny_main):
+    _, draft = speculative(tiny_main, 0.0)
+    horizon = tiny_main.tokenizer.config.chunk_len
+
+    def leading(step, tau):
+        count = 0
+        while count < horizon and step[count] >= tau:
+            count += 1
+        return count
+
+    # an observation and a threshold at which 2 <= k < H leading steps of the (random) draft pass
+    candidates = ((make_observation(seed), _draft_step_confidence(tiny_main, draft, make_observation(seed)).tolist()) for seed in range(10))
+    obs, step, tau, k = next((o, s, t, leading(s, t)) for o, s in candidates for t in sorted(s) if 2 <= leading(s, t) < horizon)
+    gate = Gate(tau=tau, mode="prefix", statistic="step", min_steps=2)
+    policy, _ = speculative(tiny_main, 0.0, gate=gate)
+    draft_chunk = speculative(tiny_main, 0.0)[0].predict_chunk(obs)
+    chunk = policy.predict_chunk(obs)
+    assert chunk.accepted and chunk.steps == k
+    assert np.array_equal(chunk.actions[:k], draft_chunk.actions[:k])
+    assert chunk.confidence == pytest.approx(min(step[:2]))
+    actions = [policy.act(obs) for _ in range(k)]
+    assert np.array_equal(np.stack(actions), chunk.actions[:k]) and policy.stats()["calls"] == 2
+    policy.act(obs)  # step k + 1 comes from a new chunk
+    assert policy.stats()["calls"] == 3
+    stats = policy.stats()
+    assert stats["accepted"] == 3 and stats["mean_accepted_steps"] == k and stats["acceptance_rate"] == 1.0
+
+    rejected, _ = speculative(tiny_main, 0.0, gate=dataclasses.replace(gate, min_steps=k + 1))
+    main_chunk = MainOnlyPolicy(tiny_main).predict_chunk(obs)
+    chunk = rejected.predict_chunk(obs)
+    assert not chunk.accepted and chunk.steps == horizon and np.array_equal(chunk.actions, main_chunk.actions)
+
+
+def test_prefix_gate_at_tau_zero_and_inf_keeps_the_exact_equivalences(tiny_main):
+    obs = make_observation(2)
+    prefix = Gate(tau=0.0, mode="prefix", statistic="step", min_steps=8)
+    full = speculative(tiny_main, 0.0, gate=prefix)[0].predict_chunk(obs)
+    assert full.accepted and full.steps == 8
+    assert np.array_equal(full.actions, speculative(tiny_main, 0.0)[0].predict_chunk(obs).actions)
+    never = speculative(tiny_main, 0.0, gate=dataclasses.replace(prefix, tau=math.inf, min_steps=1))[0].predict_chunk(obs)
+    assert not never.accepted and never.steps == 8
+    assert np.array_equal(never.actions, MainOnlyPolicy(tiny_main).predict_chunk(obs).actions)
+
+
+class ScriptedEngine:
+    """Chunk c has actions[h] = (c, h, 0, ...) and executes `steps[c]` leading steps; it ignores its inputs."""
+
+    def __init__(self, steps, horizon=8, action_dim=7, latent_dim=16, layers=8):
+        self.steps, self.horizon, self.action_dim, self.shape = steps, horizon, action_dim, (1, horizon, latent_dim, layers)
+        self.calls = 0
+
+    def run(self, inputs):
+        c = self.calls
+        self.calls += 1
+        actions = torch.zeros(1, self.horizon, self.action_dim)
+        actions[0, :, 0] = c
+        actions[0, :, 1] = torch.arange(self.horizon)
+        k = self.steps[c]
+        return EngineResult(actions=actions, accepted=torch.tensor([k < self.horizon]), steps=torch.tensor([k]),
+                            confidence=torch.tensor([1.0]), tokens=torch.zeros(self.shape, dtype=torch.int64), timings={"draft": 0.1})
+
+
+@pytest.mark.parametrize("replan_every", [None, 3])
+def test_partial_acceptance_never_executes_a_step_twice_or_skips_one(tiny_main, replan_every):
+    steps = [3, 8, 1, 5, 8, 2, 7, 4, 8, 6]
+    policy = SpeculativePolicy(tiny_main, ScriptedEngine(steps), replan_every)
+    obs = make_observation()
+    executed = [tuple(int(v) for v in policy.act(obs)[:2]) for _ in range(24)]
+    limit = 8 if replan_every is None else replan_every
+    expected = [(c, h) for c, k in enumerate(steps) for h in range(min(k, limit))][:24]
+    assert executed == expected
+    assert policy.stats()["calls"] == len({c for c, _ in expected})
 
 
 def test_same_observation_same_chunk(tiny_main):
@@ -203,11 +289,15 @@ def test_engine_config_errors(tiny_main):
 
     draft = TorchDraftEngine(DraftHead(get_preset("tiny").draft(EXIT)))
     with pytest.raises(ConfigError, match="exit_layer"):
-        SpeculativeEngine(tiny_main, draft, decoders, 99, 0.5)
+        SpeculativeEngine(tiny_main, draft, decoders, 99, Gate(tau=0.5))
     with pytest.raises(ConfigError, match="decoders"):
-        SpeculativeEngine(tiny_main, draft, {tok.num_layers: decoders[tok.num_layers]}, EXIT, 0.5)
+        SpeculativeEngine(tiny_main, draft, {tok.num_layers: decoders[tok.num_layers]}, EXIT, Gate(tau=0.5))
     with pytest.raises(ConfigError, match="verify"):
-        SpeculativeEngine(tiny_main, draft, decoders, EXIT, 0.5, verify="sometimes")
+        SpeculativeEngine(tiny_main, draft, decoders, EXIT, Gate(tau=0.5), verify="sometimes")
+    with pytest.raises(ConfigError, match="expected a rsd.runtime.gate.Gate, got float"):
+        SpeculativeEngine(tiny_main, draft, decoders, EXIT, 0.5)
+    with pytest.raises(ConfigError, match="at most the chunk length 8, got 9"):
+        SpeculativeEngine(tiny_main, draft, decoders, EXIT, Gate(tau=0.5, mode="prefix", statistic="step", min_steps=9))
 
 
 def test_long_loop_keeps_memory_flat(tiny_main):

@@ -76,3 +76,30 @@ def test_nothing_certified_and_bad_input():
         learn_then_test(confidence, all_bad, 0.0, DELTA)
     with pytest.raises(ConfigError, match="strictest-first"):
         learn_then_test(confidence, all_bad, ALPHA, DELTA, thresholds=np.array([0.1, 0.5]))
+
+
+def test_prefix_gate_certified_by_learn_then_test_meets_its_bound_on_fresh_chunks():
+    """Partial acceptance through calibrate's own outcome (the runtime's rule): a step is bad with probability 1 - c
+    for its confidence c ~ U(0, 1); the risk of the certified tau, measured on 50,000 fresh chunks, stays at or
+    below alpha in at least 1 - delta of the calibration draws."""
+    from rsd.runtime.gate import Gate
+    from rsd.training.calibrate import DraftMeasurements, gate_outcome
+
+    def draw(rng: np.random.Generator, n: int) -> DraftMeasurements:
+        step = rng.uniform(0.0, 1.0, (n, 4))
+        error = np.where(rng.uniform(0.0, 1.0, (n, 4)) < 1.0 - step, 2.0, 0.0)
+        return DraftMeasurements(mean=step.mean(1), min=step.min(1), step=step, step_error=error, agreement=np.ones(n),
+                                 episode=np.zeros(n, dtype=np.int64))
+
+    rng = np.random.default_rng(5)
+    gate = Gate(tau=math.inf, mode="prefix", statistic="step", min_steps=2)
+    fresh = gate_outcome(draw(rng, 50_000), gate, tolerance=1.0)[1]
+    trials, violations, accepted_steps = 40, 0, []
+    for _ in range(trials):
+        confidence, outcome = gate_outcome(draw(rng, 400), gate, tolerance=1.0)
+        result = learn_then_test(confidence, outcome, ALPHA, DELTA)
+        accepted, bad, steps = fresh(result.tau)
+        violations += bad.mean() > ALPHA
+        accepted_steps.append(steps[accepted].mean() if accepted.any() else 0.0)
+    assert violations / trials <= DELTA
+    assert 2.0 <= np.mean(accepted_steps) < 4.0  # prefixes of 2 or more steps, not whole chunks only
