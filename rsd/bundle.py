@@ -194,7 +194,9 @@ def validate_manifest(manifest: dict[str, Any], source: str | Path) -> dict[str,
     need(_is_int(manifest.get("exit_layer")), "exit_layer", "an int >= 0", manifest.get("exit_layer", MISSING))
     gate = gate_fields(manifest, source)  # values are checked by rsd.runtime.gate.Gate when the bundle loads
     need(_is_number(gate["tau"]), "gate.tau", "a number", gate["tau"])
-    need(isinstance(gate["statistic"], str), "gate.statistic", "a string", gate["statistic"])
+    need(gate["mode"] in ("chunk", "prefix"), "gate.mode", "'chunk' or 'prefix'", gate["mode"])
+    need(gate["statistic"] in ("mean", "min", "step"), "gate.statistic", "'mean', 'min' or 'step'", gate["statistic"])
+    need(_is_int(gate["min_steps"], 1), "gate.min_steps", "an int >= 1", gate["min_steps"])
     need(isinstance(manifest.get("calibrated"), bool), "calibrated", "true or false", manifest.get("calibrated", MISSING))
     need(manifest.get("calibration") is None or isinstance(manifest.get("calibration"), dict), "calibration", "null or a JSON object",
          manifest.get("calibration"))
@@ -257,13 +259,16 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+GATE_FIELDS = ("tau", "mode", "statistic", "min_steps")  # what a manifest's or calibration's "gate" object holds
+
+
 def gate_fields(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
     """The gate's fields of a manifest or calibration.json: its "gate" object, or for files written before gates
     had modes, their "tau" and "gate_statistic" (a whole-chunk gate). `rsd.runtime.gate.Gate` validates them."""
     if "gate" in data:
         gate = data["gate"]
-        if not isinstance(gate, dict) or "tau" not in gate:
-            raise CheckpointError(f"{source}: expected \"gate\" to be an object with tau, mode, statistic and min_steps, got {gate!r}.")
+        if not isinstance(gate, dict) or not set(GATE_FIELDS) <= set(gate):
+            raise CheckpointError(f"{source}: expected \"gate\" to be an object with {', '.join(GATE_FIELDS)}, got {_shown(gate)}.")
         return dict(gate)
     if "tau" not in data or "gate_statistic" not in data:
         raise CheckpointError(f"{source}: expected a \"gate\" object (or the older \"tau\" and \"gate_statistic\"), found neither. "

@@ -143,8 +143,6 @@ def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int
     if not path.is_file():
         raise CheckpointError(f"{path}: expected a calibration.json written by `rsd calibrate`, found no file.")
     data = read_json(path, "a calibration written by `rsd calibrate`")
-    if not isinstance(data.get("tau"), (int, float)) or isinstance(data.get("tau"), bool):
-        raise CheckpointError(f"{path}: field 'tau': expected a number, got {data.get('tau')!r}. Re-run `rsd calibrate`.")
     if data.get("main_fingerprint") != fingerprint:
         raise CheckpointError(f"{path}: calibrated for main model fingerprint {data.get('main_fingerprint')!r}, "
                               f"but the draft was trained for {fingerprint!r}. Calibrate this draft with `rsd calibrate`.")
