@@ -6,8 +6,9 @@ from click.testing import CliRunner
 
 from rsd.cli import main
 
-COMMANDS = ("bench-latency", "calibrate", "collect-features", "demo", "eval", "export-draft", "generate-demos", "inspect",
-            "inspect-main", "presets", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
+COMMANDS = ("bench-ar", "bench-latency", "bench-text", "calibrate", "collect-features", "demo", "eval", "export-draft", "generate-demos",
+            "inspect", "inspect-main", "presets", "synthetic-actions", "train-ar-policy", "train-draft", "train-layer-draft", "train-policy",
+            "train-text-lm", "train-tokenizer")
 
 
 def test_help_lists_every_command() -> None:
