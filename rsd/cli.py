@@ -357,21 +357,24 @@ def train_text_lm_command(out: str, preset: str, steps: int, max_seconds: float,
 @click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
 @click.option("--kl-weight", default=0.8, show_default=True, help="Weight of KL(target || draft).")
 @click.option("--accept-weight", default=0.3, show_default=True, help="Weight of the rejection probability.")
+@click.option("--seq-len", default=256, show_default=True, help="Text: tokens per training sequence.")
 @click.option("--self-distill", default=0, show_default=True, help="Text: train on this many sequences the target writes (0: corpus).")
+@click.option("--prompt-tokens", default=64, show_default=True, help="Text self-distillation: corpus tokens before the target writes.")
+@click.option("--memory-tokens", default=512, show_default=True, help="Knowledge drafts: memory tokens per sequence.")
 @click.option("--max-seconds", default=0.0, show_default=True, help="Stop after this much training time (0: all steps).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available; fp32 either way).")
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
 def train_layer_draft_command(target: str, layers: str, out: str, data: str | None, knowledge: bool, transition_size: int, tune_layers: bool,
-                              steps: int, batch_size: int, lr: float, kl_weight: float, accept_weight: float, self_distill: int,
-                              max_seconds: float, device: str | None, threads: int) -> None:
+                              steps: int, batch_size: int, lr: float, kl_weight: float, accept_weight: float, seq_len: int, self_distill: int,
+                              prompt_tokens: int, memory_tokens: int, max_seconds: float, device: str | None, threads: int) -> None:
     """Distil a layer-sampled draft (KL 0.8 + acceptance 0.3) from a text LM or an AR-mode VLA policy."""
     import torch
 
     from rsd.training.layer_draft import DraftTrainConfig, train_layer_draft
 
     torch.set_num_threads(threads)
-    train = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, accept_weight=accept_weight,
-                             self_distill=self_distill, max_seconds=max_seconds)
+    train = DraftTrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight, accept_weight=accept_weight,
+                             memory_tokens=memory_tokens, self_distill=self_distill, prompt_tokens=prompt_tokens, max_seconds=max_seconds)
     summary = train_layer_draft(target, out, _layer_list(layers), train, transition_size, knowledge, tune_layers, data, device)
     click.echo(json.dumps({k: summary[k] for k in ("val_before", "val", "steps", "seconds")}))
 
@@ -406,11 +409,12 @@ def train_ar_policy_command(data: str, out: str, preset: str, epochs: int | None
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy (outputs checked against plain decoding); > 0: sampled.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus of sampled decoding.")
 @click.option("--seed", default=0, show_default=True, help="Picks the prompt windows and seeds sampling.")
+@click.option("--repeats", default=1, show_default=True, help="Timed runs per prompt and variant; the fastest counts.")
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write acceptance by draft position (PNG).")
 def bench_text_command(lm_dir: str, drafts: tuple[str, ...], prompts: int, prompt_tokens: int, new_tokens: int, gamma: int,
-                       memory_tokens: int, temperature: float, top_p: float, seed: int, threads: int, json_path: str | None,
+                       memory_tokens: int, temperature: float, top_p: float, seed: int, repeats: int, threads: int, json_path: str | None,
                        plot_path: str | None) -> None:
     """Plain vs speculative decoding of the tiny Qwen3 LM: exactness, tokens per target pass, acceptance, wall-time ratio."""
     import torch
@@ -419,7 +423,7 @@ def bench_text_command(lm_dir: str, drafts: tuple[str, ...], prompts: int, promp
 
     torch.set_num_threads(threads)
     config = TextBenchConfig(prompts=prompts, prompt_tokens=prompt_tokens, new_tokens=new_tokens, gamma=gamma, memory_tokens=memory_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed)
+                             temperature=temperature, top_p=top_p, seed=seed, repeats=repeats)
     report = run_bench_text(lm_dir, list(drafts), config, json_path)
     if plot_path:
         plot_text_report(report, plot_path)

@@ -406,7 +406,8 @@ class SpeculativeDecoder:
                 n, following = 0, int(torch.multinomial(sampling_probs(logits[0], self.sampling), 1, generator=generator))
             else:
                 n, following = verify_sampled(drafted, draft_probs, sampling_probs(logits, self.sampling), generator)
-            stats.record_round(gamma, n)
+            if gamma:  # a last round with nothing left to draft is a plain step, not a drafting round
+                stats.record_round(gamma, n)
             # roll back: the target keeps the last emitted token and the n accepted drafts (its next input is `following`)
             self.target.rollback(target_cache, kept + 1 + n)
             if n == gamma:  # the draft never saw its own last proposal (or, with gamma 0, anything this round)

@@ -19,7 +19,7 @@ QUICK = DraftTrainConfig(steps=2, batch_size=2, seq_len=32, memory_tokens=32, va
 def test_bench_text_reports_exact_outputs_for_every_draft(text_lm_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     train_layer_draft_text(text_lm_dir, tmp_path / "two_layers", (0, 3), QUICK, transition_size=8, files=text_files())
     train_layer_draft_text(text_lm_dir, tmp_path / "knowledge", (0, 3), QUICK, transition_size=8, knowledge=True, files=text_files())
-    config = TextBenchConfig(prompts=1, prompt_tokens=16, new_tokens=12, gamma=3, memory_tokens=32)
+    config = TextBenchConfig(prompts=1, prompt_tokens=16, new_tokens=12, gamma=3, memory_tokens=32, repeats=2)
     report = run_bench_text(text_lm_dir, [tmp_path / "two_layers", tmp_path / "knowledge"], config, tmp_path / "bench.json", files=text_files())
     rows = report["variants"]
     assert set(rows) == {"plain", "two_layers", "knowledge"}
@@ -27,7 +27,8 @@ def test_bench_text_reports_exact_outputs_for_every_draft(text_lm_dir: Path, tmp
         assert rows[name]["identical_outputs"] == "1/1"
         assert rows[name]["tokens_per_target_pass"] >= 1.0 and len(rows[name]["acceptance_by_position"]) == 3
     assert rows["knowledge"]["knowledge"] and report["knowledge_cache_build_ms"] > 0
-    assert rows["plain"]["tokens_per_target_pass"] == 1.0
+    assert rows["plain"]["tokens_per_target_pass"] == 1.0 and rows["plain"]["cpu_time_speedup"] == 1.0
+    assert "fastest of 2 interleaved run(s)" in report["markdown"]
     assert "| two_layers | 0,3 | no | no | 1/1 |" in report["markdown"]
     assert len(rows["knowledge"]["accepted_histogram"]) == 4 and sum(rows["knowledge"]["accepted_histogram"]) > 0
     assert json.loads((tmp_path / "bench.json").read_text())["variants"]["plain"]["speedup"] == 1.0

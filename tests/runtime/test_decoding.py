@@ -9,6 +9,7 @@ deliberately wrong rule (accept every draft token).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -256,6 +257,38 @@ def test_chi_square_rejects_a_wrong_acceptance_rule(monkeypatch: pytest.MonkeyPa
     decoder = SpeculativeDecoder(TableLM(DRAFT_TABLE), TableLM(TARGET_TABLE), gamma=2, sampling=sampling)
     counts = _sample_counts(decoder, torch.tensor([[2, 0]]), HORIZON, SAMPLES)
     assert _chi_square_p_value(counts, _exact_law(TARGET_TABLE, 0, sampling, HORIZON)) < 1e-6
+
+
+def _enumerated_law(next_logits: Any, prompt: torch.Tensor, vocab: int, horizon: int, sampling: SamplingConfig) -> torch.Tensor:
+    """Exact law `[V ** horizon]` of a model's continuations of `prompt`, by enumerating every prefix."""
+    law = torch.ones(1, dtype=torch.float64)
+    for length in range(horizon):
+        prefixes = torch.tensor(list(itertools.product(range(vocab), repeat=length)), dtype=torch.int64).view(vocab**length, length)
+        steps = torch.stack([sampling_probs(next_logits(torch.cat([prompt[0], prefix]).unsqueeze(0)), sampling) for prefix in prefixes])
+        law = (law.unsqueeze(-1) * steps).flatten()
+    return law
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_sampled_speculative_decoding_of_a_real_qwen3_has_its_distribution() -> None:
+    """transformers' Qwen3 as the target and a layer draft of it, caches rolled back after every rejection."""
+    vocab, horizon, samples = 4, 3, 1500
+    target = qwen3(0, layers=2, vocab=vocab)
+    draft = LayerDraftLM(scrambled_draft(target, (0,), seed=1))
+    sampling = SamplingConfig(temperature=1.0)
+    prompt = torch.tensor([[1, 3, 2]])
+    target_law = _enumerated_law(lambda ids: target(input_ids=ids).logits[0, -1], prompt, vocab, horizon, sampling)
+    draft_law = _enumerated_law(lambda ids: draft.forward(ids, draft.new_cache())[0, -1], prompt, vocab, horizon, sampling)
+    decoder = SpeculativeDecoder(draft, HFCausalLM(target), gamma=1, sampling=sampling)
+    counts = torch.zeros(vocab**horizon, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(samples):
+        tokens = decoder.generate(prompt, horizon, generator=generator).tokens
+        counts[sum(t * vocab ** (horizon - 1 - i) for i, t in enumerate(tokens))] += 1
+    assert 0.0 < decoder.stats.acceptance_rate < 1.0
+    assert _chi_square_p_value(counts, target_law) > 1e-3
+    assert _chi_square_p_value(counts, draft_law) < 1e-6  # the draft's own law is far enough away to be told apart
 
 
 def test_plain_sampling_matches_the_exact_law() -> None:

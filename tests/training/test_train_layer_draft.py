@@ -18,6 +18,7 @@ from rsd.training.layer_draft import (
     DraftTrainConfig,
     draft_loss,
     knowledge_tokens,
+    train_layer_draft,
     train_layer_draft_ar,
     train_layer_draft_text,
     write_continuations,
@@ -94,3 +95,21 @@ def test_draft_config_errors() -> None:
         DraftTrainConfig(kl_weight=0.0, accept_weight=0.0)
     with pytest.raises(ConfigError):
         DraftTrainConfig(steps=0)
+
+
+def test_train_layer_draft_command_trains_an_ar_draft_and_refuses_mismatched_options(ar_policy_dir: tuple[Path, Path], text_lm_dir: Path,  # noqa: F811
+                                                                                      tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rsd.cli import main
+
+    policy, demos = ar_policy_dir
+    result = CliRunner().invoke(main, ["train-layer-draft", "--target", str(policy), "--data", str(demos), "--layers", "0,5", "--steps", "2",
+                                       "--batch-size", "8", "--transition-size", "8", "--out", str(tmp_path / "draft")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["steps"] == 2
+    assert LayerDraft.load(tmp_path / "draft", ARActionModel.load(policy).vla.language_model).config.layers == (0, 5)
+    with pytest.raises(ConfigError, match="needs its demonstrations"):
+        train_layer_draft(policy, tmp_path / "other", (0, 5))
+    with pytest.raises(ConfigError, match="drop --data"):
+        train_layer_draft(text_lm_dir, tmp_path / "other", (0, 3), data=demos)
