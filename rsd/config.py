@@ -326,6 +326,29 @@ class PolicyTrainConfig:
         _check(isinstance(self.rollout_seed, int) and self.rollout_seed >= 0, "PolicyTrainConfig", "rollout_seed", "an int >= 0", self.rollout_seed)
 
 
+@dataclass(frozen=True)
+class TextLMConfig:
+    """A Qwen3-architecture text LM (transformers' Qwen3Config fields of the same meaning), for speculative decoding work."""
+
+    vocab_size: int = 2048  # byte-level BPE vocabulary (the tokenizer is trained to this size)
+    hidden_size: int = 128  # width of the residual stream
+    num_layers: int = 28  # decoder layers (Qwen3-0.6B's depth, so the seed's layer set applies)
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention, as Qwen3)
+    head_dim: int = 32  # width of one head
+    intermediate_size: int = 384  # MLP width (3x, Qwen3-0.6B's ratio)
+    max_position_embeddings: int = 1024  # longest sequence
+    rope_theta: float = 1_000_000.0  # Qwen3's rotary base
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                  "max_position_embeddings")
+        _check(self.num_heads % self.num_kv_heads == 0, "TextLMConfig", "num_kv_heads", f"a divisor of num_heads {self.num_heads}",
+               self.num_kv_heads)
+        _check(self.vocab_size >= 300, "TextLMConfig", "vocab_size", "at least 300 (256 bytes, merges and specials)", self.vocab_size)
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel normalisation of ImageNet-trained ViTs (DINOv2, the tiny ViT)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -418,6 +441,7 @@ __all__ = [
     "IMAGENET_STD",
     "LLMConfig",
     "PolicyTrainConfig",
+    "TextLMConfig",
     "TokenizerConfig",
     "TrainConfig",
     "ViTConfig",

@@ -7,7 +7,8 @@ Usage:
 
 `tiny` runs the whole pipeline on a CPU in minutes (tests and `rsd demo`); `tiny-no-proprio` is the same model
 without a proprio input (data without proprio, `--proprio-keys none`); `openvla-7b` has OpenVLA-7B's exact
-shapes for latency work with random weights. A typo gets a "did you mean" suggestion.
+shapes for latency work with random weights. A typo gets a "did you mean" suggestion. The text LMs of the
+speculative-decoding work have their own presets (`get_text_lm_preset("qwen3-tiny")`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rsd.config import (
     DraftConfig,
     LLMConfig,
     PolicyTrainConfig,
+    TextLMConfig,
     TokenizerConfig,
     TrainConfig,
     ViTConfig,
@@ -134,14 +136,34 @@ PRESETS = {"tiny": _tiny, "tiny-grid": lambda: _tiny("grid"), "tiny-vit": lambda
            "tiny-no-proprio": lambda: _tiny(proprio_dim=0), "openvla-7b": _openvla_7b}
 
 
+def _lookup(kind: str, name: str, table: dict) -> None:
+    """Refuse a name missing from `table`, suggesting the closest one."""
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{kind}: expected one of {sorted(table)}, got {name!r}.{hint}")
+
+
 def get_preset(name: str) -> Preset:
     """Return the preset called `name`; a typo gets a "did you mean" suggestion."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}.{hint}")
+    _lookup("preset", name, PRESETS)
     return PRESETS[name]()
 
 
+# Text LMs for speculative decoding (`rsd train-text-lm`): `qwen3-tiny` has Qwen3-0.6B's 28 layers at width 128
+# (about 5.8 M parameters, the bench model); `qwen3-test` trains in seconds for the tests.
+TEXT_LM_PRESETS = {
+    "qwen3-tiny": TextLMConfig(),
+    "qwen3-test": TextLMConfig(vocab_size=320, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                               max_position_embeddings=256),
+}
 
-__all__ = ["PRESETS", "Preset", "get_preset"]
+
+def get_text_lm_preset(name: str) -> TextLMConfig:
+    """Return the text LM config called `name`; a typo gets a "did you mean" suggestion."""
+    _lookup("text LM preset", name, TEXT_LM_PRESETS)
+    return TEXT_LM_PRESETS[name]
+
+
+
+__all__ = ["PRESETS", "TEXT_LM_PRESETS", "Preset", "get_preset", "get_text_lm_preset"]

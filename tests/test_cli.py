@@ -16,8 +16,9 @@ from conftest import make_tiny_main
 from rsd.cli import EXIT_BUG, main
 from rsd.presets import get_preset
 
-COMMANDS = ("bench-latency", "calibrate", "check-expert", "collect-features", "convert", "demo", "eval", "export-draft", "generate-demos",
-            "inspect", "inspect-main", "presets", "sweep", "synthetic-actions", "train-draft", "train-policy", "train-tokenizer")
+COMMANDS = ("bench-ar", "bench-latency", "bench-text", "calibrate", "check-expert", "collect-features", "convert", "demo", "eval",
+            "export-draft", "generate-demos", "inspect", "inspect-main", "presets", "sweep", "synthetic-actions", "train-ar-policy",
+            "train-draft", "train-layer-draft", "train-policy", "train-text-lm", "train-tokenizer")
 
 
 def test_help_lists_every_command() -> None:
