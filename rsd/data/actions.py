@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsd.data.hdf5 import open_hdf5
+from rsd.data.hdf5 import LIBERO_ACTION_DIM, libero_gripper_to_policy, open_hdf5, recorded_by_libero
 from rsd.errors import DataError
 from rsd.io import atomic_file
 
@@ -97,4 +97,7 @@ def _read_hdf5(path: Path) -> tuple[list[np.ndarray], list[int]]:
             if actions.ndim != 2 or actions.shape[0] == 0:
                 raise DataError(f"{path}: data/{name}/actions expected [T, A] with T > 0, got shape {actions.shape}.")
             episodes.append(actions.astype(np.float32))
+        if recorded_by_libero(handle["data"]) and episodes[0].shape[1] == LIBERO_ACTION_DIM:  # as `read_demos` reads them
+            for actions in episodes:
+                actions[:, -1] = libero_gripper_to_policy(actions[:, -1])
     return episodes, [int(n.split("_")[1]) for n in names]

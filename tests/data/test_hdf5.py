@@ -116,6 +116,8 @@ def test_libero_recorded_gripper_becomes_the_libero_envs_units(tmp_path):
     write_libero_file(path, actions=recorded)
     (episode,) = read_demos(path)
     assert episode.actions[:, 6].tolist() == [1.0, 1.0, 0.0, 0.0] and np.array_equal(episode.actions[:, :6], recorded[:, :6])
+    (actions,), _ = load_action_episodes(path)  # train-tokenizer's reader sees the same units as train-policy's
+    assert np.array_equal(actions, episode.actions)
     assert np.array_equal(libero_env_action(episode.actions), recorded)  # the env hands LIBERO's controller what was recorded
     with h5py.File(path, "a") as file:  # OpenVLA's no-noops regeneration keeps no file attrs at all
         for key in list(file["data"].attrs):
