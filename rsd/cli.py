@@ -674,16 +674,17 @@ def _layer_list(text: str) -> tuple[int, ...]:
 @main.command("train-text-lm")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the model, tokenizer and metrics.")
 @click.option("--preset", default="qwen3-tiny", show_default=True, help="Text LM preset: qwen3-tiny or qwen3-test.")
-@click.option("--steps", default=3000, show_default=True, help="Optimiser steps (the cosine schedule's length).")
-@click.option("--max-seconds", default=900.0, show_default=True, help="Stop after this much training time (0: all steps).")
-@click.option("--batch-size", default=4, show_default=True, help="Windows per step.")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per window.")
-@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate.")
+@click.option("--steps", type=POSITIVE, default=3000, show_default=True, help="Optimiser steps (the cosine schedule's length).")
+@click.option("--max-seconds", type=NON_NEGATIVE_FLOAT, default=900.0, show_default=True, help="Stop after this much training time (0: all steps).")
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Windows per step.")
+@click.option("--seq-len", type=POSITIVE, default=256, show_default=True, help="Tokens per window.")
+@click.option("--lr", type=POSITIVE_FLOAT, default=2e-3, show_default=True, help="Peak learning rate.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None, help="Continue training the LM saved here.")
+@OVERWRITE
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available; fp32 either way).")
-@click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch threads.")
 def train_text_lm_command(out: str, preset: str, steps: int, max_seconds: float, batch_size: int, seq_len: int, lr: float,
-                          resume: str | None, device: str | None, threads: int) -> None:
+                          resume: str | None, overwrite: bool, device: str | None, threads: int) -> None:
     """Train the tiny Qwen3 LM (and its BPE) on the Python standard library's sources."""
     import torch
 
@@ -691,7 +692,7 @@ def train_text_lm_command(out: str, preset: str, steps: int, max_seconds: float,
 
     torch.set_num_threads(threads)
     train = TextTrainConfig(steps=steps, max_seconds=max_seconds, batch_size=batch_size, seq_len=seq_len, lr=lr)
-    metrics = train_text_lm(out, preset, train, resume=resume, device=device)
+    metrics = train_text_lm(out, preset, train, resume=resume, device=device, overwrite=overwrite)
     click.echo(json.dumps({k: metrics[k] for k in ("steps", "tokens_seen", "final_train_loss", "val_loss", "seconds", "fingerprint")}))
 
 
@@ -701,23 +702,24 @@ def train_text_lm_command(out: str, preset: str, steps: int, max_seconds: float,
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Draft folder to write.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None, help="Demonstrations (AR policy targets only).")
 @click.option("--knowledge", is_flag=True, help="Add the gated cross-attention over a knowledge cache (text LM targets).")
-@click.option("--transition-size", default=64, show_default=True, help="Bottleneck width of each transition (0: none).")
+@click.option("--transition-size", type=NON_NEGATIVE, default=64, show_default=True, help="Bottleneck width of each transition (0: none).")
 @click.option("--tune-layers", is_flag=True, help="Fine-tune copies of the sampled layers (default: share the target's, frozen).")
-@click.option("--steps", default=300, show_default=True, help="Optimiser steps.")
-@click.option("--batch-size", default=0, show_default=True, help="Windows or frames per step (0: 4 windows for text, 32 frames for the VLA).")
-@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
-@click.option("--kl-weight", default=0.8, show_default=True, help="Weight of KL(target || draft).")
-@click.option("--accept-weight", default=0.3, show_default=True, help="Weight of the rejection probability.")
-@click.option("--seq-len", default=256, show_default=True, help="Text: tokens per training sequence.")
-@click.option("--self-distill", default=0, show_default=True, help="Text: train on this many sequences the target writes (0: corpus).")
-@click.option("--prompt-tokens", default=64, show_default=True, help="Text self-distillation: corpus tokens before the target writes.")
-@click.option("--memory-tokens", default=512, show_default=True, help="Knowledge drafts: memory tokens per sequence.")
-@click.option("--max-seconds", default=0.0, show_default=True, help="Stop after this much training time (0: all steps).")
+@click.option("--steps", type=POSITIVE, default=300, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", type=NON_NEGATIVE, default=0, show_default=True, help="Windows or frames per step (0: 4 windows for text, 32 frames for the VLA).")
+@click.option("--lr", type=POSITIVE_FLOAT, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--kl-weight", type=NON_NEGATIVE_FLOAT, default=0.8, show_default=True, help="Weight of KL(target || draft).")
+@click.option("--accept-weight", type=NON_NEGATIVE_FLOAT, default=0.3, show_default=True, help="Weight of the rejection probability.")
+@click.option("--seq-len", type=POSITIVE, default=256, show_default=True, help="Text: tokens per training sequence.")
+@click.option("--self-distill", type=NON_NEGATIVE, default=0, show_default=True, help="Text: train on this many sequences the target writes (0: corpus).")
+@click.option("--prompt-tokens", type=POSITIVE, default=64, show_default=True, help="Text self-distillation: corpus tokens before the target writes.")
+@click.option("--memory-tokens", type=POSITIVE, default=512, show_default=True, help="Knowledge drafts: memory tokens per sequence.")
+@click.option("--max-seconds", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True, help="Stop after this much training time (0: all steps).")
+@OVERWRITE
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available; fp32 either way).")
-@click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch threads.")
 def train_layer_draft_command(target: str, layers: str, out: str, data: str | None, knowledge: bool, transition_size: int, tune_layers: bool,
                               steps: int, batch_size: int, lr: float, kl_weight: float, accept_weight: float, seq_len: int, self_distill: int,
-                              prompt_tokens: int, memory_tokens: int, max_seconds: float, device: str | None, threads: int) -> None:
+                              prompt_tokens: int, memory_tokens: int, max_seconds: float, overwrite: bool, device: str | None, threads: int) -> None:
     """Distil a layer-sampled draft (KL 0.8 + acceptance 0.3) from a text LM or an AR-mode VLA policy."""
     import torch
 
@@ -726,7 +728,7 @@ def train_layer_draft_command(target: str, layers: str, out: str, data: str | No
     torch.set_num_threads(threads)
     train = DraftTrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight, accept_weight=accept_weight,
                              memory_tokens=memory_tokens, self_distill=self_distill, prompt_tokens=prompt_tokens, max_seconds=max_seconds)
-    summary = train_layer_draft(target, out, _layer_list(layers), train, transition_size, knowledge, tune_layers, data, device)
+    summary = train_layer_draft(target, out, _layer_list(layers), train, transition_size, knowledge, tune_layers, data, device, overwrite)
     click.echo(json.dumps({k: summary[k] for k in ("val_before", "val", "steps", "seconds")}))
 
 
@@ -735,16 +737,17 @@ def train_layer_draft_command(target: str, layers: str, out: str, data: str | No
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="AR policy folder to write.")
 @_train_options
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available; fp32 either way).")
-@click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch threads.")
 def train_ar_policy_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None,
-                            device: str | None, threads: int) -> None:
+                            overwrite: bool, device: str | None, threads: int) -> None:
     """Train PrismaticVLA in OpenVLA's autoregressive action mode (256 bins, 7 tokens per step)."""
     import torch
 
     from rsd.training.ar_policy import train_ar_policy
 
     torch.set_num_threads(threads)
-    summary = train_ar_policy(data, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), device=device)
+    summary = train_ar_policy(data, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), device=device,
+                              overwrite=overwrite)
     click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 
 
@@ -752,16 +755,16 @@ def train_ar_policy_command(data: str, out: str, preset: str, epochs: int | None
 @click.option("--lm", "lm_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Text LM folder (train-text-lm).")
 @click.option("--draft", "drafts", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="Layer-draft folder (repeat for several).")
-@click.option("--prompts", default=8, show_default=True, help="Timed prompts (plus one warm-up).")
-@click.option("--prompt-tokens", default=64, show_default=True, help="Tokens per prompt.")
-@click.option("--new-tokens", default=128, show_default=True, help="Tokens generated per prompt.")
-@click.option("--gamma", default=5, show_default=True, help="Draft tokens per round.")
-@click.option("--memory-tokens", default=512, show_default=True, help="Knowledge drafts: tokens of the prompt's file in the cache.")
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy (outputs checked against plain decoding); > 0: sampled.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus of sampled decoding.")
-@click.option("--seed", default=0, show_default=True, help="Picks the prompt windows and seeds sampling.")
-@click.option("--repeats", default=1, show_default=True, help="Timed runs per prompt and variant; the fastest counts.")
-@click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option("--prompts", type=POSITIVE, default=8, show_default=True, help="Timed prompts (plus one warm-up).")
+@click.option("--prompt-tokens", type=POSITIVE, default=64, show_default=True, help="Tokens per prompt.")
+@click.option("--new-tokens", type=POSITIVE, default=128, show_default=True, help="Tokens generated per prompt.")
+@click.option("--gamma", type=POSITIVE, default=5, show_default=True, help="Draft tokens per round.")
+@click.option("--memory-tokens", type=POSITIVE, default=512, show_default=True, help="Knowledge drafts: tokens of the prompt's file in the cache.")
+@click.option("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True, help="0: greedy (outputs checked against plain decoding); > 0: sampled.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True, help="Nucleus of sampled decoding.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Picks the prompt windows and seeds sampling.")
+@click.option("--repeats", type=POSITIVE, default=1, show_default=True, help="Timed runs per prompt and variant; the fastest counts.")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch threads.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write acceptance by draft position (PNG).")
 def bench_text_command(lm_dir: str, drafts: tuple[str, ...], prompts: int, prompt_tokens: int, new_tokens: int, gamma: int,
@@ -786,10 +789,10 @@ def bench_text_command(lm_dir: str, drafts: tuple[str, ...], prompts: int, promp
 @click.option("--policy", required=True, type=click.Path(exists=True, file_okay=False), help="AR policy folder (train-ar-policy).")
 @click.option("--draft", "drafts", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="Layer-draft folder (repeat for several).")
-@click.option("--episodes", default=20, show_default=True, help="Seeds per variant (plus one warm-up seed).")
-@click.option("--seed", default=10_000, show_default=True, help="First seed.")
-@click.option("--gamma", default=3, show_default=True, help="Draft tokens per round.")
-@click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option("--episodes", type=POSITIVE, default=20, show_default=True, help="Seeds per variant (plus one warm-up seed).")
+@click.option("--seed", type=NON_NEGATIVE, default=10_000, show_default=True, help="First seed.")
+@click.option("--gamma", type=POSITIVE, default=3, show_default=True, help="Draft tokens per round.")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch threads.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report as JSON.")
 def bench_ar_command(policy: str, drafts: tuple[str, ...], episodes: int, seed: int, gamma: int, threads: int, json_path: str | None) -> None:
     """Closed-loop plain vs speculative AR action decoding on the same seeds: outcomes, actions, latency ratio."""

@@ -43,6 +43,9 @@ ARTIFACT_MARKERS = (  # (kind, the file that marks a folder of that kind), check
     ("policy", "policy.json"),
     ("features", "index.json"),
     ("draft", "draft.json"),
+    ("ar_policy", "ar_policy.json"),
+    ("layer_draft", "layer_draft.json"),
+    ("text_lm", "text_lm.json"),  # before "tokenizer": a text LM folder holds its BPE's tokenizer.json too
     ("tokenizer", "tokenizer.json"),
     ("demo", "report.json"),
     ("LeRobot dataset", "meta/info.json"),

@@ -68,6 +68,17 @@ def test_int_lists_take_ranges() -> None:
     assert _int_list("0,3,5-7") == [0, 3, 5, 6, 7] and _int_list("8, 16,24") == [8, 16, 24] and _int_list(None) is None
 
 
+def test_numeric_options_of_the_decoding_commands_have_ranges(tmp_path) -> None:
+    import click
+
+    for command in ("train-text-lm", "train-layer-draft", "train-ar-policy", "bench-text", "bench-ar"):
+        for param in main.commands[command].params:
+            if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+                assert isinstance(param.type, (click.IntRange, click.FloatRange)), (command, param.name)
+    result = CliRunner().invoke(main, ["bench-text", "--lm", str(tmp_path), "--draft", str(tmp_path), "--gamma", "0"])
+    assert result.exit_code == 2 and "--gamma" in result.output
+
+
 def test_option_choices_are_the_librarys() -> None:
     """The choices spelled out in the commands (so `rsd --help` imports no torch) are the ones the library checks."""
     from rsd.config import SELECT_BY

@@ -4,7 +4,7 @@ The speculative decoder's text workload (`rsd.runtime.decoding`): a real causal 
 Qwen3-0.6B's depth at a small width, so the seed's layer set `(0, 5, 11, 16, 22, 27)` applies unchanged. Training
 on the Python standard library's sources is in `rsd.training.text_lm`.
 
-The folder: `model.safetensors` + `model.json` (TextLMConfig, weights sha256; the tied head is stored once, as the
+The folder: `text_lm.safetensors` + `text_lm.json` (TextLMConfig, weights sha256; the tied head is stored once, as the
 embedding) and `tokenizer.json` (the `tokenizers` library's own format).
 
 Usage:
@@ -28,7 +28,7 @@ from rsd.config import TextLMConfig, from_dict, to_dict
 from rsd.errors import CheckpointError
 from rsd.io import load_artifact, save_artifact
 
-MODEL_FILE = "model"
+MODEL_FILE = "text_lm"  # text_lm.safetensors + text_lm.json
 TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"  # id 0 of the BPE: separates files in the training stream
 
@@ -48,7 +48,7 @@ class TextLM:
     model: Qwen3ForCausalLM  # tied-embedding Qwen3 LM in eval mode
     tokenizer: Tokenizer  # the BPE it was trained with
     config: TextLMConfig  # its shape
-    fingerprint: str  # sha256 of model.safetensors
+    fingerprint: str  # sha256 of text_lm.safetensors
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids `[1, S]` of `text`."""
@@ -75,7 +75,7 @@ def save_text_lm(directory: str | Path, model: Qwen3ForCausalLM, tokenizer: Toke
 
 
 def load_text_lm(directory: str | Path, dtype: torch.dtype = torch.float32) -> TextLM:
-    """Rebuild a saved text LM from `model.json` on the meta device and assign its weights (the head is tied to the embedding)."""
+    """Rebuild a saved text LM from `text_lm.json` on the meta device and assign its weights (the head is tied to the embedding)."""
     directory = Path(directory)
     tensors, meta = load_artifact(directory, MODEL_FILE, kind="text_lm")
     config = from_dict(TextLMConfig, meta["config"])

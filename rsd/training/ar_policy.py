@@ -30,6 +30,7 @@ from rsd.data.hdf5 import read_demos
 from rsd.data.stats import normalize
 from rsd.device import resolve_device_dtype
 from rsd.errors import DataError
+from rsd.io import writes_artifact
 from rsd.models.ar_actions import ARActionModel, BinActionTokenizer, BinTokenizerConfig, ar_vla_config
 from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
@@ -41,11 +42,13 @@ def action_tokens(model: ARActionModel, actions: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(model.tokenizer.to_local(model.tokenizer.encode(normalized.numpy())))
 
 
+@writes_artifact("ar_policy")
 def train_ar_policy(data: str | Path, out: str | Path, preset: str = "tiny", train: TrainConfig | None = None,
                     dataset_key: str | None = None, progress: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
     """Train the AR-mode VLA on the demonstrations in `data` and save the best epoch to `out` (an AR policy folder).
 
-    `device` defaults to CUDA where it is usable (fp32 either way).
+    `device` defaults to CUDA where it is usable (fp32 either way). `out` is written through a staging folder
+    (`rsd.io.writes_artifact`); an existing AR policy there needs `overwrite=True`.
     """
     device, _ = resolve_device_dtype(device, torch.float32)
     spec = get_preset(preset)

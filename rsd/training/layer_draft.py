@@ -13,10 +13,11 @@ half sampled: a draft is judged on the target's own output, which for a small LM
 AR-VLA drafts train on the demonstration frames, teacher-forced with the demonstrated action tokens, at the 7 action
 positions. A knowledge-enhanced text draft gets, with every window, a memory made of the rest of the same source
 file (the target's hidden states of up to `memory_tokens` tokens around the window), as it gets at run time.
+Training runs in fp32 on CUDA where it is usable, else on the CPU (`device` names one).
 
 Usage:
-    rsd train-layer-draft --target runs/text_lm --layers 0,5,11,16,22,27 --self-distill 256 --out runs/text_lm/draft_seed
-    rsd train-layer-draft --target runs/ar/policy --data runs/ar/demos.hdf5 --layers 0,5 --out runs/ar/draft
+    rsd train-layer-draft --target runs/text_lm --layers 0,5,11,16,22,27 --tune-layers --self-distill 1024 --out runs/text_lm/seed_tuned
+    rsd train-layer-draft --target runs/ar/policy --data runs/ar/demos.hdf5 --layers 0,5 --tune-layers --out runs/ar/draft_0_5_tuned
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from rsd.data.dataset import FrameDataset
 from rsd.data.hdf5 import read_demos
 from rsd.device import resolve_device_dtype
 from rsd.errors import ConfigError, DataError
+from rsd.io import writes_artifact
 from rsd.models.ar_actions import POLICY_FILE, ARActionModel
 from rsd.models.layer_draft import LayerDraft, LayerDraftConfig
 from rsd.models.text_lm import TextLM, load_text_lm
@@ -229,6 +231,7 @@ def memory_states(target: nn.Module, memory_ids: torch.Tensor) -> torch.Tensor:
         return target.get_decoder()(input_ids=memory_ids.to(next(target.parameters()).device)).last_hidden_state
 
 
+@writes_artifact("layer_draft")
 def train_layer_draft_text(lm_dir: str | Path, out: str | Path, layers: Sequence[int], train: DraftTrainConfig | None = None,
                            transition_size: int = 64, knowledge: bool = False, files: Sequence[Path] | None = None,
                            root: str | Path | None = None, tune_layers: bool = False, device: str | torch.device | None = None
@@ -293,6 +296,7 @@ def _file_streams(lm: TextLM, files: Sequence[Path]) -> list[np.ndarray]:
     return [np.asarray(e.ids, dtype=np.int64) for e in lm.tokenizer.encode_batch(read_texts(files))]
 
 
+@writes_artifact("layer_draft")
 def train_layer_draft_ar(policy_dir: str | Path, data: str | Path, out: str | Path, layers: Sequence[int],
                          train: DraftTrainConfig | None = None, transition_size: int = 64, val_fraction: float = 0.1,
                          tune_layers: bool = False, device: str | torch.device | None = None) -> dict[str, Any]:
@@ -341,13 +345,18 @@ def train_layer_draft_ar(policy_dir: str | Path, data: str | Path, out: str | Pa
 
 def train_layer_draft(target: str | Path, out: str | Path, layers: Sequence[int], train: DraftTrainConfig | None = None,
                       transition_size: int = 64, knowledge: bool = False, tune_layers: bool = False, data: str | Path | None = None,
-                      device: str | torch.device | None = None) -> dict[str, Any]:
-    """Train a draft of the folder `target`: an AR policy (on its demonstrations `data`) or a text LM (on its corpus)."""
+                      device: str | torch.device | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train a draft of the folder `target`: an AR policy (on its demonstrations `data`) or a text LM (on its corpus).
+
+    `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing draft there needs `overwrite=True`.
+    """
     if (Path(target) / POLICY_FILE).is_file():
         if data is None or knowledge or (train is not None and train.self_distill):
             raise ConfigError(f"train-layer-draft: an AR policy target ({target}) needs its demonstrations (data) and takes no knowledge "
                               "cross-attention or self-distillation; pass --data and drop --knowledge/--self-distill.")
-        return train_layer_draft_ar(target, data, out, layers, train, transition_size, tune_layers=tune_layers, device=device)
+        return train_layer_draft_ar(target, data, out, layers, train, transition_size, tune_layers=tune_layers, device=device,
+                                    overwrite=overwrite)
     if data is not None:
         raise ConfigError(f"train-layer-draft: a text LM target ({target}) trains on its own corpus, got demonstrations {data}; drop --data.")
-    return train_layer_draft_text(target, out, layers, train, transition_size, knowledge, tune_layers=tune_layers, device=device)
+    return train_layer_draft_text(target, out, layers, train, transition_size, knowledge, tune_layers=tune_layers, device=device,
+                                  overwrite=overwrite)

@@ -35,6 +35,7 @@ from transformers import Qwen3ForCausalLM
 from rsd.config import TextLMConfig, to_dict
 from rsd.device import resolve_device_dtype
 from rsd.errors import ConfigError, DataError
+from rsd.io import writes_artifact
 from rsd.models.text_lm import END_OF_TEXT, build_text_lm, load_text_lm, save_text_lm
 from rsd.presets import get_text_lm_preset
 
@@ -135,13 +136,15 @@ def validation_loss(model: Qwen3ForCausalLM, windows: torch.Tensor, batch_size: 
     return float(np.mean(losses))
 
 
+@writes_artifact("text_lm")
 def train_text_lm(out: str | Path, config: TextLMConfig | str = "qwen3-tiny", train: TextTrainConfig | None = None,
                   files: Sequence[Path] | None = None, root: str | Path | None = None, progress: bool = True,
                   resume: str | Path | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
     """Train the BPE and the LM on the stdlib sources (or `files` under `root`); save to `out`; return the metrics.
 
     With `resume`, training continues from the LM saved there (its tokenizer and config; `config` is ignored) under a
-    fresh warm-up and cosine schedule. `device` defaults to CUDA where it is usable (fp32 either way).
+    fresh warm-up and cosine schedule. `device` defaults to CUDA where it is usable (fp32 either way). `out` is written
+    through a staging folder (`rsd.io.writes_artifact`); an existing text LM there needs `overwrite=True`.
     """
     device, _ = resolve_device_dtype(device, torch.float32)
     previous = load_text_lm(resume) if resume is not None else None

@@ -113,3 +113,15 @@ def test_train_layer_draft_command_trains_an_ar_draft_and_refuses_mismatched_opt
         train_layer_draft(policy, tmp_path / "other", (0, 5))
     with pytest.raises(ConfigError, match="drop --data"):
         train_layer_draft(text_lm_dir, tmp_path / "other", (0, 3), data=demos)
+
+
+def test_a_draft_folder_is_replaced_only_with_overwrite(text_lm_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    train = DraftTrainConfig(steps=1, batch_size=2, seq_len=32, val_batches=1)
+    first = train_layer_draft_text(text_lm_dir, tmp_path / "draft", (0, 3), train, transition_size=8, files=text_files())
+    with pytest.raises(ConfigError, match="overwrite"):
+        train_layer_draft_text(text_lm_dir, tmp_path / "draft", (0, 3), train, transition_size=8, files=text_files())
+    second = train_layer_draft_text(text_lm_dir, tmp_path / "draft", (0, 2), train, transition_size=8, files=text_files(), overwrite=True)
+    lm = load_text_lm(text_lm_dir)
+    assert first["config"]["layers"] == [0, 3] and second["config"]["layers"] == [0, 2]
+    assert LayerDraft.load(tmp_path / "draft", lm.model, lm.fingerprint).config.layers == (0, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["draft"]  # no staging folder left behind
