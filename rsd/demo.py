@@ -6,7 +6,7 @@ engines → bench-latency → the success–latency sweep: MainOnlyPolicy and Sp
 and at gates calibrated for other modes and risk levels, on the same seeds (`rsd.bench.frontier`) → report.
 
 Usage:
-    rsd demo                      # about 7 minutes on 2 cores
+    rsd demo                      # tens of minutes on 2 cores (the closed-loop sweep of several gates dominates)
     rsd demo --quick --out runs/quick    # under a minute, smaller everything (used by the tests)
 """
 
