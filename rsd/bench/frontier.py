@@ -207,7 +207,7 @@ def _eval_report(name: str, episodes: list[EpisodeResult], before: dict[str, Any
 def _row(name: str, report: EvalReport, timed: TimedPolicy, setting: GateSetting | None) -> dict[str, Any]:
     """One table row: success with its interval, acceptance, accepted steps, compute per control step."""
     stats = timed.stats()
-    successes = sum(e.success for e in report.episodes)
+    successes = report.successes
     low, high = wilson_interval(successes, len(report.episodes))
     accepted = stats["accepted"]
     return {

@@ -215,7 +215,7 @@ def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: P
     world = distributed.current()  # each rank plays its share of the seeds
     mine = world.shard(seeds)
     report = evaluate(MainOnlyPolicy(main), env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
-    successes = 0 if report is None else sum(e.success for e in report.episodes)
+    successes = 0 if report is None else report.successes
     main.train()
     main.tokenizer.eval()
     return float(world.sum(torch.tensor([successes], dtype=torch.float64))[0]) / len(seeds)
