@@ -53,6 +53,23 @@ class VLAInputs:
             proprio=None if self.proprio is None else self.proprio.to(device),
         )
 
+    def pad_prompt(self, length: int, pad_id: int = 0) -> VLAInputs:
+        """The same inputs with prompts right-padded to `length` tokens `[B, length]` (static shapes for compiled graphs).
+
+        Padding is masked out as keys and position ids count real tokens only, so every row's result is unchanged
+        (to float tolerance) and the pad id's value does not matter. A longer prompt is an ObservationError.
+        """
+        have = int(self.input_ids.shape[1])
+        if have > length:
+            raise ObservationError(f"prompt: expected at most {length} tokens (the compiled graphs' static prompt length), got {have}. "
+                                   "Shorten the instruction or compile with a larger CompileConfig.prompt_tokens.")
+        if have == length:
+            return self
+        extra = length - have
+        ids = F.pad(self.input_ids, (0, extra), value=pad_id)
+        mask = F.pad(self.text_mask, (0, extra), value=False)
+        return VLAInputs(self.pixel_values, ids, mask, self.proprio)
+
 
 def center_crop(images: torch.Tensor, requantize: bool, area: float = CROP_AREA) -> torch.Tensor:
     """OpenVLA/OFT's center crop of `[N, 3, S, S]` images in [0, 1]: the central `area` of the image, resized back to S.

@@ -37,6 +37,7 @@ from rsd.errors import ConfigError, ObservationError
 from rsd.models.main import MainModel
 from rsd.models.processor import observation_batch
 from rsd.runtime.bundle import load_bundle_engines
+from rsd.runtime.compiled import CompileConfig, make_segments
 from rsd.runtime.engines import TorchDecoderEngine
 from rsd.runtime.gate import Gate
 from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine, Verify
@@ -139,21 +140,26 @@ class _ChunkPolicy:
             "mean_accepted_steps": self._accepted_steps / self._accepted if self._accepted else math.nan,
             "agreement": float(np.mean(self._agreements)) if self._agreements else None,
             "stages": self._stats.summary(),
+            "compile": self.engine.segments.describe(),
         }
 
 
 class MainOnlyPolicy(_ChunkPolicy):
     """The baseline policy: the whole main model for every chunk (no draft)."""
 
-    def __init__(self, main: MainModel, replan_every: int | None = None, decoder: Any = None) -> None:
+    def __init__(self, main: MainModel, replan_every: int | None = None, decoder: Any = None,
+                 compile: CompileConfig | str = "none") -> None:
         tok = main.tokenizer.config
         full_decoder = decoder or TorchDecoderEngine(main.tokenizer.decoder_module(), tok.num_layers)
-        super().__init__(main, MainOnlyEngine(main, full_decoder), replan_every)
+        super().__init__(main, MainOnlyEngine(main, full_decoder, make_segments(main, compile)), replan_every)
+        if self.engine.segments.compiled:
+            self.engine.warm_up()  # every graph compiled (and CUDA graphs captured) before the first observation
 
     @classmethod
-    def from_pretrained(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None, replan_every: int | None = None) -> MainOnlyPolicy:
-        """Load a policy folder and wrap it as the baseline policy."""
-        return cls(load_main(policy_dir, device, dtype), replan_every)
+    def from_pretrained(cls, policy_dir: str | Path, device: str | None = None, dtype: str | None = None, replan_every: int | None = None,
+                        compile: CompileConfig | str = "none") -> MainOnlyPolicy:
+        """Load a policy folder and wrap it as the baseline policy (`compile`: see `rsd.runtime.compiled`)."""
+        return cls(load_main(policy_dir, device, dtype), replan_every, compile=compile)
 
 
 class SpeculativePolicy(_ChunkPolicy):
@@ -174,10 +180,12 @@ class SpeculativePolicy(_ChunkPolicy):
         tau: float | None = None,
         replan_every: int | None = None,
         gate: Gate | None = None,
+        compile: CompileConfig | str = "none",
     ) -> SpeculativePolicy:
         """Pair a bundle's engines with the main model it was made for (checked by fingerprint and shapes).
 
         The bundle's calibrated gate is used unless `gate` replaces it; `tau` replaces the threshold of either.
+        `compile` compiles the main model's segments and the torch engines (`rsd.runtime.compiled`), warmed up here.
         """
         main_model = main if isinstance(main, MainModel) else load_main(main, device, dtype)
         loaded = load_bundle_engines(bundle, main_model, engine=engine)
@@ -187,7 +195,10 @@ class SpeculativePolicy(_ChunkPolicy):
         source = "from the bundle" if gate is None and tau is None else "given"
         log.info("speculative policy: exit layer %d, %s (%s), draft engine %s, verify=%s",
                  loaded.exit_layer, chosen.describe(), source, loaded.draft.name, verify)
-        spec = SpeculativeEngine(main_model, loaded.draft, loaded.decoders, loaded.exit_layer, chosen, verify)
+        spec = SpeculativeEngine(main_model, loaded.draft, loaded.decoders, loaded.exit_layer, chosen, verify,
+                                 make_segments(main_model, compile))
+        if spec.segments.compiled:
+            spec.warm_up()  # every graph compiled (and CUDA graphs captured) before the first observation
         return cls(main_model, spec, replan_every)
 
 

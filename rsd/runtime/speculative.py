@@ -25,6 +25,7 @@ import torch
 from rsd.errors import ConfigError, ShapeError
 from rsd.models.main import MainModel
 from rsd.models.processor import VLAInputs
+from rsd.runtime.compiled import CompiledSegments, Segments
 from rsd.runtime.engines import DecoderEngine, DraftEngine
 from rsd.runtime.gate import Gate, step_confidence
 from rsd.runtime.timing import StageTimer
@@ -49,34 +50,44 @@ class EngineResult:
 class MainOnlyEngine:
     """The baseline: full forward, main RFSQ head, decoder on all L layers (no draft)."""
 
-    def __init__(self, main: MainModel, full_decoder: DecoderEngine) -> None:
+    def __init__(self, main: MainModel, full_decoder: DecoderEngine, segments: Segments | None = None) -> None:
         self.main = main
-        self.full_decoder = full_decoder
+        self.segments = segments or Segments(main)
+        self.full_decoder = self.segments.decoder_engine(full_decoder)
         self.device = next(main.vla.parameters()).device
 
     @torch.inference_mode()
     def run(self, inputs: VLAInputs) -> EngineResult:
         """Chunks `[B, H, A]` for a batch of model inputs through the whole main model."""
+        segments = self.segments
+        inputs = segments.prepare(inputs)
+        segments.begin_step()
         timer = StageTimer(self.device)
-        vla = self.main.vla
         with timer("vision"):
-            state = vla.embed(inputs)
+            state = segments.embed(inputs)
         with timer("llm"):
-            hidden = vla.resume(state)
+            hidden = segments.resume(state)
         with timer("head"):
-            logits = self.main.head(hidden)
-            tokens = self.main.tokens_from_logits(logits)
+            tokens = segments.head(hidden)
         with timer("decode"):
             actions = self.full_decoder(tokens)
         batch = actions.shape[0]
         return EngineResult(
-            actions=actions,
+            actions=segments.output(actions),
             accepted=torch.zeros(batch, dtype=torch.bool),
             steps=torch.full((batch,), actions.shape[1], dtype=torch.int64),
             confidence=torch.full((batch,), math.nan),
-            tokens=tokens,
+            tokens=segments.output(tokens),
             timings=timer.timings,
         )
+
+    @torch.inference_mode()
+    def warm_up(self, inputs: VLAInputs | None = None) -> None:
+        """Run every stage `CompileConfig.warmup` times (compiling its graphs) before the control loop."""
+        inputs = self.segments.prepare(self.segments.warm_inputs() if inputs is None else inputs)
+        for _ in range(_warmup_calls(self.segments)):
+            self.run(inputs)
+        self.segments.mark_warm()
 
 
 class SpeculativeEngine:
@@ -90,6 +101,7 @@ class SpeculativeEngine:
         exit_layer: int,
         gate: Gate,
         verify: Verify = "never",
+        segments: Segments | None = None,
     ) -> None:
         tok = main.tokenizer.config
         if not 0 <= exit_layer <= main.num_layers:
@@ -106,8 +118,9 @@ class SpeculativeEngine:
         if gate.mode == "prefix" and gate.min_steps > tok.chunk_len:
             raise ConfigError(f"SpeculativeEngine.gate.min_steps: expected at most the chunk length {tok.chunk_len}, got {gate.min_steps}.")
         self.main = main
-        self.draft = draft
-        self.decoders = decoders
+        self.segments = segments or Segments(main)
+        self.draft = self.segments.draft_engine(draft)
+        self.decoders = {c: self.segments.decoder_engine(decoder) for c, decoder in decoders.items()}
         self.exit_layer = exit_layer
         self.gate = gate
         self.verify = verify
@@ -115,14 +128,21 @@ class SpeculativeEngine:
 
     @torch.inference_mode()
     def run(self, inputs: VLAInputs) -> EngineResult:
-        """Chunks `[B, H, A]` for a batch, skipping layers `exit_layer..N-1` for rows the gate accepts."""
+        """Chunks `[B, H, A]` for a batch, skipping layers `exit_layer..N-1` when the gate accepts every row.
+
+        One device-to-host copy per call (the gate's decision); the rest stays on the device. Rejected rows are
+        resumed with the whole batch (static shapes; at batch 1, the control loop, there is nothing to select), and a
+        mixed batch takes each row's chunk from the draft or the main model with `torch.where`, not by scattering.
+        """
         tok = self.main.tokenizer.config
-        vla = self.main.vla
+        segments = self.segments
+        inputs = segments.prepare(inputs)
+        segments.begin_step()
         timer = StageTimer(self.device)
         with timer("vision"):
-            state = vla.embed(inputs)
+            state = segments.embed(inputs)
         with timer("prefix"):
-            state = vla.advance(state, self.exit_layer)
+            state = segments.advance(state, self.exit_layer)
         with timer("draft"):
             logits, draft_layers, confidence, confidence_min = self.draft(state.query_hidden)
         with timer("gate"):
@@ -132,49 +152,65 @@ class SpeculativeEngine:
             # least min_steps long ("prefix"); tau = 0 accepts every chunk in full, tau = inf none. Rejected rows
             # resume the main model from the stored layer-k states, so no layer below exit_layer runs twice, and
             # execute the main model's whole chunk.
-            draft_steps = self.gate.accepted_steps(confidence.float(), confidence_min.float(), per_step).cpu()
+            draft_steps = self.gate.accepted_steps(confidence.float(), confidence_min.float(), per_step)
             statistic = self.gate.statistic_of(confidence.float(), confidence_min.float(), per_step)
-            accepted = draft_steps > 0
-            steps = torch.where(accepted, draft_steps, tok.chunk_len)
-            rejected_rows = torch.nonzero(~accepted).flatten()
-            need_main = rejected_rows if self.verify == "never" else torch.arange(accepted.shape[0])
+            decision = torch.stack([draft_steps.double(), statistic.double()]).cpu()  # the one synchronisation
+        accepted = decision[0] > 0
+        steps = torch.where(accepted, decision[0].to(torch.int64), tok.chunk_len)
+        batch, taken = accepted.shape[0], int(accepted.sum())
         draft_tokens = layers_to_tokens(draft_layers.to(torch.int64), tok.chunk_len, tok.latent_dim)
-        batch = accepted.shape[0]
-        actions = torch.empty(batch, tok.chunk_len, tok.action_dim, device=self.device)
-        tokens = torch.empty(batch, tok.chunk_len, tok.latent_dim, tok.num_layers, dtype=torch.int64, device=self.device)
         agreement = None
-        if bool(accepted.any()):
-            rows = torch.nonzero(accepted).flatten().to(self.device)
-            accepted_tokens = draft_tokens[rows]
+        if taken:
             with timer("decode"):
-                actions[rows] = self.decoders[tok.coarse_layers](accepted_tokens).float()
-            tokens[rows] = _pad_layers(accepted_tokens, tok.num_layers, tok.zero_level)
-        if need_main.numel():
-            index = need_main.to(self.device)
-            sub = state.select(index) if need_main.numel() != batch else state
+                draft_actions = self.decoders[tok.coarse_layers](draft_tokens).float()
+            draft_tokens = _pad_layers(draft_tokens, tok.num_layers, tok.zero_level)
+        if taken < batch or self.verify == "always":
             with timer("suffix"):
-                hidden = vla.resume(sub)
+                hidden = segments.resume(state)
             with timer("head"):
-                main_tokens = self.main.tokens_from_logits(self.main.head(hidden))
+                main_tokens = segments.head(hidden)
             if self.verify == "always":
                 coarse = tokens_to_layers(main_tokens)[:, : tok.coarse_layers]
-                agreement = (coarse == draft_layers[index].to(torch.int64)).float().flatten(1).mean(dim=1).cpu()
-            use = ~accepted[need_main]
-            if bool(use.any()):
+                agreement = (coarse == draft_layers.to(torch.int64)).float().flatten(1).mean(dim=1).cpu()
+            if taken < batch:
                 with timer("decode"):
-                    main_actions = self.decoders[tok.num_layers](main_tokens[use.to(self.device)]).float()
-                target = index[use.to(self.device)]
-                actions[target] = main_actions
-                tokens[target] = main_tokens[use.to(self.device)]
+                    main_actions = self.decoders[tok.num_layers](main_tokens).float()
+        if taken == batch:
+            actions, tokens = draft_actions, draft_tokens
+        elif taken == 0:
+            actions, tokens = main_actions, main_tokens
+        else:
+            rows = accepted.to(self.device)
+            actions = torch.where(rows[:, None, None], draft_actions, main_actions)
+            tokens = torch.where(rows[:, None, None, None], draft_tokens, main_tokens)
         return EngineResult(
-            actions=actions,
+            actions=segments.output(actions),
             accepted=accepted,
             steps=steps,
-            confidence=statistic.float().cpu(),
-            tokens=tokens,
+            confidence=decision[1].float(),
+            tokens=segments.output(tokens),
             timings=timer.timings,
             agreement=agreement,
         )
+
+    @torch.inference_mode()
+    def warm_up(self, inputs: VLAInputs | None = None) -> None:
+        """Run every stage of both paths `CompileConfig.warmup` times (compiling its graphs) before the control loop."""
+        tok = self.main.tokenizer.config
+        segments = self.segments
+        inputs = segments.prepare(segments.warm_inputs() if inputs is None else inputs)
+        for _ in range(_warmup_calls(segments)):
+            segments.begin_step()
+            state = segments.advance(segments.embed(inputs), self.exit_layer)
+            _, draft_layers, _, _ = self.draft(state.query_hidden)
+            self.decoders[tok.coarse_layers](layers_to_tokens(draft_layers.to(torch.int64), tok.chunk_len, tok.latent_dim))
+            self.decoders[tok.num_layers](segments.head(segments.resume(state)))
+        segments.mark_warm()
+
+
+def _warmup_calls(segments: Segments) -> int:
+    """Warm-up calls: the compile config's count, one for eager segments."""
+    return segments.config.warmup if isinstance(segments, CompiledSegments) else 1
 
 
 def _pad_layers(tokens: torch.Tensor, num_layers: int, zero_level: int) -> torch.Tensor:

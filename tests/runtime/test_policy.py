@@ -16,6 +16,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 
 from rsd.errors import ConfigError, DataError, RsdError
 from rsd.models.draft import DraftHead
+from rsd.runtime.compiled import Segments
 from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine
 from rsd.runtime.gate import Gate
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
@@ -171,8 +172,9 @@ def test_prefix_gate_at_tau_zero_and_inf_keeps_the_exact_equivalences(tiny_main)
 class ScriptedEngine:
     """Chunk c has actions[h] = (c, h, 0, ...) and executes `steps[c]` leading steps; it ignores its inputs."""
 
-    def __init__(self, steps, horizon=8, action_dim=7, latent_dim=16, layers=8):
+    def __init__(self, main, steps, horizon=8, action_dim=7, latent_dim=16, layers=8):
         self.steps, self.horizon, self.action_dim, self.shape = steps, horizon, action_dim, (1, horizon, latent_dim, layers)
+        self.segments = Segments(main)  # eager: the policy reads what runs the main model for its stats
         self.calls = 0
 
     def run(self, inputs):
@@ -189,7 +191,7 @@ class ScriptedEngine:
 @pytest.mark.parametrize("replan_every", [None, 3])
 def test_partial_acceptance_never_executes_a_step_twice_or_skips_one(tiny_main, replan_every):
     steps = [3, 8, 1, 5, 8, 2, 7, 4, 8, 6]
-    policy = SpeculativePolicy(tiny_main, ScriptedEngine(steps), replan_every)
+    policy = SpeculativePolicy(tiny_main, ScriptedEngine(tiny_main, steps), replan_every)
     obs = make_observation()
     executed = [tuple(int(v) for v in policy.act(obs)[:2]) for _ in range(24)]
     limit = 8 if replan_every is None else replan_every
