@@ -401,11 +401,14 @@ def _exit_layers(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--flops", is_flag=True, help="Count FLOPs per stage and chunk on the meta device instead of timing (with --preset; "
               "plain and each CogVLA module in the seed's debug order, early exit at the first --exit-layers, --acceptance default 0.7).")
 @click.option("--prompt-tokens", type=POSITIVE, default=None, help="Prompt tokens of the FLOP count (with --flops; default 24).")
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "inductor", "reduce-overhead", "aot"]), default=None, is_flag=False,
+              flag_value="auto", help="Also time every stage and both policies eager against compiled, interleaved (bare --compile: "
+              "auto = CUDA graphs on CUDA, AOTInductor on the CPU).")
 @_data_options
 def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str | None, random_weights: bool, device: str | None,
                           dtype: str | None, iters: int, warmup: int, exit_layers: list[int] | None, acceptance: float | None,
                           observations: str | None, tau: float | None, json_path: str | None, plot_path: str | None, flops: bool,
-                          prompt_tokens: int | None, **data_options: Any) -> None:
+                          prompt_tokens: int | None, compile_mode: str | None, **data_options: Any) -> None:
     """Time draft vs main stages and the speculative policy vs the baseline (or count FLOPs with --flops)."""
     from rsd.bench.flops import flops_json_line
     from rsd.bench.latency import run_bench_latency
@@ -415,7 +418,7 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
         observations = _at_image_size(_data_source(observations, **data_options), _model_image_size(main_dir))
     report = run_bench_latency(bundle, main_dir, preset, random_weights, device, dtype, iters, warmup, exit_layers,
                                acceptance, observations, tau=tau, json_path=json_path, plot_path=plot_path, flops=flops,
-                               prompt_tokens=prompt_tokens)
+                               prompt_tokens=prompt_tokens, compile=compile_mode or "none")
     click.echo(report["markdown"])
     click.echo(flops_json_line(report) if flops else json_line(report))
 

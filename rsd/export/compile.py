@@ -1,4 +1,4 @@
-"""Compile the draft and the RFSQ decoder graphs to ONNX, TorchScript and torch-tensorrt files.
+"""Compile the draft and the RFSQ decoder graphs to ONNX, TorchScript, torch-tensorrt and AOTInductor (`.pt2`) files.
 
 The draft graph maps exit hidden `[B, hidden]` to `(logits, tokens, confidence, confidence_min)` (the runtime's
 `DraftGraph`), a decoder graph maps int64 tokens `[B, H, d, c]` to actions `[B, H, A]` for c = C and c = L.
@@ -25,13 +25,14 @@ from torch import nn
 from rsd.bundle import ENGINE_FORMATS
 from rsd.device import dtype_name, resolve_dtype
 from rsd.models.draft import DraftHead
+from rsd.runtime.compiled import compile_aoti
 from rsd.runtime.engines import DraftGraph, require_tensorrt
 from rsd.tokenizer import ActionTokenizer
 
 log = logging.getLogger(__name__)
 
 FORMATS = ENGINE_FORMATS  # the formats a bundle can hold (rsd.bundle's schema)
-SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "tensorrt": ".trt.ep"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "tensorrt": ".trt.ep", "aotinductor": ".pt2"}
 TRACE_BATCH = 2  # batch size the graphs are traced at; parity runs at 1, 5 and all rows, never at this size
 MAX_BATCH = 1024  # upper bound of the dynamic batch dimension (ONNX dynamo export)
 TRT_BATCH = (1, 1, 64)  # TensorRT optimisation profile: min, opt, max batch
@@ -133,8 +134,16 @@ def export_tensorrt(graph: Graph, path: Path, opset: int | None, device: torch.d
     return [path], {"exporter": "torch_tensorrt.compile(ir=dynamo)", "versions": {"torch_tensorrt": torch_tensorrt.__version__}}
 
 
+def export_aotinductor(graph: Graph, path: Path, opset: int | None, device: torch.device) -> tuple[list[Path], dict[str, Any]]:
+    """`torch.export` with a dynamic batch, compiled and packaged by AOTInductor as `.pt2` for `device` (no Python model code to run it)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    compile_aoti(graph.module, (graph.example,), path, dynamic_shapes=({0: batch},))
+    return [path], {"exporter": "torch.export + AOTInductor", "aotinductor": {"device": device.type}}
+
+
 EXPORTERS: dict[str, Callable[[Graph, Path, int | None, torch.device], tuple[list[Path], dict[str, Any]]]] = {
     "onnx": export_onnx,
     "torchscript": export_torchscript,
     "tensorrt": export_tensorrt,
+    "aotinductor": export_aotinductor,
 }

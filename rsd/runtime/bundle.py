@@ -4,8 +4,9 @@
 confined to the bundle and re-hashed), then refuses a bundle made for
 another main model (fingerprint, hidden width, layer count, tokenizer shape — each message names both values)
 before anything runs, and builds the draft and decoder engines of `rsd.runtime.engines`: the engine asked for,
-or with `engine="auto"` the first of `ENGINE_PREFERENCE` (TensorRT > ONNX Runtime > TorchScript > eager) that the
-bundle holds and this machine can run, logged. The "torch" engine rebuilds the trained draft from
+or with `engine="auto"` the first of `ENGINE_PREFERENCE` (TensorRT > AOTInductor > ONNX Runtime > TorchScript > eager)
+that the bundle holds and this machine can run, logged; an AOTInductor package runs only on the device type it was
+compiled for. The "torch" engine rebuilds the trained draft from
 `draft.safetensors` (never from random weights) and the decoder from the bundle's tokenizer copy, so it is
 always available.
 
@@ -64,9 +65,10 @@ def graph_names(manifest: dict[str, Any]) -> list[str]:
     return ["draft", f"decoder_c{shapes['coarse_layers']}", f"decoder_c{shapes['num_layers']}"]
 
 
-def _built(manifest: dict[str, Any], fmt: str) -> dict[str, dict[str, Any]] | None:
-    """The built entries of `fmt` by graph name, or None unless all three graphs are built."""
-    entries = {e["name"]: e for e in manifest["engines"] if e["format"] == fmt and e["built"]}
+def _built(manifest: dict[str, Any], fmt: str, device: torch.device) -> dict[str, dict[str, Any]] | None:
+    """The built entries of `fmt` by graph name, or None unless all three graphs are built (AOTInductor: for `device`'s type)."""
+    entries = {e["name"]: e for e in manifest["engines"] if e["format"] == fmt and e["built"]
+               and (fmt != "aotinductor" or e.get("aotinductor", {}).get("device") == device.type)}
     return entries if all(name in entries for name in graph_names(manifest)) else None
 
 
@@ -74,7 +76,7 @@ def available_engines(bundle: str | Path, device: torch.device | str) -> list[st
     """Engine formats built in the bundle that run on `device`, in ENGINE_PREFERENCE order ("torch" always)."""
     manifest = read_manifest(bundle)
     device = check_device(device, fix="Load the bundle on the CPU.")
-    return [fmt for fmt in ENGINE_PREFERENCE if (fmt == "torch" or _built(manifest, fmt)) and runtime_available(fmt, device)]
+    return [fmt for fmt in ENGINE_PREFERENCE if (fmt == "torch" or _built(manifest, fmt, device)) and runtime_available(fmt, device)]
 
 
 def check_main(manifest: dict[str, Any], main: MainModel, bundle: str | Path) -> None:
@@ -118,7 +120,7 @@ def load_bundle_engines(bundle: str | Path, main: MainModel, engine: str = "auto
         draft: DraftEngine = TorchDraftEngine(draft_head.to(device, dtype))
         decoders: dict[int, DecoderEngine] = {c: TorchDecoderEngine(tokenizer.decoder_module(), c) for c in layers}
     else:
-        entries = _built(manifest, name)
+        entries = _built(manifest, name, device)
         assert entries is not None, "available_engines lists only formats with every graph built"
         draft = DRAFT_ENGINES[name](bundle_file(bundle, entries["draft"]["files"][0]["path"]), device,
                                     resolve_dtype(entries["draft"]["precision"]))

@@ -3,8 +3,8 @@
 A draft engine maps exit hidden states `[B, hidden]` to `(logits [B, C, H*d, V], tokens [B, C, H*d] int64,
 confidence [B] float32, confidence_min [B] float32)`; a decoder engine maps int64 tokens `[B, H, d, c]` to
 float32 un-normalised actions `[B, H, A]`, all as torch tensors on the device. Every format lives here: PyTorch
-eager (`torch`, the reference), ONNX Runtime (`onnx`), TorchScript (`torchscript`) and torch-tensorrt
-(`tensorrt`); a new format adds its two classes and its entries in `DRAFT_ENGINES` / `DECODER_ENGINES`. The
+eager (`torch`, the reference), ONNX Runtime (`onnx`), TorchScript (`torchscript`, deprecated by torch 2.14 but
+still read), torch-tensorrt (`tensorrt`) and AOTInductor packages (`aotinductor`, `.pt2`); a new format adds its two classes and its entries in `DRAFT_ENGINES` / `DECODER_ENGINES`. The
 bundle loader (`rsd.runtime.bundle`) builds them from a bundle's files, and export (`rsd.export`) loads what it
 compiled through the same classes to check parity. Engines know nothing about observations, images or robots.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from rsd.device import cuda_usable
 from rsd.errors import EngineError, ShapeError
 from rsd.models.draft import DraftHead, token_confidence
 
-ENGINE_PREFERENCE = ("tensorrt", "onnx", "torchscript", "torch")
+ENGINE_PREFERENCE = ("tensorrt", "aotinductor", "onnx", "torchscript", "torch")
 
 
 class DraftEngine(Protocol):
@@ -185,7 +185,8 @@ class ModuleDraftEngine:
     @torch.inference_mode()
     def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, tokens (int64), confidence and confidence_min (float32) for exit hidden `[B, hidden]`."""
-        logits, tokens, confidence, confidence_min = self.module(exit_hidden.to(self.device, self.dtype))
+        # contiguous: an AOTInductor package assumes the strides of the example it was exported with and does not check them
+        logits, tokens, confidence, confidence_min = self.module(exit_hidden.to(self.device, self.dtype).contiguous())
         return logits, tokens.to(torch.int64), confidence.float(), confidence_min.float()
 
 
@@ -202,7 +203,7 @@ class ModuleDecoderEngine:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Actions `[B, H, A]` (float32) for int64 tokens `[B, H, d, c]`."""
         check_decoder_tokens(tokens, self.num_layers)
-        return self.module(tokens.to(self.device)).float()
+        return self.module(tokens.to(self.device).contiguous()).float()  # contiguous: see ModuleDraftEngine
 
 
 class TorchScriptDraftEngine(ModuleDraftEngine):
@@ -249,8 +250,33 @@ class TensorRTDecoderEngine(ModuleDecoderEngine):
         super().__init__(load_tensorrt(path, device), device, num_layers)
 
 
-DRAFT_ENGINES = {"onnx": OnnxDraftEngine, "torchscript": TorchScriptDraftEngine, "tensorrt": TensorRTDraftEngine}
-DECODER_ENGINES = {"onnx": OnnxDecoderEngine, "torchscript": TorchScriptDecoderEngine, "tensorrt": TensorRTDecoderEngine}
+def load_aoti(path: str | Path, device: torch.device) -> Any:
+    """Load an AOTInductor `.pt2` package (compiled code and weights, no Python model code) to run on `device`."""
+    return torch._inductor.aoti_load_package(str(path), device_index=-1 if device.index is None else device.index)
+
+
+class AOTIDraftEngine(ModuleDraftEngine):
+    """The draft exported with `torch.export` and compiled by AOTInductor (`.pt2`, for the device it was built on)."""
+
+    name = "aotinductor"
+
+    def __init__(self, path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(load_aoti(path, device), device, dtype)
+
+
+class AOTIDecoderEngine(ModuleDecoderEngine):
+    """The decoder for c layers exported and compiled by AOTInductor (`.pt2`)."""
+
+    name = "aotinductor"
+
+    def __init__(self, path: str | Path, device: torch.device, num_layers: int) -> None:
+        super().__init__(load_aoti(path, device), device, num_layers)
+
+
+DRAFT_ENGINES = {"onnx": OnnxDraftEngine, "torchscript": TorchScriptDraftEngine, "tensorrt": TensorRTDraftEngine,
+                 "aotinductor": AOTIDraftEngine}
+DECODER_ENGINES = {"onnx": OnnxDecoderEngine, "torchscript": TorchScriptDecoderEngine, "tensorrt": TensorRTDecoderEngine,
+                   "aotinductor": AOTIDecoderEngine}
 
 
 def tensorrt_missing(device: torch.device) -> str | None:
@@ -282,4 +308,4 @@ def runtime_available(fmt: str, device: torch.device) -> bool:
         except EngineError:
             return False
         return True
-    return fmt in ("torchscript", "torch")
+    return fmt in ("aotinductor", "torchscript", "torch")

@@ -87,7 +87,6 @@ class MainOnlyEngine:
         inputs = self.segments.prepare(self.segments.warm_inputs() if inputs is None else inputs)
         for _ in range(_warmup_calls(self.segments)):
             self.run(inputs)
-        self.segments.mark_warm()
 
 
 class SpeculativeEngine:
@@ -205,7 +204,6 @@ class SpeculativeEngine:
             _, draft_layers, _, _ = self.draft(state.query_hidden)
             self.decoders[tok.coarse_layers](layers_to_tokens(draft_layers.to(torch.int64), tok.chunk_len, tok.latent_dim))
             self.decoders[tok.num_layers](segments.head(segments.resume(state)))
-        segments.mark_warm()
 
 
 def _warmup_calls(segments: Segments) -> int:
