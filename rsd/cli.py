@@ -642,6 +642,28 @@ def export_draft_command(draft: str, tokenizer: str, calibration: str | None, fe
     click.echo(f"wrote {report['out']} in {report['seconds']:.1f} s" + ("" if report["calibrated"] else " (not calibrated: tau = inf)"))
 
 
+@main.command("export-segments")
+@click.option("--main", "main_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Policy folder (rsd train-policy).")
+@click.option("--exit-layer", type=POSITIVE, required=True, help="The draft's exit layer k: prefix 0..k-1 and suffix k..N-1 are packaged.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of .pt2 packages to write.")
+@click.option("--prompt-tokens", type=POSITIVE, default=48, show_default=True, help="Static prompt length (prompts are padded to it).")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True, help="Static batch size.")
+@click.option("--device", default="cpu", show_default=True, help="Device the packages are compiled for (cpu or cuda).")
+@click.option("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on cpu, fp16 on cuda).")
+@OVERWRITE
+def export_segments_command(main_dir: str, exit_layer: int, out: str, prompt_tokens: int, batch: int, device: str, dtype: str | None,
+                            overwrite: bool) -> None:
+    """Package the main model's segments for one exit layer as AOTInductor .pt2 files (parity-checked, hashed)."""
+    from rsd.export.segments import export_main_segments
+    from rsd.runtime.policy import load_main
+
+    manifest = export_main_segments(load_main(main_dir, device, dtype), exit_layer, out, prompt_tokens, batch, overwrite)
+    for entry in manifest["files"]:
+        click.echo(f"{entry['name']:<14} {entry['bytes'] / 1e6:8.2f} MB  sha256 {entry['sha256'][:16]}…")
+    click.echo(f"wrote {out} in {manifest['seconds']:.1f} s; parity: hidden max |diff| {manifest['parity']['hidden_max_abs']:.2e}, "
+               f"head tokens {100 * manifest['parity']['token_agreement']:.1f} % equal")
+
+
 @main.command("inspect")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 def inspect_command(bundle: str) -> None:

@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 ARTIFACT_MARKERS = (  # (kind, the file that marks a folder of that kind), checked in this order
     ("bundle", "manifest.json"),
     ("policy", "policy.json"),
+    ("main_segments", "segments.json"),
     ("features", "index.json"),
     ("draft", "draft.json"),
     ("ar_policy", "ar_policy.json"),

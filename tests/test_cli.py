@@ -17,7 +17,7 @@ from rsd.cli import EXIT_BUG, main
 from rsd.presets import get_preset
 
 COMMANDS = ("bench-ar", "bench-latency", "bench-text", "calibrate", "check-expert", "collect-features", "convert", "demo", "eval",
-            "export-draft", "generate-demos", "inspect", "inspect-main", "presets", "sweep", "synthetic-actions", "train-ar-policy",
+            "export-draft", "export-segments", "generate-demos", "inspect", "inspect-main", "presets", "sweep", "synthetic-actions", "train-ar-policy",
             "train-draft", "train-layer-draft", "train-policy", "train-text-lm", "train-tokenizer")
 
 

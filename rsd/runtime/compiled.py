@@ -41,7 +41,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rsd.errors import ConfigError, ShapeError
+from rsd.bundle import bundle_file
+from rsd.errors import CheckpointError, ConfigError, EngineError, ShapeError
+from rsd.io import read_manifest, sha256_file
 from rsd.models.main import MainModel
 from rsd.models.processor import VLAInputs
 from rsd.models.vla import PrefixState, PrismaticVLA
@@ -49,6 +51,8 @@ from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine, load_aoti
 
 log = logging.getLogger(__name__)
 
+SEGMENTS_KIND = "main_segments"  # the manifest kind of a folder of packaged segments
+SEGMENTS_FILE = "segments"  # segments.json: fingerprint, exit layer, static shapes, device, files with sha256, parity
 CompileMode = Literal["none", "auto", "inductor", "reduce-overhead", "aot"]
 MODES = ("none", "auto", "inductor", "reduce-overhead", "aot")
 
@@ -61,6 +65,7 @@ class CompileConfig:
     prompt_tokens: int = 48  # prompts are right-padded to this many tokens (static shapes); a longer prompt is refused
     batch: int = 1  # rows per call (static shapes); another batch size is refused
     warmup: int = 3  # calls of every graph before the loop (compilation, CUDA-graph recording and capture)
+    packages: str | None = None  # "aot": a folder written by `rsd export-segments` whose .pt2 segments are loaded, not compiled
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,6 +74,8 @@ class CompileConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"CompileConfig.{name}: expected an int >= {low}, got {value!r}.")
+        if self.packages is not None and self.mode != "aot":
+            raise ConfigError(f"CompileConfig.packages: AOTInductor packages run in mode 'aot', got mode {self.mode!r}.")
 
     @classmethod
     def of(cls, value: CompileConfig | str) -> CompileConfig:
@@ -205,7 +212,8 @@ class CompiledSegments(Segments):
 
     compiled = True
 
-    def __init__(self, main: MainModel, config: CompileConfig) -> None:
+    def __init__(self, main: MainModel, config: CompileConfig, package_dir: Path | None = None) -> None:
+        """`package_dir`: where "aot" mode writes its `.pt2` files (a scratch folder when None)."""
         super().__init__(main)
         self.config = config
         self.mode = config.resolve(self.device)
@@ -217,7 +225,10 @@ class CompiledSegments(Segments):
         self.graphs = 0  # graphs compiled by the first call of each segment (in the warm-up)
         self.recompiles = 0  # graphs compiled again for a segment already compiled (should stay 0)
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
-        self._packages = tempfile.TemporaryDirectory(prefix="rsd-aoti-") if self.mode == "aot" else None
+        scratch = self.mode == "aot" and config.packages is None and package_dir is None
+        self._scratch = tempfile.TemporaryDirectory(prefix="rsd-aoti-") if scratch else None
+        self.package_dir = Path(self._scratch.name) if self._scratch is not None else package_dir
+        self.packaged = {} if config.packages is None else read_segments(config.packages, main, config)  # file by segment name
         self.bos_id = main.vla.processor.bos_id  # loads the prompt tokenizer before tracing: the embed graph reads its BOS id
         self._embed = EmbedGraph(main.vla).eval()
         self._head = HeadGraph(main).eval()
@@ -267,8 +278,9 @@ class CompiledSegments(Segments):
 
     def draft_engine(self, engine: Any) -> Any:
         """A torch draft engine with its graph compiled here; other formats run as built (logged)."""
-        if not isinstance(engine, TorchDraftEngine):
-            log.info("compiled runtime: the %s draft engine runs as built (compile applies to torch engines)", engine.name)
+        if not isinstance(engine, TorchDraftEngine) or self.config.packages is not None:
+            log.info("compiled runtime: the %s draft engine runs as built (compile applies to torch engines; packaged segments "
+                     "compile nothing: use the bundle's aotinductor engines)", engine.name)
             return engine
         graph, compiled = engine.graph, copy.copy(engine)
         compiled.graph = lambda hidden: self._run(("draft", id(graph)), graph, (hidden,))
@@ -276,7 +288,7 @@ class CompiledSegments(Segments):
 
     def decoder_engine(self, engine: Any) -> Any:
         """A torch decoder engine with its graph compiled here; other formats run as built."""
-        if not isinstance(engine, TorchDecoderEngine):
+        if not isinstance(engine, TorchDecoderEngine) or self.config.packages is not None:
             return engine
         decoder, compiled = engine.decoder, copy.copy(engine)
         compiled.decoder = lambda tokens: self._run(("decoder", id(decoder)), decoder, (tokens,))
@@ -314,12 +326,44 @@ class CompiledSegments(Segments):
         return out
 
     def _compile(self, key: tuple[Any, ...], graph: nn.Module, args: tuple[Any, ...]) -> Callable[..., Any]:
-        """`torch.compile` (fullgraph, static shapes) or, in "aot" mode, export + AOTInductor package loaded back."""
+        """`torch.compile` (fullgraph, static shapes), or in "aot" mode export + AOTInductor (or the packaged `.pt2`) loaded back."""
         if self.mode != "aot":
             return torch.compile(graph, fullgraph=True, dynamic=False, mode="reduce-overhead" if self.mode == "reduce-overhead" else None)
-        assert self._packages is not None, "aot mode keeps a package folder"
-        path = Path(self._packages.name) / ("_".join(str(part) for part in key) + ".pt2")
-        return load_aoti(compile_aoti(graph, args, path), self.device)
+        name = segment_name(key)
+        if self.config.packages is not None:
+            if name not in self.packaged:
+                raise EngineError(f"{self.config.packages}: expected a packaged segment {name!r} for this call, the packages hold "
+                                  f"{sorted(self.packaged)}. Export the segments of the exit layer you run (rsd export-segments), or "
+                                  "use the bundle's aotinductor draft and decoders.")
+            return load_aoti(self.packaged[name], self.device)
+        assert self.package_dir is not None, "aot mode without packages compiles into a scratch folder"
+        return load_aoti(compile_aoti(graph, args, self.package_dir / f"{name}.pt2"), self.device)
+
+
+def segment_name(key: tuple[Any, ...]) -> str:
+    """A segment's file stem: "embed", "layers_0_3" (the prefix), "readout_3" (the suffix), "head", ..."""
+    return "_".join(str(part) for part in key)
+
+
+def read_segments(folder: str | Path, main: MainModel, config: CompileConfig) -> dict[str, Path]:
+    """The verified `.pt2` files of a segments folder by name: kind, main-model fingerprint, static shapes, device and hashes checked."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, SEGMENTS_FILE, kind=SEGMENTS_KIND)
+    device = next(main.vla.parameters()).device
+    expected = {"main_fingerprint": main.fingerprint, "prompt_tokens": config.prompt_tokens, "batch": config.batch, "device": device.type}
+    for field, want in expected.items():
+        if manifest.get(field) != want:
+            raise CheckpointError(f"{folder}: the segments were packaged for {field} {manifest.get(field)!r}, expected {want!r} "
+                                  f"(the main model and CompileConfig). Re-run `rsd export-segments` for this model and these shapes.")
+    files = {}
+    for entry in manifest["files"]:
+        path = bundle_file(folder, entry["path"])
+        found = sha256_file(path) if path.is_file() else "no file"
+        if found != entry["sha256"]:
+            raise CheckpointError(f"{path}: expected sha256 {entry['sha256']}, found {found}; the package changed after export. "
+                                  "Re-run `rsd export-segments`.")
+        files[entry["name"]] = path
+    return files
 
 
 def compile_aoti(module: nn.Module, args: tuple[Any, ...], path: Path, dynamic_shapes: Any = None) -> Path:
