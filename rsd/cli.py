@@ -621,7 +621,7 @@ def sweep_command(policy: str, bundle: str, env_name: str, episodes: int, seed: 
 @click.option("--features", type=click.Path(exists=True, file_okay=False), default=None,
               help="Features folder: parity on the draft's held-out episodes (default: seeded random rows).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
-@click.option("--formats", default="onnx,torchscript", show_default=True, help="Comma-separated: onnx, torchscript, tensorrt.")
+@click.option("--formats", default="onnx,torchscript", show_default=True, help="Comma-separated: aotinductor (.pt2, preferred), onnx, torchscript (deprecated by torch), tensorrt.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Draft engine precision (decoders stay fp32).")
 @click.option("--opset", type=click.IntRange(min=18), default=None, help="ONNX opset, 18 or later (default: the exporter's).")
 @click.option("--device", default="cpu", show_default=True, help="Device to build and check the engines on (cpu or cuda).")

@@ -1,4 +1,5 @@
-"""Export: the draft and decoder compiled to ONNX / TorchScript / TensorRT, parity-checked, in a hashed bundle.
+"""Export: the draft and decoder compiled to AOTInductor / ONNX / TorchScript / TensorRT, parity-checked, in a hashed bundle;
+the main model's segments for one exit layer as AOTInductor packages (`rsd.export.segments`).
 
 Usage:
     from rsd.bundle import verify_bundle

@@ -14,8 +14,11 @@ Before the processor sees an observation, `check_observation` refuses what it ca
 not numbers (proprio of strings, an image of objects), a NaN or inf in proprio (with its index), and a prompt longer
 than `MAX_PROMPT_TOKENS` tokens (a long instruction makes every call slower; no robot task needs one).
 
+With `compile=` ("auto", "aot", "inductor", "reduce-overhead" or a `CompileConfig`) the main model's segments
+and the torch engines are compiled with static shapes and warmed up when the policy is built (`rsd.runtime.compiled`).
+
 Usage:
-    policy = SpeculativePolicy.from_bundle("runs/demo/bundle", main="runs/demo/policy")
+    policy = SpeculativePolicy.from_bundle("runs/demo/bundle", main="runs/demo/policy", compile="auto")
     policy.reset()
     action = policy.act({"image": rgb_uint8_hw3, "instruction": "pick up the red block", "proprio": p})
 """

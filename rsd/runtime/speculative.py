@@ -8,8 +8,13 @@ of it to be executed.
 
 Expected latency: `t_vision + t_prefix(k) + t_draft + (1 - p_accept) * (t_suffix(k) + t_head)` plus decode.
 
+The main model runs through `segments` (`rsd.runtime.compiled`): eager by default, or compiled graphs with static
+shapes, warmed up by `warm_up()` before the loop.
+
 Usage:
-    engine = SpeculativeEngine(main, draft_engine, {3: coarse_decoder, 8: full_decoder}, exit_layer=3, gate=Gate(tau=0.9))
+    engine = SpeculativeEngine(main, draft_engine, {3: coarse_decoder, 8: full_decoder}, exit_layer=3, gate=Gate(tau=0.9),
+                               segments=make_segments(main, "auto"))
+    engine.warm_up()
     result = engine.run(main.prepare(images, instructions, proprio))
     result.actions[0, : result.steps[0]]   # the steps to execute
 """
