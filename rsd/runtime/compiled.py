@@ -222,7 +222,7 @@ class CompiledSegments(Segments):
         if main.vla.config.cogvla.lfp_layers:
             raise ConfigError(f"CompileConfig: static shapes need a model without LFP token pruning (its sequence shrinks between "
                               f"layers), got cogvla.lfp_layers={main.vla.config.cogvla.lfp_layers}. Run it with compile 'none'.")
-        self.graphs = 0  # graphs compiled by the first call of each segment (in the warm-up)
+        self.graphs = 0  # graphs compiled by the first call of each segment (in the warm-up; one dynamo already holds is reused)
         self.recompiles = 0  # graphs compiled again for a segment already compiled (should stay 0)
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
         scratch = self.mode == "aot" and config.packages is None and package_dir is None
@@ -307,8 +307,9 @@ class CompiledSegments(Segments):
         """Call the compiled graph of `key` (compiled from `module` on first use) and count graphs compiled by the call."""
         from torch._dynamo.utils import counters
 
-        if self.mode == "aot":  # a package assumes its example's strides and does not check them: export and call contiguous
-            args = tuple(arg.contiguous() for arg in args)
+        # contiguous: an AOTInductor package assumes its example's strides without checking them, and torch.compile
+        # would recompile for a view (e.g. tokens[..., :3]) where it saw a contiguous tensor
+        args = tuple(arg.contiguous() for arg in args)
         compiled = self._compiled.get(key)
         before = counters["stats"]["unique_graphs"]
         if compiled is None:
