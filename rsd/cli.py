@@ -249,6 +249,9 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--select-by", type=click.Choice(["rollouts", "val_l1"]), default=None,
               help="Keep the epoch with the best closed-loop success or validation L1 (default: the preset's).")
 @click.option("--rollout-env", default=None, help="Environment of the selection rollouts (default: the one an HDF5 file records).")
+@click.option("--rollout-every", type=POSITIVE, default=None, help="Epochs between selection rollouts (default: the preset's).")
+@click.option("--rollout-episodes", type=POSITIVE, default=None, help="Episodes per selection rollout (default: the preset's).")
+@click.option("--shift", type=NON_NEGATIVE, default=None, help="Random-shift augmentation in pixels, 0 off (default: the preset's).")
 @click.option("--aggregation-tokens", type=int, default=0, show_default=True,
               help="CogVLA: aggregation tokens per ViT whose outputs replace its patches (0: off; CogVLA uses 64 of 256).")
 @click.option("--vit-film", is_flag=True, help="CogVLA: FiLM every ViT block from the mean instruction embedding.")
@@ -262,7 +265,7 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
               help="Under torchrun: replicate the model (ddp) or shard its trained parameters over the ranks (fsdp).")
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
-                         aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
+                         rollout_every: int | None, rollout_episodes: int | None, shift: int | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
                          lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
@@ -271,7 +274,8 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
     from rsd.training.policy import train_policy
 
     spec = get_preset(preset)
-    options = spec.policy_options if select_by is None else dataclasses.replace(spec.policy_options, select_by=select_by)
+    chosen = {"select_by": select_by, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift}
+    options = dataclasses.replace(spec.policy_options, **{name: value for name, value in chosen.items() if value is not None})
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
                           action_tokens=action_tokens)
     adapter = None if lora_rank is None else AdapterConfig(rank=lora_rank, alpha=lora_alpha or float(lora_rank))
@@ -447,14 +451,18 @@ def demo(out: str, quick: bool, overwrite: bool) -> None:
 @click.option("--workers", type=POSITIVE, default=1, show_default=True, help="libero: episodes run in this many processes.")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
               help="libero: scene assets folder (default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
+@click.option("--noise", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="DART: std of the Gaussian noise added to the executed actions (the file records the expert's clean actions).")
 @OVERWRITE
 def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
-                           workers: int, libero_assets: str | None, overwrite: bool) -> None:
+                           workers: int, libero_assets: str | None, noise: float, overwrite: bool) -> None:
     """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
     if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
         raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
     if task_family is not None and env_name != "tabletop":
         raise click.BadParameter(f"--task-family applies to the tabletop world, got --env {env_name}.")
+    if noise and env_name.startswith("libero:"):
+        raise click.BadParameter(f"--noise applies to the tabletop and robosuite experts, got --env {env_name}.")
     from rsd.io import refuse_existing_file
 
     refuse_existing_file(out, overwrite)
@@ -467,7 +475,7 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
     else:
         from rsd.envs.demos import generate_demos
 
-        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size,
+        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise,
                                  **({} if task_family is None else {"task_family": task_family}))
     click.echo(
         f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "

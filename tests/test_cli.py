@@ -181,6 +181,47 @@ def test_a_bug_is_one_line_with_its_own_status_and_a_traceback_under_debug(monke
     assert get_preset("tiny").name == "tiny"
 
 
+def test_dart_noise_reaches_the_recorder_and_the_file_keeps_clean_actions(tmp_path) -> None:
+    from rsd.data.hdf5 import read_demos
+    from rsd.envs.expert import ScriptedExpert
+    from rsd.envs.tabletop import TabletopEnv
+
+    files = {}
+    for noise in ("0", "0.3"):
+        files[noise] = tmp_path / f"d{noise}.hdf5"
+        result = CliRunner().invoke(main, ["generate-demos", "--episodes", "2", "--seed", "3", "--noise", noise, "--out", str(files[noise])])
+        assert result.exit_code == 0, result.output
+    clean, noisy = read_demos(files["0"]), read_demos(files["0.3"])
+    assert any(len(a) != len(b) or not (a.actions == b.actions).all() for a, b in zip(clean, noisy))  # the noise changed the states visited
+    env = TabletopEnv()
+    expert = ScriptedExpert(env)
+    episode = noisy[0]
+    env.reset(3)
+    env.gripper = episode.proprio[5, :3].astype(float).copy()  # the recorded action is what the clean expert does in the recorded state
+    assert env.held is None and episode.proprio[5, 6] > 0.0399  # still open and empty-handed at step 5
+    assert abs(expert.act()[:3] - episode.actions[5, :3]).max() < 1e-5
+    result = CliRunner().invoke(main, ["generate-demos", "--env", "libero:libero_spatial", "--noise", "0.1", "--out", str(tmp_path / "l.hdf5")])
+    assert result.exit_code == 2 and "--noise applies to" in result.output
+
+
+def test_train_policy_options_reach_the_trainer(monkeypatch, tmp_path) -> None:
+    seen = {}
+
+    def fake(data, tokenizer, out, preset, train, freeze_backbone=False, **kwargs):
+        seen.update(options=kwargs["options"], batch=train.batch_size)
+        return {"best": {}, "fingerprint": "x"}
+
+    monkeypatch.setattr("rsd.training.policy.train_policy", fake)
+    data = tmp_path / "d.hdf5"
+    assert CliRunner().invoke(main, ["generate-demos", "--episodes", "1", "--out", str(data)]).exit_code == 0
+    (tmp_path / "tok").mkdir()
+    result = CliRunner().invoke(main, ["train-policy", "--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "p"),
+                                       "--shift", "2", "--rollout-every", "4", "--rollout-episodes", "10", "--batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    options = seen["options"]
+    assert (options.shift, options.rollout_every, options.rollout_episodes, options.select_by, seen["batch"]) == (2, 4, 10, "rollouts", 64)
+
+
 def test_eval_renders_at_the_policy_image_size(monkeypatch, tmp_path) -> None:
     from conftest import make_tiny_main
 
