@@ -58,7 +58,8 @@ def test_teacher_forcing_equals_kv_cached_decoding_with_padded_prompts() -> None
     target = action_target(model)
     for row in range(2):
         prefix = model.prefix(model.vla.encode_inputs(images[row : row + 1], INSTRUCTIONS[row : row + 1]))
-        assert prefix.shape[1] == 1 + 16 + int(inputs.text_mask[row].sum())  # BOS, 16 patches, prompt with its end id
+        patches = model.vla.vision_backbone.num_patches
+        assert prefix.shape[1] == 1 + patches + int(inputs.text_mask[row].sum())  # BOS, the visual tokens, prompt with its end id
         cache = target.new_cache()
         first = target.prefill(prefix, cache)
         cached = torch.cat([first.unsqueeze(1), target.forward(tokens[row : row + 1, :6], cache)], dim=1)
