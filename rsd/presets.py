@@ -66,9 +66,7 @@ class Preset:
 
 def _tiny(vision: str = "keypoints", proprio_dim: int = 8) -> Preset:
     tokenizer = TokenizerConfig()
-    # 32-64 channels and 32 keypoints: the narrower (16, 32, 32, 64) trunk with 16 keypoints took about twice the steps
-    # to start localising the named block on the tabletop (docs/results.md).
-    conv = ConvConfig(img_size=64, channels=(32, 64, 64, 64), num_keypoints=32, tokens=vision, mean=IMAGENET_MEAN, std=IMAGENET_STD) if vision != "vit" else None
+    conv = ConvConfig(img_size=64, tokens=vision, mean=IMAGENET_MEAN, std=IMAGENET_STD) if vision != "vit" else None
     model = VLAConfig(
         vision=(conv,) if conv else (
             ViTConfig(

@@ -11,8 +11,7 @@ With `film` each stage's features are scaled and shifted per channel by a linear
 rather than every block, so the keypoints point at what the instruction names. The summary is order-aware
 (`InstructionSummary`: learned queries attend over the words with their positions): a mean of word embeddings
 cannot tell "put the red block next to the blue block" from "put the blue block next to the red block". The
-FiLM maps start small and random, not at zero: zero maps pass no gradient to the summary until the maps have grown,
-and the tabletop policy then took about twice the steps to start localising the named block.
+FiLM maps start at zero, so an untrained FiLM is the identity.
 
 Tokens (`ConvConfig.tokens`), each a feature vector `[Dv]` the projector maps into the LLM:
 - "keypoints": K maps → softmax over space → per map the expected `(x, y)` in [-1, 1] (x right, y down), their
@@ -107,6 +106,10 @@ class ConvBackbone(nn.Module):
         self.summary = InstructionSummary(condition_dim, config.film_queries) if config.film else None
         film_dim = config.film_queries * condition_dim
         self.film = nn.ModuleList(nn.Linear(film_dim, 2 * c) for c in config.channels) if config.film else None
+        if self.film is not None:
+            for layer in self.film:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         coord_dim = 2 + 4 * config.fourier_bands
         if config.tokens == "keypoints":
             self.keypoint_maps = nn.Conv2d(c3, config.num_keypoints, 1)

@@ -40,18 +40,17 @@ def test_token_shapes(tokens, count):
         backbone(torch.randn(3, 3, 64, 64), prompt, mask[:, :4])
 
 
-def test_film_conditions_the_tokens_from_the_start_and_zero_maps_are_the_identity():
+def test_film_starts_as_the_identity_and_then_conditions_the_tokens():
     torch.manual_seed(0)
     with_film = ConvBackbone(ConvConfig(img_size=64), condition_dim=8)
     without = ConvBackbone(ConvConfig(img_size=64, film=False))
     without.load_state_dict({k: v for k, v in with_film.state_dict().items() if not k.startswith(("film.", "summary."))})
     pixels, mask = torch.randn(2, 3, 64, 64), torch.ones(2, 4, dtype=torch.bool)
-    a, b = with_film(pixels, torch.zeros(2, 4, 8), mask), with_film(pixels, torch.ones(2, 4, 8), mask)
-    assert not torch.allclose(a, b, atol=1e-4)  # an untrained FiLM already passes the instruction on
-    for layer in with_film.film:
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
     assert torch.allclose(with_film(pixels, torch.randn(2, 4, 8), mask), without(pixels), atol=1e-6)
+    for layer in with_film.film:
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    a, b = with_film(pixels, torch.zeros(2, 4, 8), mask), with_film(pixels, torch.ones(2, 4, 8), mask)
+    assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(ConfigError, match="conditioning width"):
         ConvBackbone(ConvConfig(img_size=64), condition_dim=0)
 
