@@ -192,7 +192,7 @@ def test_dart_noise_reaches_the_recorder_and_the_file_keeps_clean_actions(tmp_pa
         result = CliRunner().invoke(main, ["generate-demos", "--episodes", "2", "--seed", "3", "--noise", noise, "--out", str(files[noise])])
         assert result.exit_code == 0, result.output
     clean, noisy = read_demos(files["0"]), read_demos(files["0.3"])
-    assert any(len(a) != len(b) or not (a.actions == b.actions).all() for a, b in zip(clean, noisy))  # the noise changed the states visited
+    assert any(len(a) != len(b) or not (a.actions == b.actions).all() for a, b in zip(clean, noisy, strict=True))  # the noise changed the states visited
     env = TabletopEnv()
     expert = ScriptedExpert(env)
     episode = noisy[0]
