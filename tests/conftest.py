@@ -47,6 +47,23 @@ def make_tiny_main(seed: int = 0):
     return main.eval()
 
 
+def save_tiny_draft_sources(root, fingerprint: str) -> dict:
+    """Save a random tiny draft (meta as `rsd train-draft` writes it) and a tiny tokenizer under `root`; their folders."""
+    import numpy as np
+
+    from rsd.data.stats import ActionStats
+    from rsd.models.draft import DraftHead
+    from rsd.presets import get_preset
+    from rsd.tokenizer import ActionTokenizer
+
+    torch.manual_seed(0)
+    spec = get_preset("tiny")
+    DraftHead(spec.draft()).save(root / "draft", {"main_fingerprint": fingerprint, "val_episodes": []})
+    stats = ActionStats.from_actions(np.random.default_rng(0).uniform(-1, 1, (256, spec.tokenizer.action_dim)))
+    ActionTokenizer(spec.tokenizer, stats).save(root / "tokenizer")
+    return {"draft": root / "draft", "tokenizer": root / "tokenizer", "root": root}
+
+
 def make_observation(seed: int = 0, instruction: str = "pick up the red block and place it on the plate") -> dict:
     """A valid tiny-preset observation with a random image and proprio."""
     import numpy as np

@@ -13,19 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_observation, make_tiny_main
+from conftest import make_observation, make_tiny_main, save_tiny_draft_sources
 
 from rsd.bundle import verify_bundle, write_manifest
-from rsd.data.stats import ActionStats
 from rsd.errors import CheckpointError
 from rsd.export import export_draft
 from rsd.export.parity import ACTION_TOLERANCE, TOLERANCES
-from rsd.models.draft import DraftHead
-from rsd.presets import get_preset
 from rsd.runtime.bundle import available_engines, load_bundle_engines
 from rsd.runtime.engines import AOTIDraftEngine
 from rsd.runtime.policy import SpeculativePolicy
-from rsd.tokenizer import ActionTokenizer
 
 pytestmark = pytest.mark.slow
 FINGERPRINT = "test-fp"
@@ -34,12 +30,7 @@ FINGERPRINT = "test-fp"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle with the tiny draft and decoders as AOTInductor packages (and ONNX, to compare formats)."""
-    root = tmp_path_factory.mktemp("aoti")
-    torch.manual_seed(0)
-    spec = get_preset("tiny")
-    DraftHead(spec.draft()).save(root / "draft", {"main_fingerprint": FINGERPRINT, "val_episodes": []})
-    stats = ActionStats.from_actions(np.random.default_rng(0).uniform(-1, 1, (256, spec.tokenizer.action_dim)))
-    ActionTokenizer(spec.tokenizer, stats).save(root / "tokenizer")
+    root = save_tiny_draft_sources(tmp_path_factory.mktemp("aoti"), FINGERPRINT)["root"]
     export_draft(root / "draft", root / "tokenizer", root / "bundle", formats=("aotinductor", "onnx"))
     return root / "bundle"
 

@@ -16,18 +16,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_observation, make_tiny_main
+from conftest import make_observation, make_tiny_main, save_tiny_draft_sources
 from safetensors.torch import save_file
 
 from rsd.bundle import format_manifest, read_manifest, verify_bundle
 from rsd.cli import main as cli
-from rsd.data.stats import ActionStats
 from rsd.errors import CheckpointError, DataError, EngineError, ParityError
 from rsd.export import compile as compile_module
 from rsd.export import export_draft
 from rsd.io import FORMAT_VERSION, sha256_file
 from rsd.models.draft import DraftHead
-from rsd.presets import get_preset
 from rsd.runtime.bundle import available_engines, load_bundle_engines
 from rsd.runtime.engines import OnnxSession, tensorrt_missing
 from rsd.runtime.gate import Gate
@@ -40,13 +38,7 @@ FINGERPRINT = "test-fp"
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A saved tiny draft (meta as `rsd train-draft` writes it) and a saved tiny tokenizer."""
-    root = tmp_path_factory.mktemp("sources")
-    torch.manual_seed(0)
-    spec = get_preset("tiny")
-    DraftHead(spec.draft()).save(root / "draft", {"main_fingerprint": FINGERPRINT, "val_episodes": []})
-    stats = ActionStats.from_actions(np.random.default_rng(0).uniform(-1, 1, (256, spec.tokenizer.action_dim)))
-    ActionTokenizer(spec.tokenizer, stats).save(root / "tokenizer")
-    return {"draft": root / "draft", "tokenizer": root / "tokenizer", "root": root}
+    return save_tiny_draft_sources(tmp_path_factory.mktemp("sources"), FINGERPRINT)
 
 
 @pytest.fixture(scope="module")
