@@ -453,16 +453,25 @@ def demo(out: str, quick: bool, overwrite: bool) -> None:
               help="libero: scene assets folder (default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
 @click.option("--noise", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="DART: std of the Gaussian noise added to the executed actions (the file records the expert's clean actions).")
+@click.option("--policy", type=click.Path(exists=True, file_okay=False), default=None,
+              help="DAgger: a trained policy folder acts first and the expert takes over from the state it left (recorded from there).")
+@click.option("--handover", type=POSITIVE, default=None,
+              help="With --policy: the policy acts for 1..N steps (drawn per seed) before the expert takes over.  [default: 40]")
+@click.option("--aggregate", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Write this demonstration file's episodes (same env) first: DAgger's aggregated dataset in one file.")
 @OVERWRITE
 def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
-                           workers: int, libero_assets: str | None, noise: float, overwrite: bool) -> None:
+                           workers: int, libero_assets: str | None, noise: float, policy: str | None, handover: int | None, aggregate: str | None,
+                           overwrite: bool) -> None:
     """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
     if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
         raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
     if task_family is not None and env_name != "tabletop":
         raise click.BadParameter(f"--task-family applies to the tabletop world, got --env {env_name}.")
-    if noise and env_name.startswith("libero:"):
-        raise click.BadParameter(f"--noise applies to the tabletop and robosuite experts, got --env {env_name}.")
+    if (noise or policy or aggregate) and env_name.startswith("libero:"):
+        raise click.BadParameter(f"--noise, --policy and --aggregate apply to the tabletop and robosuite experts, got --env {env_name}.")
+    if handover is not None and policy is None:
+        raise click.BadParameter("--handover is the number of steps --policy acts before the expert takes over: pass --policy too.")
     from rsd.io import refuse_existing_file
 
     refuse_existing_file(out, overwrite)
@@ -475,8 +484,12 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
     else:
         from rsd.envs.demos import generate_demos
 
-        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise,
-                                 **({} if task_family is None else {"task_family": task_family}))
+        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise, policy=policy, handover=handover or 40,
+                                 aggregate=aggregate, **({} if task_family is None else {"task_family": task_family}))
+        if policy is not None:
+            click.echo(f"the policy ended {summary['learner_done']} episodes before the expert took over (nothing recorded)")
+        if summary["aggregated"]:
+            click.echo(f"the file starts with the {summary['aggregated']} episodes of {aggregate}")
     click.echo(
         f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "
         f"{summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s)"

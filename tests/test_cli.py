@@ -201,7 +201,29 @@ def test_dart_noise_reaches_the_recorder_and_the_file_keeps_clean_actions(tmp_pa
     assert env.held is None and episode.proprio[5, 6] > 0.0399  # still open and empty-handed at step 5
     assert abs(expert.act()[:3] - episode.actions[5, :3]).max() < 1e-5
     result = CliRunner().invoke(main, ["generate-demos", "--env", "libero:libero_spatial", "--noise", "0.1", "--out", str(tmp_path / "l.hdf5")])
-    assert result.exit_code == 2 and "--noise applies to" in result.output
+    assert result.exit_code == 2 and "--noise, --policy and --aggregate apply to" in result.output
+
+
+def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left(tmp_path) -> None:
+    import numpy as np
+
+    from rsd.data.hdf5 import read_demos
+    from rsd.envs.tabletop import TabletopEnv
+
+    make_tiny_main().save(tmp_path / "policy")
+    earlier, out = tmp_path / "earlier.hdf5", tmp_path / "dagger.hdf5"
+    assert CliRunner().invoke(main, ["generate-demos", "--episodes", "2", "--out", str(earlier)]).exit_code == 0
+    result = CliRunner().invoke(main, ["generate-demos", "--episodes", "3", "--seed", "20", "--policy", str(tmp_path / "policy"),
+                                       "--handover", "12", "--aggregate", str(earlier), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "starts with the 2 episodes" in result.output
+    before, after = read_demos(earlier), read_demos(out)
+    assert all(np.array_equal(a.actions, b.actions) for a, b in zip(before, after[:2], strict=True))
+    starts = [TabletopEnv().reset(seed)["proprio"] for seed in (20, 21, 22)]
+    new = after[2:]
+    assert new and all(not any(np.array_equal(e.proprio[0], p) for p in starts) for e in new)  # recorded from where the policy left
+    result = CliRunner().invoke(main, ["generate-demos", "--handover", "5", "--out", str(tmp_path / "x.hdf5")])
+    assert result.exit_code == 2 and "pass --policy too" in result.output
 
 
 def test_train_policy_options_reach_the_trainer(monkeypatch, tmp_path) -> None:

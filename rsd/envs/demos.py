@@ -7,8 +7,17 @@ The file layout is `rsd.data.hdf5`'s, whatever the environment. LIBERO episodes 
 CPU: `rsd.envs.libero_demos.generate_libero_demos` (what `rsd generate-demos --env libero:...` runs) records them
 with the same `rollout`, one shard per episode, resumable and spread over processes.
 
+With a trained `policy`, the episodes are DAgger-style recovery demonstrations: the policy acts for a random
+number of steps (1 to `handover`, not recorded), then the expert takes over from the state the policy left and
+the episode is recorded from there. The states are the policy's own (a missed grasp, a gripper closed on
+nothing, a drift off course) and the labels are the expert's corrections; `aggregate` writes the earlier
+demonstrations first, so one file holds DAgger's aggregated dataset. The expert must act from any state: the
+tabletop expert re-enters its script at the right phase; takeovers the expert fails are dropped like any failure.
+
 Usage:
     summary = generate_demos("tabletop", episodes=200, out="runs/demo/demos.hdf5", seed=0)
+    summary = generate_demos("tabletop", episodes=500, out="runs/demo/dagger.hdf5", seed=2000, noise=0.1,
+                             policy="runs/demo/policy", handover=40, aggregate="runs/demo/demos.hdf5")
     summary = generate_demos("robosuite:Lift", episodes=50, out="runs/lift/demos.hdf5", image_size=128)
 """
 
@@ -17,30 +26,51 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from rsd.data.dataset import Episode
-from rsd.data.hdf5 import write_demos
+from rsd.data.hdf5 import read_demos, read_env_spec, write_demos
 from rsd.envs.base import Env, Expert, expert_factory, make_env
 from rsd.errors import ConfigError, DataError
 
 
-def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Sequence[str], noise: float = 0.0) -> tuple[Episode, bool]:
+class Learner(Protocol):
+    """A trained policy steering an episode before the expert takes over (e.g. `MainOnlyPolicy`)."""
+
+    def reset(self) -> None:
+        """Forget the previous episode's state."""
+        ...
+
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """The next action `[7]` for an observation."""
+        ...
+
+
+def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Sequence[str], noise: float = 0.0,
+            learner: Learner | None = None, handover: int = 0) -> tuple[Episode | None, bool]:
     """Run one expert episode; return it (frames `[T, H, W, 3]` per camera, proprio `[T, 8]`, actions `[T, 7]`) and its success.
 
     With `noise > 0` the episode is DART-style: the env executes the expert's action plus Gaussian noise of std
     `noise` on the xyz dimensions (clipped to [-1, 1]) while the episode records the expert's clean action, so the
-    demonstrations visit perturbed states together with the expert's correction from them.
+    demonstrations visit perturbed states together with the expert's correction from them. With a `learner`, it
+    acts for the first `handover` steps, unrecorded, and the expert takes over from there; the episode is None when
+    the learner's steps already ended it.
     """
     obs = env.reset(seed)
+    done, info = False, {}
+    if learner is not None:
+        learner.reset()
+        for _ in range(handover):
+            obs, _, done, info = env.step(np.asarray(learner.act(obs), dtype=np.float32))
+            if done:
+                return None, bool(info["success"])
     expert.reset(seed)
     rng = np.random.default_rng([seed, 1])
     frames: list[list[np.ndarray]] = []
     proprio, actions = [], []
-    done, info = False, {}
     while not done:
         action = np.asarray(expert.act(obs), dtype=np.float32)
         frames.append(obs["image"] if len(cameras) > 1 else [obs["image"]])
@@ -55,30 +85,39 @@ def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Seque
 
 
 def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path, env_name: str, env_kwargs: dict[str, Any],
-                 cameras: Sequence[str], progress: bool = True, noise: float = 0.0) -> dict[str, Any]:
-    """Run `expert` on every seed (with DART execution `noise`, see `rollout`), write the successful episodes to `out`
-    (LIBERO layout); return counts and speed.
+                 cameras: Sequence[str], progress: bool = True, noise: float = 0.0, learner: Learner | None = None,
+                 handover: int = 0, earlier: Sequence[Episode] = ()) -> dict[str, Any]:
+    """Run `expert` on every seed (with DART execution `noise`; after up to `handover` steps of `learner`, drawn per
+    seed; see `rollout`), write `earlier` and then the successful episodes to `out` (LIBERO layout); return counts
+    and speed.
 
-    `steps` counts every simulated step (failed episodes included); `steps_per_second` is over the whole call.
+    `steps` counts every recorded step (failed episodes included); `learner_done` counts the episodes the learner
+    ended before its handover (nothing to record); `steps_per_second` is over the whole call.
     """
     started = time.perf_counter()
-    kept: list[Episode] = []
-    failed = steps = 0
+    kept: list[Episode] = list(earlier)
+    failed = steps = learner_done = 0
     bar = tqdm(seeds, desc=f"generate-demos {env_name}", unit="episode", disable=not progress)
     for episode_seed in bar:
-        episode, success = rollout(env, expert, episode_seed, len(kept), cameras, noise)
+        lead = int(np.random.default_rng([episode_seed, 2]).integers(1, handover + 1)) if learner is not None else 0
+        episode, success = rollout(env, expert, episode_seed, len(kept), cameras, noise, learner, lead)
+        if episode is None:
+            learner_done += 1
+            continue
         steps += len(episode)
         if success:
             kept.append(episode)
         else:
             failed += 1
-        bar.set_postfix(kept=len(kept), failed=failed)
-    if not kept:
-        raise DataError(f"generate-demos {env_name}: expected at least one successful episode, got {failed} failures out of {len(seeds)}.")
+        bar.set_postfix(kept=len(kept) - len(earlier), failed=failed)
+    if len(kept) == len(earlier):
+        raise DataError(f"generate-demos {env_name}: expected at least one successful episode, got {failed} failures "
+                        f"(and {learner_done} episodes the policy ended) out of {len(seeds)}.")
     write_demos(out, kept, env_name=env_name, env_kwargs=env_kwargs)
     seconds = time.perf_counter() - started
-    return {"episodes": len(kept), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds,
-            "noise": noise, "out": str(out)}
+    return {"episodes": len(kept) - len(earlier), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds,
+            "noise": noise, "handover": handover if learner is not None else None, "learner_done": learner_done,
+            "aggregated": len(earlier), "out": str(out)}
 
 
 def generate_demos(
@@ -89,23 +128,48 @@ def generate_demos(
     image_size: int = 64,
     progress: bool = True,
     noise: float = 0.0,
+    policy: str | Path | None = None,
+    handover: int = 40,
+    aggregate: str | Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run the expert of `env` for `episodes` seeds and write the successful ones to `out`; return counts and speed.
 
     `options` are the environment's own (e.g. `task_family` for the tabletop world, `cameras` for robosuite); they
-    are recorded in the file with `image_size`. See `record_demos` for the returned figures.
+    are recorded in the file with `image_size`. With `policy` (a trained policy folder) the expert takes over
+    after up to `handover` of its steps (DAgger-style, see the module docstring); `aggregate` is a demonstration
+    file of the same environment whose episodes are written first. See `record_demos` for the returned figures.
     """
     if episodes <= 0:
         raise ConfigError(f"generate-demos --episodes: expected an int > 0, got {episodes}.")
     if not 0.0 <= noise <= 1.0:
         raise ConfigError(f"generate-demos --noise: expected a float in [0, 1], got {noise}.")
+    if policy is not None and handover <= 0:
+        raise ConfigError(f"generate-demos --handover: expected an int > 0 (the policy's steps before the expert takes over), got {handover}.")
     make_expert = expert_factory(env)
     env_kwargs: dict[str, Any] = {"image_size": image_size, **options}
+    earlier = _aggregated(aggregate, env, env_kwargs) if aggregate is not None else []
+    learner = _learner(policy) if policy is not None else None
     world = make_env(env, **env_kwargs)
     try:
         if not world.cameras:
             raise ConfigError(f"generate-demos {env}: expected at least one camera (demonstrations store frames), got none.")
-        return record_demos(world, make_expert(world), range(seed, seed + episodes), out, env, env_kwargs, world.cameras, progress, noise)
+        return record_demos(world, make_expert(world), range(seed, seed + episodes), out, env, env_kwargs, world.cameras, progress, noise,
+                            learner, handover, earlier)
     finally:
         world.close()
+
+
+def _learner(policy: str | Path) -> Learner:
+    """The main-only policy of a trained policy folder, on the CPU (it only steers the episodes' first steps)."""
+    from rsd.runtime.policy import MainOnlyPolicy, load_main
+
+    return MainOnlyPolicy(load_main(policy, "cpu", None))
+
+
+def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any]) -> list[Episode]:
+    """The episodes of demonstration file `path`, which must have been recorded in `env` with `env_kwargs`."""
+    recorded = read_env_spec(path)
+    if recorded != (env, env_kwargs):
+        raise ConfigError(f"generate-demos --aggregate {path}: expected demonstrations recorded in {env} with {env_kwargs}, got {recorded}.")
+    return read_demos(path)

@@ -94,3 +94,47 @@ def test_generated_file_records_its_environment(tmp_path):
     summary = generate_demos("tabletop", episodes=3, out=path, noise=0.1, progress=False)
     assert summary["episodes"] == 3 and summary["noise"] == 0.1 and len(read_demos(path)) == 3
     assert read_env_spec(path) == ("tabletop", {"image_size": 64})
+
+
+class ScriptedLearner:
+    """A learner that drives right and closes the gripper on nothing: a missed grasp the expert must recover from."""
+
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def act(self, obs: dict) -> np.ndarray:
+        return np.array([1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0], dtype=np.float32)
+
+
+def test_handover_records_the_expert_from_the_state_the_learner_left():
+    env, learner = RecordingEnv(), ScriptedLearner()
+    expert = RecordingExpert(env)
+    episode, success = rollout(env, expert, seed=5, episode_id=0, cameras=("agentview",), learner=learner, handover=6)
+    executed = np.stack(env.executed)
+    assert learner.resets == 1 and (executed[:6] == learner.act({})).all()  # the learner's steps are executed, not recorded
+    assert np.array_equal(episode.actions, np.stack(expert.returned)) and len(episode) == len(executed) - 6
+    replay = TabletopEnv()
+    replay.reset(5)
+    for _ in range(6):
+        obs, *_ = replay.step(learner.act({}))
+    assert np.array_equal(episode.images["agentview"][0], obs["image"]) and np.array_equal(episode.proprio[0], obs["proprio"])
+    assert replay.opening == 0.0 and replay.held is None  # the expert starts from a gripper closed on nothing ...
+    assert success and episode.actions[0, 6] == -1.0  # ... reopens it and still solves the task
+
+
+def test_handover_after_the_learner_ended_the_episode_records_nothing():
+    env = TabletopEnv(max_steps=4)
+    episode, success = rollout(env, ScriptedExpert(env), seed=5, episode_id=0, cameras=("agentview",), learner=ScriptedLearner(), handover=10)
+    assert episode is None and not success
+
+
+def test_aggregate_needs_the_same_environment(tmp_path):
+    generate_demos("tabletop", episodes=2, out=tmp_path / "a.hdf5", image_size=32, progress=False)
+    with pytest.raises(ConfigError, match="--aggregate"):
+        generate_demos("tabletop", episodes=1, out=tmp_path / "b.hdf5", image_size=64, aggregate=tmp_path / "a.hdf5", progress=False)
+    with pytest.raises(ConfigError, match="--handover"):
+        generate_demos("tabletop", episodes=1, out=tmp_path / "b.hdf5", policy=tmp_path, handover=0, progress=False)
+    assert not (tmp_path / "b.hdf5").exists()
