@@ -81,12 +81,8 @@ class InstructionSummary(nn.Module):
         self.keys = nn.Linear(text_dim, text_dim)
 
     def forward(self, prompt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Summary `[B, G * E]` of token embeddings `[B, T, E]` (mask `[B, T]`, true at real tokens).
-
-        The words are layer-normed first: the LLM's embeddings start at std 0.02-0.1 per element while the position
-        codes have 0.7, so unnormalised the summary (and the FiLM reading it) is almost blind to which word it is.
-        """
-        words = F.layer_norm(prompt, prompt.shape[-1:]) + sinusoidal_positions(prompt.shape[1], prompt.shape[2], prompt)
+        """Summary `[B, G * E]` of token embeddings `[B, T, E]` (mask `[B, T]`, true at real tokens)."""
+        words = prompt + sinusoidal_positions(prompt.shape[1], prompt.shape[2], prompt)
         scores = torch.einsum("ge,bte->bgt", self.queries.to(words.dtype), self.keys(words)) / words.shape[-1] ** 0.5
         weights = torch.softmax(scores.masked_fill(~mask.bool().unsqueeze(1), float("-inf")), dim=-1)
         return (weights @ words).flatten(1)

