@@ -484,8 +484,9 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
     else:
         from rsd.envs.demos import generate_demos
 
-        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise, policy=policy, handover=handover or 40,
-                                 aggregate=aggregate, **({} if task_family is None else {"task_family": task_family}))
+        summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise, policy=policy, aggregate=aggregate,
+                                 **({} if handover is None else {"handover": handover}),
+                                 **({} if task_family is None else {"task_family": task_family}))
         if policy is not None:
             click.echo(f"the policy ended {summary['learner_done']} episodes before the expert took over (nothing recorded)")
         if summary["aggregated"]:
