@@ -207,7 +207,7 @@ def test_dart_noise_reaches_the_recorder_and_the_file_keeps_clean_actions(tmp_pa
 def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left(tmp_path) -> None:
     import numpy as np
 
-    from rsd.data.hdf5 import read_demos
+    from rsd.data.hdf5 import read_demos, read_provenance
     from rsd.envs.tabletop import TabletopEnv
 
     make_tiny_main().save(tmp_path / "policy")
@@ -222,6 +222,10 @@ def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left
     starts = [TabletopEnv().reset(seed)["proprio"] for seed in (20, 21, 22)]
     new = after[2:]
     assert new and all(not any(np.array_equal(e.proprio[0], p) for p in starts) for e in new)  # recorded from where the policy left
+    expert_run, recovery_run = read_provenance(out)  # which demo ids are recovery episodes, and how they were made
+    assert expert_run == {"first_demo": 0, "end_demo": 2, "seeds": [0, 1], "noise": 0.0, "policy": None, "handover": None}
+    assert recovery_run == {"first_demo": 2, "end_demo": len(after), "seeds": [20, 22], "noise": 0.0,
+                            "policy": str(tmp_path / "policy"), "handover": 12}
     result = CliRunner().invoke(main, ["generate-demos", "--handover", "5", "--out", str(tmp_path / "x.hdf5")])
     assert result.exit_code == 2 and "pass --policy too" in result.output
 

@@ -2,7 +2,7 @@
 
 Layout (LIBERO's `scripts/create_dataset.py`): group `data` with attrs `env_name`, `env_args` (JSON with
 `env_name`, `env_kwargs`), `problem_info` (JSON with `language_instruction`), `bddl_file_name`, `num_demos`,
-`total`; one group `data/demo_<i>` per episode with attr `num_samples`, datasets `actions [T, A]`, `dones [T]`
+`total` (rsd adds `rsd_provenance`, below); one group `data/demo_<i>` per episode with attr `num_samples`, datasets `actions [T, A]`, `dones [T]`
 (last = 1), `rewards [T]`, `obs/<camera>_rgb [T, H, W, 3]` uint8 and proprio `obs/ee_pos [T, 3]`,
 `obs/ee_ori [T, 3]`, `obs/gripper_states [T, 2]` (`obs/joint_states` when present).
 
@@ -24,8 +24,14 @@ to `(1 - g) / 2` on reading (-1 -> 1 open, +1 -> 0 closed), the inverse of that 
 transform does. Without it a policy trained on LIBERO's datasets would close the gripper where the demonstrator
 opened it.
 
+How the episodes were made is recorded beside them: `data.attrs["rsd_provenance"]` is a JSON list of records, one per
+generating run, each naming the demo ids it produced (`first_demo`, `end_demo`) and its settings (seeds, DART noise,
+the steering policy and its handover for recovery episodes); an aggregated file carries the earlier file's
+records first. `read_provenance` returns the list (empty for files that do not say).
+
 Usage:
     write_demos("runs/demo/demos.hdf5", episodes, env_name="tabletop")
+    read_provenance("runs/demo/dagger.hdf5")   # [{"first_demo": 0, "end_demo": 1500, "noise": 0.1, ...}, {...}]
     episodes = read_demos("runs/demo/demos.hdf5")             # list[Episode], ordered by demo index
     episodes = read_demos("lift.hdf5", cameras=["agentview"], image_convention="opengl", image_size=64)
 """
@@ -64,9 +70,11 @@ def write_demos(
     env_name: str,
     env_kwargs: dict[str, Any] | None = None,
     compression: str | None = None,
+    provenance: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Write `episodes` as `data/demo_<episode_id>`; proprio `[T, 8]` is split into LIBERO's three keys.
 
+    `provenance` (JSON-ready records of how the episodes were made) is stored as `data.attrs["rsd_provenance"]`.
     The file is written beside `path` and renamed over it when complete, so a failed run leaves no half-made file.
     """
     if not episodes:
@@ -79,10 +87,11 @@ def write_demos(
             raise DataError(f"{path}: episode {episode.episode_id}: expected proprio [T, 8] (ee_pos 3 + ee_ori 3 + gripper_states 2), "
                             f"got {episode.proprio.shape}.")
     with atomic_file(path) as temporary:
-        _write_file(temporary, episodes, env_name, env_kwargs, compression)
+        _write_file(temporary, episodes, env_name, env_kwargs, compression, provenance)
 
 
-def _write_file(path: Path, episodes: Sequence[Episode], env_name: str, env_kwargs: dict[str, Any] | None, compression: str | None) -> None:
+def _write_file(path: Path, episodes: Sequence[Episode], env_name: str, env_kwargs: dict[str, Any] | None, compression: str | None,
+                provenance: Sequence[dict[str, Any]]) -> None:
     """The HDF5 file of `write_demos` at `path`."""
     instructions = sorted({e.instruction for e in episodes})
     with h5py.File(path, "w") as file:
@@ -98,6 +107,7 @@ def _write_file(path: Path, episodes: Sequence[Episode], env_name: str, env_kwar
         data.attrs["macros_image_convention"] = "opencv"  # frames stored upright
         data.attrs["num_demos"] = len(episodes)
         data.attrs["total"] = sum(len(e) for e in episodes)
+        data.attrs["rsd_provenance"] = json.dumps(list(provenance))
         for episode in episodes:
             steps = len(episode)
             demo = data.create_group(f"demo_{episode.episode_id}")
@@ -223,6 +233,23 @@ def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str
         proprio = np.concatenate(parts, axis=1).astype(np.float32)
     episode_id = int(DEMO_NAME.fullmatch(name).group(1))
     return Episode(episode_id, instruction or _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
+
+
+def read_provenance(path: str | Path) -> list[dict[str, Any]]:
+    """How a demonstration file's episodes were made: `data.attrs["rsd_provenance"]`, one record per generating run
+    (empty when the file does not say, as files of other tools)."""
+    with open_hdf5(Path(path)) as file:
+        attrs = file["data"].attrs if "data" in file else {}
+        if "rsd_provenance" not in attrs:
+            return []
+        text = _text(attrs["rsd_provenance"])
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: expected data.attrs['rsd_provenance'] to be JSON, got {text[:80]!r} ({error}).") from error
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: expected data.attrs['rsd_provenance'] to be a list of records, got {text[:80]!r}.")
+    return records
 
 
 def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:

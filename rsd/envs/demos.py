@@ -13,6 +13,8 @@ the episode is recorded from there. The states are the policy's own (a missed gr
 nothing, a drift off course) and the labels are the expert's corrections; `aggregate` writes the earlier
 demonstrations first, so one file holds DAgger's aggregated dataset. The expert must act from any state: the
 tabletop expert re-enters its script at the right phase; takeovers the expert fails are dropped like any failure.
+The file records which demo ids each run produced and with which settings (`rsd.data.hdf5.read_provenance`), so
+recovery episodes stay identifiable.
 
 Usage:
     summary = generate_demos("tabletop", episodes=200, out="runs/demo/demos.hdf5", seed=0)
@@ -32,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rsd.data.dataset import Episode
-from rsd.data.hdf5 import read_demos, read_env_spec, write_demos
+from rsd.data.hdf5 import read_demos, read_env_spec, read_provenance, write_demos
 from rsd.envs.base import Env, Expert, expert_factory, make_env
 from rsd.errors import ConfigError, DataError
 
@@ -86,10 +88,14 @@ def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Seque
 
 def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path, env_name: str, env_kwargs: dict[str, Any],
                  cameras: Sequence[str], progress: bool = True, noise: float = 0.0, learner: Learner | None = None,
-                 handover: int = 0, earlier: Sequence[Episode] = ()) -> dict[str, Any]:
+                 handover: int = 0, earlier: Sequence[Episode] = (), provenance: Sequence[dict[str, Any]] = (),
+                 policy: str | None = None) -> dict[str, Any]:
     """Run `expert` on every seed (with DART execution `noise`; after up to `handover` steps of `learner`, drawn per
     seed; see `rollout`), write `earlier` and then the successful episodes to `out` (LIBERO layout); return counts
     and speed.
+
+    The file's provenance is `provenance` (the records of `earlier`) followed by this run's record: its demo ids,
+    seeds, noise and, for recovery episodes, `policy` (what the learner is, e.g. its folder) and `handover`.
 
     `steps` counts every recorded step (failed episodes included); `learner_done` counts the episodes the learner
     ended before its handover (nothing to record); `steps_per_second` is over the whole call.
@@ -113,7 +119,9 @@ def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path
     if len(kept) == len(earlier):
         raise DataError(f"generate-demos {env_name}: expected at least one successful episode, got {failed} failures "
                         f"(and {learner_done} episodes the policy ended) out of {len(seeds)}.")
-    write_demos(out, kept, env_name=env_name, env_kwargs=env_kwargs)
+    record = {"first_demo": len(earlier), "end_demo": len(kept), "seeds": [int(seeds[0]), int(seeds[-1])], "noise": noise,
+              "policy": policy if learner is not None else None, "handover": handover if learner is not None else None}
+    write_demos(out, kept, env_name=env_name, env_kwargs=env_kwargs, provenance=[*provenance, record])
     seconds = time.perf_counter() - started
     return {"episodes": len(kept) - len(earlier), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds,
             "noise": noise, "handover": handover if learner is not None else None, "learner_done": learner_done,
@@ -149,13 +157,14 @@ def generate_demos(
     make_expert = expert_factory(env)
     env_kwargs: dict[str, Any] = {"image_size": image_size, **options}
     earlier = _aggregated(aggregate, env, env_kwargs) if aggregate is not None else []
+    provenance = read_provenance(aggregate) if aggregate is not None else []
     learner = _learner(policy) if policy is not None else None
     world = make_env(env, **env_kwargs)
     try:
         if not world.cameras:
             raise ConfigError(f"generate-demos {env}: expected at least one camera (demonstrations store frames), got none.")
         return record_demos(world, make_expert(world), range(seed, seed + episodes), out, env, env_kwargs, world.cameras, progress, noise,
-                            learner, handover, earlier)
+                            learner, handover, earlier, provenance, None if policy is None else str(policy))
     finally:
         world.close()
 

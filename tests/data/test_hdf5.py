@@ -10,7 +10,7 @@ import pytest
 
 from rsd.data.actions import load_action_episodes
 from rsd.data.dataset import Episode
-from rsd.data.hdf5 import read_demos, write_demos
+from rsd.data.hdf5 import read_demos, read_provenance, write_demos
 from rsd.data.source import DataSource, read_episodes
 from rsd.envs.demos import generate_demos
 from rsd.errors import ConfigError, DataError
@@ -103,6 +103,11 @@ def test_libero_layout_file_loads(tmp_path):
     assert np.array_equal(read_episodes(DataSource(str(path), image_convention="opencv"))[0].images["agentview"], raw)
     with pytest.raises(DataError, match="wrist"):
         read_demos(path, cameras=["wrist"])
+    assert read_provenance(path) == []  # LIBERO's own files do not say how they were made
+    with h5py.File(path, "a") as file:
+        file["data"].attrs["rsd_provenance"] = "{not json"
+    with pytest.raises(DataError, match="rsd_provenance"):
+        read_provenance(path)
 
 
 def test_libero_recorded_gripper_becomes_the_libero_envs_units(tmp_path):

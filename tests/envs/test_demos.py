@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from rsd.data.hdf5 import read_demos, read_env_spec
+from rsd.data.hdf5 import read_demos, read_env_spec, read_provenance
 from rsd.envs.base import expert_factory, make_env
 from rsd.envs.demos import generate_demos, rollout
 from rsd.envs.expert import ScriptedExpert
@@ -26,6 +26,8 @@ def test_tabletop_demos_are_recorded_with_the_options_given(tmp_path) -> None:
     with h5py.File(tmp_path / "d.hdf5") as handle:
         env_args = json.loads(handle["data"].attrs["env_args"])
     assert env_args["env_kwargs"] == {"image_size": 32, "task_family": "pick_place"}
+    assert read_provenance(tmp_path / "d.hdf5") == [{"first_demo": 0, "end_demo": len(episodes), "seeds": [5, 7], "noise": 0.0,
+                                                     "policy": None, "handover": None}]
 
 
 def test_expert_registry() -> None:
