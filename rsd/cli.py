@@ -251,6 +251,8 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--rollout-env", default=None, help="Environment of the selection rollouts (default: the one an HDF5 file records).")
 @click.option("--rollout-every", type=POSITIVE, default=None, help="Epochs between selection rollouts (default: the preset's).")
 @click.option("--rollout-episodes", type=POSITIVE, default=None, help="Episodes per selection rollout (default: the preset's).")
+@click.option("--rollout-replan-every", "rollout_replan_every", type=POSITIVE, default=None,
+              help="Steps of each chunk the selection rollouts execute before replanning (default: the whole chunk; use what you deploy).")
 @click.option("--shift", type=NON_NEGATIVE, default=None, help="Random-shift augmentation in pixels, 0 off (default: the preset's).")
 @click.option("--aggregation-tokens", type=int, default=0, show_default=True,
               help="CogVLA: aggregation tokens per ViT whose outputs replace its patches (0: off; CogVLA uses 64 of 256).")
@@ -265,7 +267,7 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
               help="Under torchrun: replicate the model (ddp) or shard its trained parameters over the ranks (fsdp).")
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
-                         rollout_every: int | None, rollout_episodes: int | None, shift: int | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
+                         rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, shift: int | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
                          lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
@@ -274,7 +276,8 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
     from rsd.training.policy import train_policy
 
     spec = get_preset(preset)
-    chosen = {"select_by": select_by, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift}
+    chosen = {"select_by": select_by, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift,
+              "rollout_replan_every": rollout_replan_every}
     options = dataclasses.replace(spec.policy_options, **{name: value for name, value in chosen.items() if value is not None})
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
                           action_tokens=action_tokens)
@@ -556,9 +559,11 @@ def convert_command(data: DataSource, to: str, out: str, fps: int, video: str, r
               help="LIBERO scene assets folder (libero:* environments; default: RSD_LIBERO_ASSETS, then the installed assets wheels).")
 @click.option("--workers", type=POSITIVE, default=1, show_default=True,
               help="Local processes sharing the seeds (torchrun's ranks do the same); latency is then not reported.")
+@click.option("--replan-every", type=POSITIVE, default=None,
+              help="Steps executed from each action chunk before the policy replans (default: the whole chunk).")
 def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, seed: int, video: str | None, video_format: str,
                  device: str | None, engine: str, tau: float | None, json_path: str | None, image_size: int | None,
-                 libero_assets: str | None, workers: int) -> None:
+                 libero_assets: str | None, workers: int, replan_every: int | None) -> None:
     """Closed-loop evaluation of MainOnlyPolicy (and SpeculativePolicy with --bundle) on the same seeds."""
     from rsd.distributed import session, world_from_env
     from rsd.envs.evaluate import compare_in_processes, compare_on_ranks, format_comparison
@@ -568,7 +573,7 @@ def eval_command(policy: str, bundle: str | None, env_name: str, episodes: int, 
     size = image_size or _model_image_size(policy)
     env_kwargs = {k: v for k, v in {"image_size": size, "assets": libero_assets}.items() if v is not None}
     options = {"bundle": bundle, "engine": engine, "taus": {"speculative": tau}, "device": device, "video_dir": video,
-               "video_format": video_format, "env_kwargs": env_kwargs}
+               "video_format": video_format, "env_kwargs": env_kwargs, "replan_every": replan_every}
     seeds = list(range(seed, seed + episodes))
     if workers > 1:
         if world_from_env().world_size > 1:

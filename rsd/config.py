@@ -318,12 +318,15 @@ class PolicyTrainConfig:
     rollout_every: int = 1  # epochs between closed-loop evaluations (the last epoch is always evaluated)
     rollout_episodes: int = 20  # episodes per closed-loop evaluation
     rollout_seed: int = 5000  # first seed of the selection episodes (demonstrations use 0.., `rsd eval` 10000..)
+    rollout_replan_every: int | None = None  # steps of each chunk the selection rollouts execute before replanning (None: all)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.shift, int) and self.shift >= 0, "PolicyTrainConfig", "shift", "an int >= 0", self.shift)
         _check(self.select_by in SELECT_BY, "PolicyTrainConfig", "select_by", f"one of {list(SELECT_BY)}", self.select_by)
         _positive(self, "rollout_every", "rollout_episodes")
         _check(isinstance(self.rollout_seed, int) and self.rollout_seed >= 0, "PolicyTrainConfig", "rollout_seed", "an int >= 0", self.rollout_seed)
+        _check(self.rollout_replan_every is None or (isinstance(self.rollout_replan_every, int) and self.rollout_replan_every > 0),
+               "PolicyTrainConfig", "rollout_replan_every", "None or an int > 0", self.rollout_replan_every)
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ ZERO_OR_NEGATIVE = [
     (["eval", "--episodes", "0"], "--episodes"),
     (["eval", "--tau", "1.5"], "--tau"),
     (["eval", "--image-size", "0"], "--image-size"),
+    (["eval", "--replan-every", "0"], "--replan-every"),
     (["generate-demos", "--episodes", "0"], "--episodes"),
     (["synthetic-actions", "--episodes", "-5"], "--episodes"),
     (["export-draft", "--opset", "5"], "--opset"),
@@ -242,10 +243,27 @@ def test_train_policy_options_reach_the_trainer(monkeypatch, tmp_path) -> None:
     assert CliRunner().invoke(main, ["generate-demos", "--episodes", "1", "--out", str(data)]).exit_code == 0
     (tmp_path / "tok").mkdir()
     result = CliRunner().invoke(main, ["train-policy", "--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "p"),
-                                       "--shift", "2", "--rollout-every", "4", "--rollout-episodes", "10", "--batch-size", "64"])
+                                       "--shift", "2", "--rollout-every", "4", "--rollout-episodes", "10", "--batch-size", "64",
+                                       "--rollout-replan-every", "4"])
     assert result.exit_code == 0, result.output
     options = seen["options"]
     assert (options.shift, options.rollout_every, options.rollout_episodes, options.select_by, seen["batch"]) == (2, 4, 10, "rollouts", 64)
+    assert options.rollout_replan_every == 4
+
+
+def test_eval_replans_after_the_steps_asked_for(tmp_path) -> None:
+    """`--replan-every 3` executes three steps of each 8-step chunk: one chunk per three steps, the last one cut by the episode's end."""
+    make_tiny_main(seed=5).save(tmp_path / "policy")
+    chunks = {}
+    for replan in (None, 3):
+        out = tmp_path / f"replan{replan}.json"
+        extra = [] if replan is None else ["--replan-every", str(replan)]
+        result = CliRunner().invoke(main, ["eval", "--policy", str(tmp_path / "policy"), "--episodes", "2", "--seed", "300", "--device", "cpu",
+                                           "--json", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.read_text())["baseline"]
+        chunks[replan] = (report["chunks"], sum(-(-e["length"] // (replan or 8)) for e in report["episodes"]))
+    assert chunks[None][0] == chunks[None][1] and chunks[3][0] == chunks[3][1] > chunks[None][0]
 
 
 def test_eval_renders_at_the_policy_image_size(monkeypatch, tmp_path) -> None:

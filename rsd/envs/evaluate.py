@@ -249,6 +249,7 @@ class PolicySpec:
     bundle: str | None = None  # exported bundle: SpeculativePolicy; None: MainOnlyPolicy
     engine: str = "auto"  # bundle engine
     tau: float | None = None  # gate threshold (None: the bundle's)
+    replan_every: int | None = None  # steps executed from each chunk before replanning (None: the whole chunk)
 
     @property
     def name(self) -> str:
@@ -258,8 +259,8 @@ class PolicySpec:
     def build(self, main: MainModel) -> Any:
         """The policy on `main`."""
         if self.bundle:
-            return SpeculativePolicy.from_bundle(self.bundle, main=main, engine=self.engine, tau=self.tau)
-        return MainOnlyPolicy(main)
+            return SpeculativePolicy.from_bundle(self.bundle, main=main, engine=self.engine, tau=self.tau, replan_every=self.replan_every)
+        return MainOnlyPolicy(main, self.replan_every)
 
 
 _WORKER: dict[str, Any] = {}
@@ -340,6 +341,7 @@ def compare_policies(
     device: str | None = None,
     workers: int = 1,
     progress: bool = True,
+    replan_every: int | None = None,
 ) -> dict[str, EvalReport]:
     """`MainOnlyPolicy` ("baseline") and, with a bundle, `SpeculativePolicy` on the same seeds; one report per policy.
 
@@ -347,15 +349,16 @@ def compare_policies(
     policies: `{"speculative": None}` (the bundle's own tau) unless given; every entry runs the bundle's engines at
     that threshold (None: the bundle's). Videos go to `video_dir/<policy name>`. With `workers > 1` every policy
     is evaluated by `evaluate_parallel`, whose workers load the folder themselves (so `main` must be the folder).
+    Every policy executes `replan_every` steps of each chunk before it replans (None: the whole chunk).
     """
     if workers <= 0:
         raise ConfigError(f"compare_policies.workers: expected an int > 0, got {workers}.")
     if workers > 1 and isinstance(main, MainModel):
         raise ConfigError("compare_policies: workers > 1 load the policy in every worker process; expected its folder, got a loaded MainModel.")
-    specs = {"baseline": PolicySpec()}
+    specs = {"baseline": PolicySpec(replan_every=replan_every)}
     if bundle is not None:
         for name, tau in (taus or {"speculative": None}).items():
-            specs[name] = PolicySpec(str(bundle), engine, tau)
+            specs[name] = PolicySpec(str(bundle), engine, tau, replan_every)
     videos = {name: None if video_dir is None else Path(video_dir) / name for name in specs}
     if workers > 1:
         return {name: evaluate_parallel(main, spec, env, seeds, workers, env_kwargs, videos[name], video_format, device)
@@ -406,6 +409,7 @@ def compare_on_ranks(
     video_dir: str | Path | None = None,
     video_format: str = "gif",
     env_kwargs: dict[str, Any] | None = None,
+    replan_every: int | None = None,
 ) -> dict[str, EvalReport] | None:
     """`compare_policies` with the seeds spread over the ranks: each loads the policy folder on its own device and
     plays `World.shard(seeds)`; rank 0 returns the merged reports, the other ranks None (alone: the plain run)."""
@@ -414,7 +418,7 @@ def compare_on_ranks(
     main = MainModel.load(policy, device=world.device(torch_device), dtype=torch_dtype)
     mine = world.shard([int(s) for s in seeds])
     reports = compare_policies(main, env, mine, bundle=bundle, engine=engine, taus=taus, video_dir=video_dir, video_format=video_format,
-                               env_kwargs=env_kwargs, progress=world.is_main) if mine else {}
+                               env_kwargs=env_kwargs, progress=world.is_main, replan_every=replan_every) if mine else {}
     parts = world.gather(reports)
     if not world.is_main:
         return None

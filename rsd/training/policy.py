@@ -214,7 +214,8 @@ def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: P
     seeds = list(range(options.rollout_seed, options.rollout_seed + options.rollout_episodes))
     world = distributed.current()  # each rank plays its share of the seeds
     mine = world.shard(seeds)
-    report = evaluate(MainOnlyPolicy(main), env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
+    policy = MainOnlyPolicy(main, options.rollout_replan_every)
+    report = evaluate(policy, env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
     successes = 0 if report is None else report.successes
     main.train()
     main.tokenizer.eval()
