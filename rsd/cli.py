@@ -462,10 +462,12 @@ def demo(out: str, quick: bool, overwrite: bool) -> None:
               help="With --policy: the policy acts for 1..N steps (drawn per seed) before the expert takes over.  [default: 40]")
 @click.option("--aggregate", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Write this demonstration file's episodes (same env) first: DAgger's aggregated dataset in one file.")
+@click.option("--replan-every", type=POSITIVE, default=None,
+              help="With --policy: steps of each chunk it executes before replanning, as deployed (default: the whole chunk).")
 @OVERWRITE
 def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
                            workers: int, libero_assets: str | None, noise: float, policy: str | None, handover: int | None, aggregate: str | None,
-                           overwrite: bool) -> None:
+                           replan_every: int | None, overwrite: bool) -> None:
     """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
     if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
         raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
@@ -475,6 +477,8 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
         raise click.BadParameter(f"--noise, --policy and --aggregate apply to the tabletop and robosuite experts, got --env {env_name}.")
     if handover is not None and policy is None:
         raise click.BadParameter("--handover is the number of steps --policy acts before the expert takes over: pass --policy too.")
+    if replan_every is not None and policy is None:
+        raise click.BadParameter("--replan-every is how --policy executes its chunks: pass --policy too.")
     from rsd.io import refuse_existing_file
 
     refuse_existing_file(out, overwrite)
@@ -488,7 +492,7 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
         from rsd.envs.demos import generate_demos
 
         summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise, policy=policy, aggregate=aggregate,
-                                 **({} if handover is None else {"handover": handover}),
+                                 replan_every=replan_every, **({} if handover is None else {"handover": handover}),
                                  **({} if task_family is None else {"task_family": task_family}))
         if policy is not None:
             click.echo(f"the policy ended {summary['learner_done']} episodes before the expert took over (nothing recorded)")

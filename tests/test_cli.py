@@ -215,7 +215,7 @@ def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left
     earlier, out = tmp_path / "earlier.hdf5", tmp_path / "dagger.hdf5"
     assert CliRunner().invoke(main, ["generate-demos", "--episodes", "2", "--out", str(earlier)]).exit_code == 0
     result = CliRunner().invoke(main, ["generate-demos", "--episodes", "3", "--seed", "20", "--policy", str(tmp_path / "policy"),
-                                       "--handover", "12", "--aggregate", str(earlier), "--out", str(out)])
+                                       "--handover", "12", "--replan-every", "4", "--aggregate", str(earlier), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "starts with the 2 episodes" in result.output
     before, after = read_demos(earlier), read_demos(out)
@@ -224,11 +224,16 @@ def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left
     new = after[2:]
     assert new and all(not any(np.array_equal(e.proprio[0], p) for p in starts) for e in new)  # recorded from where the policy left
     expert_run, recovery_run = read_provenance(out)  # which demo ids are recovery episodes, and how they were made
-    assert expert_run == {"first_demo": 0, "end_demo": 2, "seeds": [0, 1], "noise": 0.0, "policy": None, "handover": None}
+    assert expert_run == {"first_demo": 0, "end_demo": 2, "seeds": [0, 1], "noise": 0.0, "learner": None, "handover": None}
     assert recovery_run == {"first_demo": 2, "end_demo": len(after), "seeds": [20, 22], "noise": 0.0,
-                            "policy": str(tmp_path / "policy"), "handover": 12}
+                            "learner": {"policy": str(tmp_path / "policy"), "replan_every": 4}, "handover": 12}
     result = CliRunner().invoke(main, ["generate-demos", "--handover", "5", "--out", str(tmp_path / "x.hdf5")])
     assert result.exit_code == 2 and "pass --policy too" in result.output
+    result = CliRunner().invoke(main, ["generate-demos", "--replan-every", "4", "--out", str(tmp_path / "x.hdf5")])
+    assert result.exit_code == 2 and "pass --policy too" in result.output
+    from rsd.envs.demos import _learner
+
+    assert _learner(tmp_path / "policy", 4).replan_every == 4 and _learner(tmp_path / "policy").replan_every == 8  # the steering policy's horizon
 
 
 def test_train_policy_options_reach_the_trainer(monkeypatch, tmp_path) -> None:

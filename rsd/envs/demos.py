@@ -89,13 +89,13 @@ def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Seque
 def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path, env_name: str, env_kwargs: dict[str, Any],
                  cameras: Sequence[str], progress: bool = True, noise: float = 0.0, learner: Learner | None = None,
                  handover: int = 0, earlier: Sequence[Episode] = (), provenance: Sequence[dict[str, Any]] = (),
-                 policy: str | None = None) -> dict[str, Any]:
+                 learner_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `expert` on every seed (with DART execution `noise`; after up to `handover` steps of `learner`, drawn per
     seed; see `rollout`), write `earlier` and then the successful episodes to `out` (LIBERO layout); return counts
     and speed.
 
     The file's provenance is `provenance` (the records of `earlier`) followed by this run's record: its demo ids,
-    seeds, noise and, for recovery episodes, `policy` (what the learner is, e.g. its folder) and `handover`.
+    seeds, noise and, for recovery episodes, `learner_info` (what the learner is, e.g. its folder) and `handover`.
 
     `steps` counts every recorded step (failed episodes included); `learner_done` counts the episodes the learner
     ended before its handover (nothing to record); `steps_per_second` is over the whole call.
@@ -120,7 +120,7 @@ def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path
         raise DataError(f"generate-demos {env_name}: expected at least one successful episode, got {failed} failures "
                         f"(and {learner_done} episodes the policy ended) out of {len(seeds)}.")
     record = {"first_demo": len(earlier), "end_demo": len(kept), "seeds": [int(seeds[0]), int(seeds[-1])], "noise": noise,
-              "policy": policy if learner is not None else None, "handover": handover if learner is not None else None}
+              "learner": learner_info if learner is not None else None, "handover": handover if learner is not None else None}
     write_demos(out, kept, env_name=env_name, env_kwargs=env_kwargs, provenance=[*provenance, record])
     seconds = time.perf_counter() - started
     return {"episodes": len(kept) - len(earlier), "failed": failed, "steps": steps, "seconds": seconds, "steps_per_second": steps / seconds,
@@ -139,14 +139,16 @@ def generate_demos(
     policy: str | Path | None = None,
     handover: int = 40,
     aggregate: str | Path | None = None,
+    replan_every: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run the expert of `env` for `episodes` seeds and write the successful ones to `out`; return counts and speed.
 
     `options` are the environment's own (e.g. `task_family` for the tabletop world, `cameras` for robosuite); they
     are recorded in the file with `image_size`. With `policy` (a trained policy folder) the expert takes over
-    after up to `handover` of its steps (DAgger-style, see the module docstring); `aggregate` is a demonstration
-    file of the same environment whose episodes are written first. See `record_demos` for the returned figures.
+    after up to `handover` of its steps (DAgger-style, see the module docstring), executing `replan_every` steps of
+    each chunk as deployed (None: whole chunks); `aggregate` is a demonstration file of the same environment whose
+    episodes are written first. See `record_demos` for the returned figures.
     """
     if episodes <= 0:
         raise ConfigError(f"generate-demos --episodes: expected an int > 0, got {episodes}.")
@@ -158,22 +160,24 @@ def generate_demos(
     env_kwargs: dict[str, Any] = {"image_size": image_size, **options}
     earlier = _aggregated(aggregate, env, env_kwargs) if aggregate is not None else []
     provenance = read_provenance(aggregate) if aggregate is not None else []
-    learner = _learner(policy) if policy is not None else None
+    if replan_every is not None and policy is None:
+        raise ConfigError("generate-demos --replan-every: it is how --policy executes its chunks; pass --policy too.")
+    learner = _learner(policy, replan_every) if policy is not None else None
     world = make_env(env, **env_kwargs)
     try:
         if not world.cameras:
             raise ConfigError(f"generate-demos {env}: expected at least one camera (demonstrations store frames), got none.")
         return record_demos(world, make_expert(world), range(seed, seed + episodes), out, env, env_kwargs, world.cameras, progress, noise,
-                            learner, handover, earlier, provenance, None if policy is None else str(policy))
+                            learner, handover, earlier, provenance, None if policy is None else {"policy": str(policy), "replan_every": replan_every})
     finally:
         world.close()
 
 
-def _learner(policy: str | Path) -> Learner:
+def _learner(policy: str | Path, replan_every: int | None = None) -> Learner:
     """The main-only policy of a trained policy folder, on the CPU (it only steers the episodes' first steps)."""
     from rsd.runtime.policy import MainOnlyPolicy, load_main
 
-    return MainOnlyPolicy(load_main(policy, "cpu", None))
+    return MainOnlyPolicy(load_main(policy, "cpu", None), replan_every)
 
 
 def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any]) -> list[Episode]:

@@ -27,7 +27,7 @@ def test_tabletop_demos_are_recorded_with_the_options_given(tmp_path) -> None:
         env_args = json.loads(handle["data"].attrs["env_args"])
     assert env_args["env_kwargs"] == {"image_size": 32, "task_family": "pick_place"}
     assert read_provenance(tmp_path / "d.hdf5") == [{"first_demo": 0, "end_demo": len(episodes), "seeds": [5, 7], "noise": 0.0,
-                                                     "policy": None, "handover": None}]
+                                                     "learner": None, "handover": None}]
 
 
 def test_expert_registry() -> None:
@@ -139,4 +139,6 @@ def test_aggregate_needs_the_same_environment(tmp_path):
         generate_demos("tabletop", episodes=1, out=tmp_path / "b.hdf5", image_size=64, aggregate=tmp_path / "a.hdf5", progress=False)
     with pytest.raises(ConfigError, match="--handover"):
         generate_demos("tabletop", episodes=1, out=tmp_path / "b.hdf5", policy=tmp_path, handover=0, progress=False)
+    with pytest.raises(ConfigError, match="--replan-every"):
+        generate_demos("tabletop", episodes=1, out=tmp_path / "b.hdf5", replan_every=4, progress=False)
     assert not (tmp_path / "b.hdf5").exists()
