@@ -235,18 +235,25 @@ def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str
     return Episode(episode_id, instruction or _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
 
 
+def _json_attr(path: str | Path, name: str) -> tuple[bool, Any, str]:
+    """`data.attrs[name]` of an HDF5 file parsed as JSON: `(present, value, text)`; a DataError when it is not JSON."""
+    with open_hdf5(Path(path)) as file:
+        attrs = file["data"].attrs if "data" in file else {}
+        if name not in attrs:
+            return False, None, ""
+        text = _text(attrs[name])
+    try:
+        return True, json.loads(text), text
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: expected data.attrs['{name}'] to be JSON, got {text[:80]!r} ({error}).") from error
+
+
 def read_provenance(path: str | Path) -> list[dict[str, Any]]:
     """How a demonstration file's episodes were made: `data.attrs["rsd_provenance"]`, one record per generating run
     (empty when the file does not say, as files of other tools)."""
-    with open_hdf5(Path(path)) as file:
-        attrs = file["data"].attrs if "data" in file else {}
-        if "rsd_provenance" not in attrs:
-            return []
-        text = _text(attrs["rsd_provenance"])
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: expected data.attrs['rsd_provenance'] to be JSON, got {text[:80]!r} ({error}).") from error
+    present, records, text = _json_attr(path, "rsd_provenance")
+    if not present:
+        return []
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path}: expected data.attrs['rsd_provenance'] to be a list of records, got {text[:80]!r}.")
     return records
@@ -258,15 +265,7 @@ def read_env_spec(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     None when the file does not say (files written by other tools may lack `env_args`); the name may be a label rsd does
     not build, as in files converted from a LeRobot folder (`rsd.envs.base.is_env_name` tells).
     """
-    with open_hdf5(Path(path)) as file:
-        attrs = file["data"].attrs if "data" in file else {}
-        if "env_args" not in attrs:
-            return None
-        text = _text(attrs["env_args"])
-    try:
-        args = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: expected data.attrs['env_args'] to be JSON, got {text[:80]!r} ({error}).") from error
+    _, args, _ = _json_attr(path, "env_args")
     if not isinstance(args, dict):
         return None
     name = args.get("env_name")

@@ -156,12 +156,11 @@ def generate_demos(
         raise ConfigError(f"generate-demos --noise: expected a float in [0, 1], got {noise}.")
     if policy is not None and handover <= 0:
         raise ConfigError(f"generate-demos --handover: expected an int > 0 (the policy's steps before the expert takes over), got {handover}.")
-    make_expert = expert_factory(env)
-    env_kwargs: dict[str, Any] = {"image_size": image_size, **options}
-    earlier = _aggregated(aggregate, env, env_kwargs) if aggregate is not None else []
-    provenance = read_provenance(aggregate) if aggregate is not None else []
     if replan_every is not None and policy is None:
         raise ConfigError("generate-demos --replan-every: it is how --policy executes its chunks; pass --policy too.")
+    make_expert = expert_factory(env)
+    env_kwargs: dict[str, Any] = {"image_size": image_size, **options}
+    earlier, provenance = _aggregated(aggregate, env, env_kwargs) if aggregate is not None else ([], [])
     learner = _learner(policy, replan_every) if policy is not None else None
     world = make_env(env, **env_kwargs)
     try:
@@ -180,9 +179,10 @@ def _learner(policy: str | Path, replan_every: int | None = None) -> Learner:
     return MainOnlyPolicy(load_main(policy, "cpu", None), replan_every)
 
 
-def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any]) -> list[Episode]:
-    """The episodes of demonstration file `path`, which must have been recorded in `env` with `env_kwargs`."""
+def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any]) -> tuple[list[Episode], list[dict[str, Any]]]:
+    """The episodes and provenance records of demonstration file `path`, which must have been recorded in `env` with
+    `env_kwargs`."""
     recorded = read_env_spec(path)
     if recorded != (env, env_kwargs):
         raise ConfigError(f"generate-demos --aggregate {path}: expected demonstrations recorded in {env} with {env_kwargs}, got {recorded}.")
-    return read_demos(path)
+    return read_demos(path), read_provenance(path)

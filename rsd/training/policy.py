@@ -92,6 +92,10 @@ def train_policy(
     action_tokenizer = ActionTokenizer.load(tokenizer)
     if action_tokenizer.config != spec.model.tokenizer:
         raise ConfigError(f"train-policy: the tokenizer's shape {action_tokenizer.config} differs from preset {preset!r}'s {spec.model.tokenizer}.")
+    replan = options.rollout_replan_every
+    if rollout_spec is not None and replan is not None and replan > action_tokenizer.config.chunk_len:
+        raise ConfigError(f"train-policy --rollout-replan-every: expected at most the chunk length {action_tokenizer.config.chunk_len}, "
+                          f"got {replan} (checked before training, not at the first selection rollout).")
     episodes = read_episodes(source)
     if len(episodes) < 2:
         raise DataError(f"{source.path}: expected at least 2 episodes to split into training and validation, got {len(episodes)}.")
@@ -214,8 +218,7 @@ def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: P
     seeds = list(range(options.rollout_seed, options.rollout_seed + options.rollout_episodes))
     world = distributed.current()  # each rank plays its share of the seeds
     mine = world.shard(seeds)
-    policy = MainOnlyPolicy(main, options.rollout_replan_every)
-    report = evaluate(policy, env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
+    report = evaluate(MainOnlyPolicy(main, options.rollout_replan_every), env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
     successes = 0 if report is None else report.successes
     main.train()
     main.tokenizer.eval()

@@ -55,6 +55,14 @@ def test_rollout_selection_needs_an_environment(demos, tmp_path):
     assert summary["best"]["epoch"] == 1 and "rollout_success" not in summary["best"]
 
 
+def test_a_rollout_horizon_longer_than_the_chunk_is_refused_before_training(demos, tmp_path):
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=1, batch_size=64, val_fraction=0.34)
+    with pytest.raises(ConfigError, match="chunk length 8, got 9"):
+        train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "p", train=train, options=PolicyTrainConfig(rollout_replan_every=9),
+                     progress=False)
+    assert not (tmp_path / "p").exists()
+
+
 def test_the_model_reads_as_many_cameras_as_the_demonstrations_hold(demos, tmp_path):
     """A preset built for one camera trains on agentview + wrist frames with a two-image model (no error, no drop)."""
     episodes = read_demos(demos / "demos.hdf5")
