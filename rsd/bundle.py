@@ -197,6 +197,8 @@ def validate_manifest(manifest: dict[str, Any], source: str | Path) -> dict[str,
     need(gate["mode"] in ("chunk", "prefix"), "gate.mode", "'chunk' or 'prefix'", gate["mode"])
     need(gate["statistic"] in ("mean", "min", "step"), "gate.statistic", "'mean', 'min' or 'step'", gate["statistic"])
     need(_is_int(gate["min_steps"], 1), "gate.min_steps", "an int >= 1", gate["min_steps"])
+    need(gate["max_steps"] is None or _is_int(gate["max_steps"], 1), "gate.max_steps", "null or an int >= 1", gate["max_steps"])
+    need(gate["layers"] is None or _is_int(gate["layers"], 1), "gate.layers", "null or an int >= 1", gate["layers"])
     need(isinstance(manifest.get("calibrated"), bool), "calibrated", "true or false", manifest.get("calibrated", MISSING))
     need(manifest.get("calibration") is None or isinstance(manifest.get("calibration"), dict), "calibration", "null or a JSON object",
          manifest.get("calibration"))
@@ -259,7 +261,8 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-GATE_FIELDS = ("tau", "mode", "statistic", "min_steps")  # what a manifest's or calibration's "gate" object holds
+GATE_FIELDS = ("tau", "mode", "statistic", "min_steps")  # what a manifest's or calibration's "gate" object must hold
+GATE_OPTIONAL = {"max_steps": None, "layers": None}  # and what it may hold (absent in files written before it existed)
 
 
 def gate_fields(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
@@ -269,24 +272,38 @@ def gate_fields(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
         gate = data["gate"]
         if not isinstance(gate, dict) or not set(GATE_FIELDS) <= set(gate):
             raise CheckpointError(f"{source}: expected \"gate\" to be an object with {', '.join(GATE_FIELDS)}, got {_shown(gate)}.")
-        return dict(gate)
+        return {**GATE_OPTIONAL, **gate}
     if "tau" not in data or "gate_statistic" not in data:
         raise CheckpointError(f"{source}: expected a \"gate\" object (or the older \"tau\" and \"gate_statistic\"), found neither. "
                               "Re-run `rsd calibrate` or `rsd export-draft`.")
-    return {"tau": data["tau"], "mode": "chunk", "statistic": data["gate_statistic"], "min_steps": 1}
+    return {"tau": data["tau"], "mode": "chunk", "statistic": data["gate_statistic"], "min_steps": 1, **GATE_OPTIONAL}
+
+
+def gate_steps_text(gate: dict[str, Any]) -> str:
+    """How many leading steps a prefix gate accepts, e.g. ", at least 4 steps" or ", 4 steps" ("" for a chunk gate)."""
+    if gate["mode"] != "prefix":
+        return ""
+    low, high = gate["min_steps"], gate.get("max_steps")
+    return f", {low} steps" if high == low else f", at least {low} steps" + ("" if high is None else f", at most {high}")
+
+
+def describe_gate(gate: dict[str, Any]) -> str:
+    """One line for a gate object, e.g. "prefix gate, tau 0.6200 on the step confidence, at least 4 steps"."""
+    tau = float(gate["tau"])
+    tau_text = "inf (never accept)" if math.isinf(tau) else f"{tau:.4f}"
+    layers = gate.get("layers")
+    read = "" if layers is None else f" of the coarsest {layers} layer{'s' if layers > 1 else ''}"
+    return f"{gate['mode']} gate, tau {tau_text} on the {gate['statistic']} confidence{read}{gate_steps_text(gate)}"
 
 
 def format_manifest(manifest: dict[str, Any]) -> str:
     """A readable summary of a bundle manifest (what `rsd inspect BUNDLE` prints)."""
     shapes = manifest["shapes"]
     gate = gate_fields(manifest, "manifest.json")
-    tau = float(gate["tau"])
-    tau_text = "inf (never accept)" if math.isinf(tau) else f"{tau:.4f}"
-    steps_text = f", at least {gate['min_steps']} leading steps" if gate["mode"] == "prefix" else ""
     lines = [
         f"bundle (format {manifest['format_version']}, rsd {manifest['rsd_version']}, created {manifest['created']})",
         f"main model fingerprint: {manifest['main_fingerprint']}",
-        f"exit layer {manifest['exit_layer']}; {gate['mode']} gate, tau {tau_text} on the {gate['statistic']} confidence{steps_text}"
+        f"exit layer {manifest['exit_layer']}; {describe_gate(gate)}"
         + ("" if manifest["calibrated"] else " (NOT calibrated)"),
         f"shapes: hidden {shapes['hidden_size']}, chunk H={shapes['chunk_len']}, actions A={shapes['action_dim']}, "
         f"latent d={shapes['latent_dim']}, layers C={shapes['coarse_layers']} of L={shapes['num_layers']}, V={shapes['levels']} levels",

@@ -46,6 +46,10 @@ POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 POSITIVE_FLOAT = click.FloatRange(min=0.0, min_open=True)
 NON_NEGATIVE_FLOAT = click.FloatRange(min=0.0)
+LAYERS_HELP = ("Coarse RFSQ layers the gate's confidence reads, coarsest first (default: all the draft predicts; 1 reads the "
+               "coarsest only, whose tokens set most of the action).")
+MAX_STEPS_HELP = ("Prefix mode: most leading steps accepted, i.e. the steps the policy executes per chunk (its --replan-every); "
+                  "risk is then judged on those steps only (default: the whole chunk).")
 OPEN_UNIT = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
 UNIT = click.FloatRange(0.0, 1.0)
 IMAGE_SIDE = click.IntRange(min=8)
@@ -347,19 +351,22 @@ def train_draft_command(features: str, out: str, targets: str, kl_weight: float,
 @click.option("--statistic", type=click.Choice(["mean", "min", "step"]), default=None,
               help="Gate statistic: mean or min for chunk mode, step for prefix mode (default: min / step).")
 @click.option("--min-steps", type=POSITIVE, default=6, show_default=True, help="Prefix mode: fewest leading steps worth accepting.")
+@click.option("--max-steps", type=POSITIVE, default=None, help=MAX_STEPS_HELP)
+@click.option("--confidence-layers", "layers", type=POSITIVE, default=None, help=LAYERS_HELP)
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the calibration/test split of the held-out episodes.")
 @OVERWRITE
 def calibrate(draft: str, features: str, out: str | None, alpha: float, delta: float, tolerance: float, mode: str,
-              statistic: str | None, min_steps: int, seed: int, overwrite: bool) -> None:
+              statistic: str | None, min_steps: int, max_steps: int | None, layers: int | None, seed: int, overwrite: bool) -> None:
     """Certify the gate's tau on held-out episodes (Learn-then-Test) and report it on a test half they did not fit."""
+    from rsd.bundle import describe_gate
     from rsd.training.calibrate import calibrate as run_calibration
 
     path = out or str(Path(draft) / "calibration.json")
     report = run_calibration(draft, features, path, alpha=alpha, delta=delta, tolerance=tolerance, mode=mode,
-                             statistic=statistic, min_steps=min_steps, seed=seed, overwrite=overwrite)
+                             statistic=statistic, min_steps=min_steps, max_steps=max_steps, layers=layers, seed=seed,
+                             overwrite=overwrite)
     gate, risk, calib, test = report["gate"], report["risk"], report["calibration"], report["test"]
-    click.echo(f"gate: {gate['mode']}, tau {gate['tau']:.4f} on the {gate['statistic']} confidence"
-               + (f", at least {gate['min_steps']} steps" if gate["mode"] == "prefix" else ""))
+    click.echo(f"gate: {describe_gate(gate)}")
     click.echo(f"certified: {risk['guarantee']}; (1 - delta) upper bound on the risk at tau: {risk['upper_bound']:.4f}")
     for name, part in (("calibration half", calib), ("test half", test)):
         click.echo(f"{name} ({part['frames']} chunks): acceptance {part['coverage']:.3f}, risk {part['risk']:.4f}, "
@@ -622,6 +629,10 @@ def _float_list(text: str | None) -> list[float]:
 @click.option("--delta", default=0.1, show_default=True, help="Calibration: allowed probability that the guarantee fails.")
 @click.option("--tolerance", default=1.0, show_default=True, help="Calibration: error tolerance in units of the main model's own error.")
 @click.option("--min-steps", default=6, show_default=True, help="Calibration, prefix mode: fewest leading steps worth accepting.")
+@click.option("--max-steps", type=POSITIVE, default=None, help="Calibration: " + MAX_STEPS_HELP)
+@click.option("--confidence-layers", "layers", type=POSITIVE, default=None, help="Calibration: " + LAYERS_HELP)
+@click.option("--replan-every", type=POSITIVE, default=None,
+              help="Steps every policy (main-only too) executes from each chunk before replanning (default: the whole chunk).")
 @click.option("--rule", default="within:5", show_default=True,
               help="Operating point: 'within:P' (fastest setting within P success points of main-only) or 'fastest'.")
 @click.option("--engine", default="auto", show_default=True, help="Bundle engine: auto, tensorrt, onnx, torchscript, torch.")
@@ -631,15 +642,16 @@ def _float_list(text: str | None) -> list[float]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write success vs speed-up (PNG).")
 @click.option("--image-size", type=int, default=None, help="Camera frame side given to the policy (default: the environment's).")
 def sweep_command(policy: str, bundle: str, env_name: str, episodes: int, seed: int, taus: str | None, modes: str, alphas: str | None,
-                  draft: str | None, features: str | None, delta: float, tolerance: float, min_steps: int, rule: str, engine: str,
-                  device: str | None, warmup: int, json_path: str | None, plot_path: str | None, image_size: int | None) -> None:
+                  draft: str | None, features: str | None, delta: float, tolerance: float, min_steps: int, max_steps: int | None,
+                  layers: int | None, replan_every: int | None, rule: str, engine: str, device: str | None, warmup: int, json_path: str | None,
+                  plot_path: str | None, image_size: int | None) -> None:
     """Success, acceptance and compute per control step of main-only and each gate setting on the same seeds."""
     from rsd.bench.frontier import run_sweep_command, sweep_json_line
 
     report = run_sweep_command(policy, bundle, env_name, episodes, seed, _float_list(taus),
                                [m.strip() for m in modes.split(",") if m.strip()] if alphas else [], _float_list(alphas), draft, features,
-                               delta, tolerance, min_steps, rule, engine, device, warmup, json_path, plot_path,
-                               {} if image_size is None else {"image_size": image_size})
+                               delta, tolerance, min_steps, max_steps, layers, rule, engine, device, warmup, json_path, plot_path,
+                               {} if image_size is None else {"image_size": image_size}, replan_every=replan_every)
     click.echo(report["markdown"])
     click.echo(sweep_json_line(report))
 

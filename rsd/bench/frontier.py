@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from rsd.bench.timing import hardware_card
-from rsd.bundle import read_manifest
+from rsd.bundle import gate_steps_text, read_manifest
 from rsd.envs.base import make_env
 from rsd.envs.evaluate import EpisodeResult, EvalReport, evaluate, format_comparison, wilson_interval
 from rsd.errors import ConfigError
@@ -104,6 +104,8 @@ def gate_settings(
     delta: float = 0.1,
     tolerance: float = 1.0,
     min_steps: int = 6,
+    max_steps: int | None = None,
+    layers: int | None = None,
 ) -> list[GateSetting]:
     """The bundle's gate, its threshold replaced by each of `taus`, and the gate certified for each mode and alpha.
 
@@ -120,7 +122,7 @@ def gate_settings(
                           f"draft={draft}, features={features}.")
     for mode, alpha in pairs:
         report = calibrate(draft, features, None, alpha=alpha, delta=delta, tolerance=tolerance, mode=mode,
-                           min_steps=min_steps, plot=False)
+                           min_steps=min_steps, max_steps=max_steps if mode == "prefix" else None, layers=layers, plot=False)
         source = {"kind": "calibration", "alpha": alpha, "delta": delta, "tolerance": tolerance,
                   "upper_bound": report["risk"]["upper_bound"], "test_acceptance": report["test"]["coverage"],
                   "test_risk": report["test"]["risk"]}
@@ -143,8 +145,11 @@ def run_sweep(
     warmup: int = 3,
     env_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    replan_every: int | None = None,
 ) -> dict[str, Any]:
-    """Main-only and one speculative policy per gate setting on the same `seeds`, interleaved; the frontier report."""
+    """Main-only and one speculative policy per gate setting on the same `seeds`, interleaved; the frontier report.
+
+    Every policy executes `replan_every` steps of each chunk before it replans (None: the whole chunk)."""
     if not seeds:
         raise ConfigError("sweep: expected at least one seed, got none.")
     if not settings:
@@ -152,10 +157,10 @@ def run_sweep(
     margin = parse_rule(rule)
     world = make_env(env, **(env_kwargs or {}))
     loaded = load_bundle_engines(bundle, main, engine=engine)
-    policies: dict[str, MainOnlyPolicy | SpeculativePolicy] = {BASELINE: MainOnlyPolicy(main)}
+    policies: dict[str, MainOnlyPolicy | SpeculativePolicy] = {BASELINE: MainOnlyPolicy(main, replan_every)}
     for setting in settings:  # the engines are stateless, so every speculative policy shares the bundle's
         engine_for_gate = SpeculativeEngine(main, loaded.draft, loaded.decoders, loaded.exit_layer, setting.gate)
-        policies[setting.name] = SpeculativePolicy(main, engine_for_gate)
+        policies[setting.name] = SpeculativePolicy(main, engine_for_gate, replan_every)
     first = world.reset(seeds[0])
     for policy in policies.values():  # warm-up chunks (lazy initialisation, caches): excluded from every figure
         for _ in range(warmup):
@@ -184,6 +189,7 @@ def run_sweep(
         "engine": loaded.engine,
         "exit_layer": loaded.exit_layer,
         "seeds": [int(s) for s in seeds],
+        "replan_every": replan_every,
         "warmup_chunks_excluded": warmup,
         "rule": rule,
         "rows": rows,
@@ -233,18 +239,24 @@ def _pick(rows: list[dict[str, Any]], margin: float | None) -> str:
     return min(candidates, key=lambda r: r["ms_per_step"])["name"] if candidates else base["name"]
 
 
+def _executed_text(replan_every: int | None) -> str:
+    """How much of each chunk the sweep's policies execute, for the table's caption."""
+    return "whole chunks executed" if replan_every is None else f"the first {replan_every} steps of each chunk executed"
+
+
 def format_sweep(report: dict[str, Any]) -> str:
     """The frontier as a markdown table, the rule and its operating point."""
     card = report["hardware"]
     lines = [f"Sweep on `{report['env']}`, {len(report['seeds'])} seeds ({report['seeds'][0]}..{report['seeds'][-1]}), interleaved "
              f"per seed; bundle engine {report['engine']}, exit layer {report['exit_layer']}; {card['device']} {card['dtype']}, "
-             f"{card['cpu_threads']} torch threads; {report['warmup_chunks_excluded']} warm-up chunks per policy excluded.", "",
+             f"{card['cpu_threads']} torch threads; {report['warmup_chunks_excluded']} warm-up chunks per policy excluded; "
+             f"{_executed_text(report.get('replan_every'))}.", "",
              "| policy | gate | success | 95 % CI | acceptance | steps / accepted chunk | ms / control step | time vs main-only |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         gate = row["gate"]
-        gate_text = "-" if gate is None else f"{gate['mode']}, {gate['statistic']} >= {gate['tau']:.4f}" + (
-            f", >= {gate['min_steps']} steps" if gate["mode"] == "prefix" else "")
+        read = "" if gate is None or gate.get("layers") is None else f" (coarsest {gate['layers']})"
+        gate_text = "-" if gate is None else f"{gate['mode']}, {gate['statistic']}{read} >= {gate['tau']:.4f}{gate_steps_text(gate)}"
         acceptance = "-" if row["acceptance"] is None else f"{row['acceptance']:.3f}"
         steps = "-" if row["mean_accepted_steps"] is None else f"{row['mean_accepted_steps']:.2f}"
         low, high = row["success_ci95"]
@@ -303,6 +315,8 @@ def run_sweep_command(
     delta: float = 0.1,
     tolerance: float = 1.0,
     min_steps: int = 6,
+    max_steps: int | None = None,
+    layers: int | None = None,
     rule: str = "within:5",
     engine: str = "auto",
     device: str | None = None,
@@ -311,6 +325,7 @@ def run_sweep_command(
     plot_path: str | Path | None = None,
     env_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    replan_every: int | None = None,
 ) -> dict[str, Any]:
     """The whole `rsd sweep`: load the main model, build the gate settings, sweep, write JSON and the plot."""
     if episodes < 1:
@@ -318,8 +333,9 @@ def run_sweep_command(
     parse_rule(rule)
     main = policy if isinstance(policy, MainModel) else load_main(policy, device, None)
     bundle_gate = Gate.from_json(read_manifest(bundle), f"{bundle}/manifest.json")
-    settings = gate_settings(bundle_gate, taus, modes, alphas, draft, features, delta, tolerance, min_steps)
-    report = run_sweep(main, bundle, env, list(range(seed, seed + episodes)), settings, rule, engine, warmup, env_kwargs, progress)
+    settings = gate_settings(bundle_gate, taus, modes, alphas, draft, features, delta, tolerance, min_steps, max_steps, layers)
+    report = run_sweep(main, bundle, env, list(range(seed, seed + episodes)), settings, rule, engine, warmup, env_kwargs, progress,
+                       replan_every)
     if json_path:
         Path(json_path).write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, allow_nan=True) + "\n")
     if plot_path:

@@ -93,7 +93,7 @@ def export_draft(
                                   f"the tokenizer {tokenizer} has {to_dict(tok.config)}. Export with the tokenizer the draft was trained on.")
         if "main_fingerprint" not in meta:
             raise CheckpointError(f"{draft}/{DRAFT_FILE}.json: expected a main_fingerprint, found none. Re-train with `rsd train-draft`.")
-        gate = _read_calibration(calibration, meta["main_fingerprint"], head.config.exit_layer, tok.config.chunk_len)
+        gate = _read_calibration(calibration, meta["main_fingerprint"], head.config.exit_layer, tok.config.chunk_len, tok.config.coarse_layers)
         hidden, tokens, inputs_info = parity_inputs(head, tok, meta, features, seed)
         refs = references(head, tok, precision, device)
         engines = [_build_engine(fmt, graph, staging, refs, hidden, tokens, dry_run, opset, device)
@@ -134,7 +134,7 @@ def _copy_sources(draft: Path, tokenizer: Path, staging: Path) -> list[dict[str,
     return [file_entry(staging, target) for _, target in copies]
 
 
-def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int, chunk_len: int) -> dict[str, Any]:
+def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int, chunk_len: int, coarse_layers: int) -> dict[str, Any]:
     """The gate of a calibration.json made for the same main model and exit layer (`Gate.from_json` reads older files too)."""
     if path is None:
         log.warning("export-draft: no --calibration given; tau = inf, so the draft is never accepted until you calibrate.")
@@ -148,7 +148,7 @@ def _read_calibration(path: str | Path | None, fingerprint: str, exit_layer: int
                               f"but the draft was trained for {fingerprint!r}. Calibrate this draft with `rsd calibrate`.")
     if data.get("exit_layer") != exit_layer:
         raise CheckpointError(f"{path}: calibrated at exit layer {data.get('exit_layer')!r}, but the draft reads exit layer {exit_layer}.")
-    return {"gate": Gate.from_json(data, str(path), chunk_len=chunk_len), "calibrated": True,
+    return {"gate": Gate.from_json(data, str(path), chunk_len=chunk_len, coarse_layers=coarse_layers), "calibrated": True,
             "calibration": {"file": str(path), "sha256": sha256_file(path)}}
 
 

@@ -125,5 +125,5 @@ def load_bundle_engines(bundle: str | Path, main: MainModel, engine: str = "auto
         draft = DRAFT_ENGINES[name](bundle_file(bundle, entries["draft"]["files"][0]["path"]), device,
                                     resolve_dtype(entries["draft"]["precision"]))
         decoders = {c: DECODER_ENGINES[name](bundle_file(bundle, entries[f"decoder_c{c}"]["files"][0]["path"]), device, c) for c in layers}
-    gate = Gate.from_json(manifest, str(bundle / "manifest.json"), chunk_len=shapes["chunk_len"])
+    gate = Gate.from_json(manifest, str(bundle / "manifest.json"), chunk_len=shapes["chunk_len"], coarse_layers=shapes["coarse_layers"])
     return LoadedBundle(draft=draft, decoders=decoders, exit_layer=int(manifest["exit_layer"]), gate=gate, manifest=manifest, engine=name)

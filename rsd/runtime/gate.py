@@ -7,14 +7,21 @@ whole chunk. Two modes, chosen and calibrated by `rsd calibrate` and stored in t
   of the max softmax probability) reaches `tau`.
 - "prefix" (partial acceptance): the leading steps whose confidence ("step": the min over that step's coarse
   tokens) all reach `tau` are accepted, provided there are at least `min_steps` of them; the policy executes
-  only those steps and replans sooner, so its action queue never repeats or skips a step.
+  only those steps and replans sooner, so its action queue never repeats or skips a step. `max_steps` caps the
+  accepted run at the steps the policy executes per chunk (its `replan_every`): calibration then judges exactly
+  the executed steps, and `min_steps = max_steps = N` accepts the first N steps all or nothing.
+
+The confidence reads the coarse RFSQ layers' tokens; `layers` limits it to the coarsest few. The finer layers
+correct a residual at a smaller scale, so an unsure fine token barely moves the action, yet with all C layers
+read the least sure token of a step is nearly always a fine one and the confidence hardly separates good drafts
+from bad ones (`rsd calibrate` reports how well it does on held-out chunks).
 
 In both modes tau = 0 accepts every chunk in full (every confidence is >= 0) and tau = inf accepts nothing, so
 the speculative engine then returns exactly the draft's or exactly the main model's chunk. The same rule
 (`Gate.accepted_steps`) drives calibration (`rsd.training.calibrate`) and the runtime (`rsd.runtime.speculative`).
 
 Usage:
-    gate = Gate(tau=0.62, mode="prefix", statistic="step", min_steps=6)
+    gate = Gate(tau=0.62, mode="prefix", statistic="step", min_steps=6)   # or min_steps=4, max_steps=4 with replan_every=4
     steps = gate.accepted_steps(confidence, confidence_min, step_confidence(logits, chunk_len=8, latent_dim=16))
 """
 
@@ -26,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from rsd.bundle import gate_fields
+from rsd.bundle import describe_gate, gate_fields
 from rsd.errors import CheckpointError, ConfigError, ShapeError
 
 Mode = Literal["chunk", "prefix"]
@@ -42,6 +49,8 @@ class Gate:
     mode: Mode = "chunk"  # "chunk": all or nothing; "prefix": the confident leading steps
     statistic: Statistic = "mean"  # chunk: "mean" or "min" over the coarse tokens; prefix: "step"
     min_steps: int = 1  # prefix: fewest leading steps worth accepting (chunk mode ignores it)
+    max_steps: int | None = None  # prefix: most leading steps accepted, the steps the policy executes per chunk (None: all)
+    layers: int | None = None  # coarse layers the confidence reads, coarsest first (None: all C the draft predicts)
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, int | float) or math.isnan(self.tau) or self.tau < 0:
@@ -53,29 +62,47 @@ class Gate:
             raise ConfigError(f"Gate.statistic: expected one of {STATISTICS[self.mode]} for mode {self.mode!r}, got {self.statistic!r}.")
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
             raise ConfigError(f"Gate.min_steps: expected an int >= 1, got {self.min_steps!r}.")
+        if self.layers is not None and (isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1):
+            raise ConfigError(f"Gate.layers: expected None or an int >= 1, got {self.layers!r}.")
+        if self.max_steps is not None:
+            if self.mode != "prefix":
+                raise ConfigError(f"Gate.max_steps: expected None in chunk mode (a chunk gate judges the whole chunk), got {self.max_steps!r}.")
+            if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < self.min_steps:
+                raise ConfigError(f"Gate.max_steps: expected None or an int >= min_steps {self.min_steps}, got {self.max_steps!r}.")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str, chunk_len: int | None = None) -> Gate:
+    def from_json(cls, data: dict[str, Any], source: str, chunk_len: int | None = None, coarse_layers: int | None = None) -> Gate:
         """The gate of a manifest or calibration.json (`rsd.bundle.gate_fields`); an invalid one is a CheckpointError."""
         fields = gate_fields(data, source)
         try:
             gate = cls(**fields)
         except (ConfigError, TypeError) as error:
             raise CheckpointError(f"{source}: expected a valid gate, got {fields}: {error}") from error
-        if chunk_len is not None and gate.mode == "prefix" and gate.min_steps > chunk_len:
-            raise CheckpointError(f"{source}: expected a prefix gate's min_steps of at most the chunk length {chunk_len}, "
-                                  f"got {gate.min_steps}. Re-run `rsd calibrate`.")
+        if chunk_len is not None and gate.mode == "prefix" and max(gate.min_steps, gate.max_steps or 0) > chunk_len:
+            raise CheckpointError(f"{source}: expected a prefix gate's min_steps and max_steps of at most the chunk length {chunk_len}, "
+                                  f"got {gate.min_steps} and {gate.max_steps}. Re-run `rsd calibrate`.")
+        if coarse_layers is not None and (gate.layers or 0) > coarse_layers:
+            raise CheckpointError(f"{source}: expected a gate reading at most the draft's {coarse_layers} coarse layers, got layers "
+                                  f"{gate.layers}. Re-run `rsd calibrate`.")
         return gate
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's "gate" object."""
-        return {"tau": self.tau, "mode": self.mode, "statistic": self.statistic, "min_steps": self.min_steps}
+        return {"tau": self.tau, "mode": self.mode, "statistic": self.statistic, "min_steps": self.min_steps, "max_steps": self.max_steps,
+                "layers": self.layers}
 
     def describe(self) -> str:
         """One line, e.g. "prefix gate, tau 0.6200 on the step confidence, at least 4 steps"."""
-        tau = "inf (never accept)" if math.isinf(self.tau) else f"{self.tau:.4f}"
-        extra = f", at least {self.min_steps} steps" if self.mode == "prefix" else ""
-        return f"{self.mode} gate, tau {tau} on the {self.statistic} confidence{extra}"
+        return describe_gate(self.to_json())
+
+    def confidences(self, top: torch.Tensor, chunk_len: int, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three confidences `accepted_steps` reads, from the draft's max softmax probabilities `top [B, C, H*d]`:
+        mean `[B]` and min `[B]` over the tokens of the layers read, and per step the min over its tokens `[B, H]`."""
+        if top.ndim != 3 or top.shape[2] != chunk_len * latent_dim or (self.layers or 0) > top.shape[1]:
+            raise ShapeError(f"Gate.confidences: expected top probabilities [B, C >= {self.layers or 1}, {chunk_len * latent_dim}], "
+                             f"got {tuple(top.shape)}.")
+        read = top[:, : self.layers].float()
+        return read.flatten(1).mean(dim=1), read.flatten(1).amin(dim=1), step_confidence(read, chunk_len, latent_dim)
 
     def statistic_of(self, mean: torch.Tensor, minimum: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """The value `[B]` compared with tau: a row is accepted exactly when it reaches tau."""
@@ -98,8 +125,8 @@ class Gate:
         if self.mode == "chunk":
             # all or nothing: the whole chunk when its confidence reaches tau
             return torch.where(self.statistic_of(mean, minimum, step) >= self.tau, horizon, 0).to(torch.int64)
-        # partial acceptance: the run of leading steps whose confidence reaches tau, if it is min_steps long
-        leading = torch.cumprod((step >= self.tau).to(torch.int64), dim=1).sum(dim=1)
+        # partial acceptance: the run of leading steps (up to max_steps) whose confidence reaches tau, if it is min_steps long
+        leading = torch.cumprod((step[:, : self.max_steps] >= self.tau).to(torch.int64), dim=1).sum(dim=1)
         return torch.where(leading >= self.min_steps, leading, 0)
 
 

@@ -32,7 +32,7 @@ from rsd.models.main import MainModel
 from rsd.models.processor import VLAInputs
 from rsd.runtime.compiled import CompiledSegments, Segments
 from rsd.runtime.engines import DecoderEngine, DraftEngine
-from rsd.runtime.gate import Gate, step_confidence
+from rsd.runtime.gate import Gate
 from rsd.runtime.timing import StageTimer
 from rsd.tokenizer import layers_to_tokens, tokens_to_layers
 
@@ -119,8 +119,11 @@ class SpeculativeEngine:
             raise ConfigError(f"SpeculativeEngine.verify: expected 'never' or 'always', got {verify!r}.")
         if not isinstance(gate, Gate):
             raise ConfigError(f"SpeculativeEngine.gate: expected a rsd.runtime.gate.Gate, got {type(gate).__name__} {gate!r}.")
-        if gate.mode == "prefix" and gate.min_steps > tok.chunk_len:
-            raise ConfigError(f"SpeculativeEngine.gate.min_steps: expected at most the chunk length {tok.chunk_len}, got {gate.min_steps}.")
+        if gate.mode == "prefix" and max(gate.min_steps, gate.max_steps or 0) > tok.chunk_len:
+            raise ConfigError(f"SpeculativeEngine.gate: expected min_steps and max_steps of at most the chunk length {tok.chunk_len}, "
+                              f"got {gate.min_steps} and {gate.max_steps}.")
+        if (gate.layers or 0) > tok.coarse_layers:
+            raise ConfigError(f"SpeculativeEngine.gate.layers: expected at most the draft's {tok.coarse_layers} coarse layers, got {gate.layers}.")
         self.main = main
         self.segments = segments or Segments(main)
         self.draft = self.segments.draft_engine(draft)
@@ -148,16 +151,16 @@ class SpeculativeEngine:
         with timer("prefix"):
             state = segments.advance(state, self.exit_layer)
         with timer("draft"):
-            logits, draft_layers, confidence, confidence_min = self.draft(state.query_hidden)
+            logits, draft_layers, _, _ = self.draft(state.query_hidden)
         with timer("gate"):
-            per_step = step_confidence(torch.softmax(logits.float(), dim=-1).amax(dim=-1), tok.chunk_len, tok.latent_dim)
+            mean, minimum, per_step = self.gate.confidences(torch.softmax(logits.float(), dim=-1).amax(dim=-1), tok.chunk_len, tok.latent_dim)
             # The acceptance rule (rsd.runtime.gate): a row returns the draft's chunk when its calibrated confidence
             # reaches tau, all of it ("chunk") or the run of leading steps whose confidence reaches tau if it is at
             # least min_steps long ("prefix"); tau = 0 accepts every chunk in full, tau = inf none. Rejected rows
             # resume the main model from the stored layer-k states, so no layer below exit_layer runs twice, and
             # execute the main model's whole chunk.
-            draft_steps = self.gate.accepted_steps(confidence.float(), confidence_min.float(), per_step)
-            statistic = self.gate.statistic_of(confidence.float(), confidence_min.float(), per_step)
+            draft_steps = self.gate.accepted_steps(mean, minimum, per_step)
+            statistic = self.gate.statistic_of(mean, minimum, per_step)
             decision = torch.stack([draft_steps.double(), statistic.double()]).cpu()  # the one synchronisation
         accepted = decision[0] > 0
         steps = torch.where(accepted, decision[0].to(torch.int64), tok.chunk_len)

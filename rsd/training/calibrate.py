@@ -13,7 +13,9 @@ Gate modes:
   its coarse tokens) reaches tau, if at least `min_steps` of them do; the policy executes them and replans
   sooner. A chunk is bad when any accepted step is. A prefix of s steps pays only if s > H * t_accept / t_reject
   (chunk times of the accept and reject paths; `rsd bench-latency`): about 5 of 8 for the tiny preset on a CPU,
-  hence the default of 6.
+  hence the default of 6. A policy that executes only N steps of any chunk (`replan_every=N`) never runs the
+  rest, so `max_steps=N` caps the accepted run there: only executed steps count towards the risk, and with
+  `min_steps=N` too the gate accepts the N executed steps all or nothing.
 
 The held-out episodes (the draft's validation split) are split by episode into a calibration half and a test
 half. On the calibration half, Learn-then-Test (`rsd.training.risk`) certifies the least strict tau with
@@ -42,7 +44,7 @@ from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
 from rsd.io import atomic_file, check_file_out, write_text_atomic
 from rsd.models.draft import DraftHead
-from rsd.runtime.gate import STATISTICS, Gate, Mode, Statistic, step_confidence
+from rsd.runtime.gate import STATISTICS, Gate, Mode, Statistic
 from rsd.tokenizer import ActionTokenizer, layers_to_tokens
 from rsd.training.features import Features, load_features
 from rsd.training.risk import learn_then_test
@@ -83,17 +85,18 @@ def gate_outcome(measured: DraftMeasurements, gate: Gate, tolerance: float,
 
 
 @torch.inference_mode()
-def measure_draft(head: DraftHead, feats: Features, rows: torch.Tensor, yardstick: torch.Tensor) -> DraftMeasurements:
-    """Confidences and per-step relative errors of the draft on feature `rows` (yardstick `[A]`, normalised units)."""
+def measure_draft(head: DraftHead, feats: Features, rows: torch.Tensor, yardstick: torch.Tensor, gate: Gate) -> DraftMeasurements:
+    """The gate's confidences (from the coarse layers it reads) and per-step relative errors of the draft on feature
+    `rows` (yardstick `[A]`, normalised units)."""
     tok = feats.tokenizer.config
     logits = torch.cat([head.forward_logits(feats.exit_hidden[rows[i : i + 512]].float()) for i in range(0, len(rows), 512)])
     top, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # [N, C, H*d]
-    per_step = step_confidence(top, tok.chunk_len, tok.latent_dim)  # [N, H]
+    mean, minimum, per_step = gate.confidences(top, tok.chunk_len, tok.latent_dim)  # [N], [N], [N, H]
     main = feats.main_tokens[rows]
     draft_actions, main_actions = decode_pair(feats.tokenizer, tokens, main)
     error = ((draft_actions - main_actions).abs() * feats.tokenizer.stats.normalized_scale() / yardstick).amax(dim=2)
     return DraftMeasurements(
-        mean=top.flatten(1).mean(1).numpy(), min=top.flatten(1).amin(1).numpy(), step=per_step.numpy(), step_error=error.numpy(),
+        mean=mean.numpy(), min=minimum.numpy(), step=per_step.numpy(), step_error=error.numpy(),
         agreement=(tokens == main[:, : tok.coarse_layers]).float().flatten(1).mean(1).numpy(), episode=feats.episode_id[rows].numpy())
 
 
@@ -121,13 +124,16 @@ def calibrate(
     mode: Mode = "prefix",
     statistic: Statistic | None = None,
     min_steps: int = 6,
+    max_steps: int | None = None,
+    layers: int | None = None,
     seed: int = 0,
     plot: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Certify tau for `draft` on held-out feature episodes (Learn-then-Test), report it on a test half; write JSON and a plot.
 
-    `statistic` defaults to the mode's own ("step" for prefix, "min" for chunk); `min_steps` applies to prefix mode.
+    `statistic` defaults to the mode's own ("step" for prefix, "min" for chunk); `min_steps` and `max_steps` (None: the
+    whole chunk) apply to prefix mode; `layers` is how many coarse layers the confidence reads (None: all).
     `out` and its plot are written atomically; an existing calibration at `out` needs `overwrite=True`.
     """
     if mode not in STATISTICS:
@@ -143,15 +149,20 @@ def calibrate(
     tok = feats.tokenizer.config
     if not 1 <= min_steps <= tok.chunk_len:
         raise ConfigError(f"calibrate --min-steps: expected an int in 1..{tok.chunk_len}, got {min_steps}.")
+    if layers is not None and not 1 <= layers <= tok.coarse_layers:
+        raise ConfigError(f"calibrate --confidence-layers: expected an int in 1..{tok.coarse_layers} (the draft's coarse layers), got {layers}.")
+    if max_steps is not None and (mode != "prefix" or not min_steps <= max_steps <= tok.chunk_len):
+        raise ConfigError(f"calibrate --max-steps: expected it with --mode prefix and in {min_steps}..{tok.chunk_len} "
+                          f"(--min-steps to the chunk length), got {max_steps} with --mode {mode}.")
     head, meta = DraftHead.load(draft, expect_hidden=int(feats.index["hidden_size"]), expect_exit_layer=feats.exit_layer,
                                 expect_fingerprint=feats.index["main_fingerprint"])
     held_out = np.array(meta["val_episodes"])
     calib_eps, test_eps = split_episodes(held_out, 0.5, seed)
     calib_rows, test_rows = feats.rows(calib_eps), feats.rows(test_eps)
     yardstick = main_model_error(feats, calib_rows).clamp_min(ERROR_FLOOR)
-    calib = measure_draft(head, feats, calib_rows, yardstick)
-    test = measure_draft(head, feats, test_rows, yardstick)
-    shape = Gate(tau=math.inf, mode=mode, statistic=stat, min_steps=min_steps if mode == "prefix" else 1)
+    shape = Gate(tau=math.inf, mode=mode, statistic=stat, min_steps=min_steps if mode == "prefix" else 1, max_steps=max_steps, layers=layers)
+    calib = measure_draft(head, feats, calib_rows, yardstick, shape)
+    test = measure_draft(head, feats, test_rows, yardstick, shape)
     confidence, outcome = gate_outcome(calib, shape, tolerance)
     control = learn_then_test(confidence, outcome, alpha, delta)
     if math.isinf(control.tau):

@@ -76,7 +76,27 @@ def test_sweep_runs_every_policy_on_the_same_seeds_interleaved(tmp_path, monkeyp
     assert report["chosen"] == min(report["rows"][1:], key=lambda r: r["ms_per_step"])["name"]
     table = report["markdown"]
     assert table.count("\n| ") == 1 + len(names) and f"{report['chosen']} **(chosen)**" in table
-    assert "prefix, step >= 0.0000, >= 3 steps" in table and "/2 (" in table
+    assert "prefix, step >= 0.0000, at least 3 steps" in table and "/2 (" in table and "whole chunks executed" in table
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["seeds"] == [500, 501] and math.isinf(saved["rows"][1]["gate"]["tau"])
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_sweep_replans_every_policy_alike(monkeypatch):
+    main = make_tiny_main()
+    main.fingerprint = "old-bundle-fixture"
+    horizons = set()
+    evaluate = frontier.evaluate
+
+    def recording(policy, world, seeds, **kwargs):
+        horizons.add(policy.policy.replan_every)
+        return evaluate(policy, world, seeds, **kwargs)
+
+    monkeypatch.setattr(frontier, "evaluate", recording)
+    capped = GateSetting("capped", Gate(tau=0.0, mode="prefix", statistic="step", min_steps=3, max_steps=3), {"kind": "test"})
+    monkeypatch.setattr(frontier, "gate_settings", lambda *args: [*gate_settings(*args), capped])
+    report = run_sweep_command(main, FIXTURE, "tabletop", episodes=1, seed=500, warmup=1, progress=False, replan_every=3)
+    assert horizons == {3} and report["replan_every"] == 3
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["capped"]["acceptance"] == 1.0 and rows["capped"]["mean_accepted_steps"] == 3.0
+    assert "the first 3 steps of each chunk executed" in report["markdown"] and "prefix, step >= 0.0000, 3 steps" in report["markdown"]

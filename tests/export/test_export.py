@@ -65,7 +65,7 @@ def test_manifest_records_shapes_engines_and_parity(bundle: Path) -> None:
     manifest = verify_bundle(bundle)
     assert manifest["kind"] == "bundle" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["main_fingerprint"] == FINGERPRINT and manifest["exit_layer"] == 3
-    assert manifest["gate"] == {"tau": math.inf, "mode": "chunk", "statistic": "mean", "min_steps": 1} and manifest["calibrated"] is False
+    assert manifest["gate"] == {"tau": math.inf, "mode": "chunk", "statistic": "mean", "min_steps": 1, "max_steps": None, "layers": None} and manifest["calibrated"] is False
     assert manifest["shapes"]["coarse_layers"] == 3 and manifest["shapes"]["num_layers"] == 8
     for name in ("draft", "decoder_c3", "decoder_c8"):
         for fmt in ("onnx", "torchscript"):
@@ -179,19 +179,24 @@ def test_cli_export_with_an_older_calibration(sources: dict[str, Path], tmp_path
     assert result.exit_code == 0, result.output
     assert "decoder_c8" in result.output
     manifest = verify_bundle(out)
-    assert manifest["gate"] == {"tau": 0.25, "mode": "chunk", "statistic": "min", "min_steps": 1} and manifest["calibrated"] is True
+    assert manifest["gate"] == {"tau": 0.25, "mode": "chunk", "statistic": "min", "min_steps": 1, "max_steps": None, "layers": None} and manifest["calibrated"] is True
     assert {e["format"] for e in manifest["engines"]} == {"torchscript"}
     assert "chunk gate, tau 0.2500 on the min confidence" in CliRunner().invoke(cli, ["inspect", str(out)]).output
 
 
 def test_prefix_gate_of_the_calibration_reaches_the_runtime(sources: dict[str, Path], tmp_path: Path, main_model) -> None:
-    gate = Gate(tau=0.4, mode="prefix", statistic="step", min_steps=3)
+    gate = Gate(tau=0.4, mode="prefix", statistic="step", min_steps=3, max_steps=4, layers=1)
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps({"gate": gate.to_json(), "exit_layer": 3, "main_fingerprint": FINGERPRINT}))
     export_draft(sources["draft"], sources["tokenizer"], tmp_path / "bundle", formats=("torchscript",), calibration=calibration)
     assert load_bundle_engines(tmp_path / "bundle", main_model, engine="torchscript").gate == gate
-    assert "prefix gate, tau 0.4000 on the step confidence, at least 3 leading steps" in format_manifest(read_manifest(tmp_path / "bundle"))
-    calibration.write_text(json.dumps({"gate": {**gate.to_json(), "min_steps": 9}, "exit_layer": 3, "main_fingerprint": FINGERPRINT}))
+    assert ("prefix gate, tau 0.4000 on the step confidence of the coarsest 1 layer, at least 3 steps, at most 4"
+            in format_manifest(read_manifest(tmp_path / "bundle")))
+    calibration.write_text(json.dumps({"gate": {**gate.to_json(), "layers": 4}, "exit_layer": 3, "main_fingerprint": FINGERPRINT}))
+    with pytest.raises(CheckpointError, match="at most the draft's 3 coarse layers, got layers 4"):
+        export_draft(sources["draft"], sources["tokenizer"], tmp_path / "b3", formats=("torchscript",), calibration=calibration)
+    calibration.write_text(json.dumps({"gate": {**gate.to_json(), "min_steps": 9, "max_steps": None}, "exit_layer": 3,
+                                       "main_fingerprint": FINGERPRINT}))
     with pytest.raises(CheckpointError, match="at most the chunk length 8, got 9"):
         export_draft(sources["draft"], sources["tokenizer"], tmp_path / "b2", formats=("torchscript",), calibration=calibration)
 

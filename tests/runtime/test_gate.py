@@ -27,6 +27,11 @@ MIN = torch.tensor([0.6, 0.5, 0.9])
         ({"tau": 0.5, "mode": "prefix", "statistic": "mean"}, r"\('step',\)"),
         ({"tau": 0.5, "mode": "prefix", "statistic": "step", "min_steps": 0}, "min_steps"),
         ({"tau": 0.5, "min_steps": 2.0}, "min_steps"),
+        ({"tau": 0.5, "max_steps": 4}, "max_steps: expected None in chunk mode"),
+        ({"tau": 0.5, "mode": "prefix", "statistic": "step", "min_steps": 4, "max_steps": 3}, "max_steps: expected None or an int >= min_steps 4"),
+        ({"tau": 0.5, "mode": "prefix", "statistic": "step", "max_steps": 2.0}, "max_steps"),
+        ({"tau": 0.5, "layers": 0}, "layers"),
+        ({"tau": 0.5, "layers": True}, "layers"),
     ],
 )
 def test_invalid_gates_are_refused(fields, message):
@@ -53,6 +58,15 @@ def test_prefix_gate_accepts_the_confident_leading_run_if_long_enough():
     assert gate.statistic_of(MEAN, MIN, STEP).tolist() == pytest.approx([0.8, 0.5, 0.9])  # min of the first min_steps
 
 
+def test_max_steps_caps_the_accepted_run_at_the_executed_steps():
+    capped = Gate(tau=0.7, mode="prefix", statistic="step", min_steps=2, max_steps=2)
+    assert capped.accepted_steps(MEAN, MIN, STEP).tolist() == [2, 0, 2]
+    exact = Gate(tau=0.75, mode="prefix", statistic="step", min_steps=2, max_steps=2)  # row 0's third step (0.7) no longer matters
+    assert exact.accepted_steps(MEAN, MIN, STEP).tolist() == [2, 0, 2]
+    assert Gate(tau=0.75, mode="prefix", statistic="step", min_steps=3).accepted_steps(MEAN, MIN, STEP).tolist() == [0, 0, 4]
+    assert Gate(tau=0.0, mode="prefix", statistic="step", min_steps=1, max_steps=3).accepted_steps(MEAN, MIN, STEP).tolist() == [3, 3, 3]
+
+
 def test_tau_zero_accepts_everything_in_full_and_inf_nothing():
     for gate in (Gate(tau=0.0, statistic="min"), Gate(tau=0.0, mode="prefix", statistic="step", min_steps=4)):
         assert gate.accepted_steps(MEAN, MIN, STEP).tolist() == [4, 4, 4]
@@ -76,12 +90,36 @@ def test_step_confidence_is_the_min_over_layers_and_latent_dims_of_each_step():
         step_confidence(top[..., :6], chunk_len=2, latent_dim=4)
 
 
+def test_confidences_read_only_the_coarsest_layers_named():
+    top = torch.ones(1, 3, 2 * 4)  # C = 3 layers, H = 2 steps, d = 4
+    top[0, 0, 1] = 0.8  # layer 0, step 0
+    top[0, 2, 5] = 0.3  # layer 2, step 1: a fine layer
+    mean, minimum, step = Gate(tau=0.5).confidences(top, chunk_len=2, latent_dim=4)
+    assert minimum.tolist() == [pytest.approx(0.3)] and step.tolist() == [[pytest.approx(0.8), pytest.approx(0.3)]]
+    assert mean.tolist() == [pytest.approx((24 - 0.2 - 0.7) / 24)]
+    mean, minimum, step = Gate(tau=0.5, layers=1).confidences(top, chunk_len=2, latent_dim=4)
+    assert minimum.tolist() == [pytest.approx(0.8)] and step.tolist() == [[pytest.approx(0.8), 1.0]]
+    assert mean.tolist() == [pytest.approx((8 - 0.2) / 8)]
+    with pytest.raises(ShapeError, match=r"C >= 4"):
+        Gate(tau=0.5, layers=4).confidences(top, chunk_len=2, latent_dim=4)
+
+
 def test_gate_round_trips_and_old_fields_fall_back_to_a_chunk_gate():
     gate = Gate(tau=0.62, mode="prefix", statistic="step", min_steps=3)
     assert Gate.from_json({"gate": gate.to_json()}, "m.json") == gate
     old = Gate.from_json({"tau": 0.25, "gate_statistic": "min"}, "old.json")
     assert old == Gate(tau=0.25, mode="chunk", statistic="min")
     assert "prefix gate, tau 0.6200 on the step confidence, at least 3 steps" == gate.describe()
+    assert gate.max_steps is None and Gate.from_json({"gate": {k: v for k, v in gate.to_json().items() if k != "max_steps"}}, "m.json") == gate
+    capped = Gate(tau=0.62, mode="prefix", statistic="step", min_steps=3, max_steps=5)
+    assert Gate.from_json({"gate": capped.to_json()}, "m.json") == capped
+    assert capped.describe().endswith("at least 3 steps, at most 5")
+    assert Gate(tau=0.5, mode="prefix", statistic="step", min_steps=4, max_steps=4).describe().endswith("confidence, 4 steps")
+    coarsest = Gate(tau=0.5, statistic="min", layers=1)
+    assert Gate.from_json({"gate": coarsest.to_json()}, "m.json", coarse_layers=3) == coarsest
+    assert coarsest.describe() == "chunk gate, tau 0.5000 on the min confidence of the coarsest 1 layer"
+    with pytest.raises(CheckpointError, match="at most the draft's 3 coarse layers, got layers 4"):
+        Gate.from_json({"gate": Gate(tau=0.5, layers=4).to_json()}, "m.json", coarse_layers=3)
 
 
 @pytest.mark.parametrize(
@@ -102,5 +140,8 @@ def test_invalid_gate_in_a_file_is_a_checkpoint_error(data, message):
 
 def test_prefix_gate_longer_than_the_chunk_is_refused_on_load():
     data = {"gate": Gate(tau=0.5, mode="prefix", statistic="step", min_steps=9).to_json()}
-    with pytest.raises(CheckpointError, match="at most the chunk length 8, got 9"):
+    with pytest.raises(CheckpointError, match="at most the chunk length 8, got 9 and None"):
+        Gate.from_json(data, "bundle/manifest.json", chunk_len=8)
+    data = {"gate": Gate(tau=0.5, mode="prefix", statistic="step", min_steps=2, max_steps=9).to_json()}
+    with pytest.raises(CheckpointError, match="at most the chunk length 8, got 2 and 9"):
         Gate.from_json(data, "bundle/manifest.json", chunk_len=8)

@@ -158,6 +158,22 @@ def test_prefix_gate_returns_exactly_the_confident_leading_steps_and_the_queue_r
     assert not chunk.accepted and chunk.steps == horizon and np.array_equal(chunk.actions, main_chunk.actions)
 
 
+def test_the_gate_reads_only_the_coarse_layers_it_names_and_caps_the_executed_steps(tiny_main):
+    _, draft = speculative(tiny_main, 0.0)
+    obs = make_observation(3)
+    tok = tiny_main.tokenizer.config
+    with torch.inference_mode():
+        inputs = tiny_main.prepare(obs["image"][None, None], [obs["instruction"]], obs["proprio"][None])
+        top = torch.softmax(draft.forward_logits(tiny_main.vla.prefix(inputs, EXIT).query_hidden), dim=-1).amax(dim=-1)
+    coarsest = top[:, :1].reshape(tok.chunk_len, tok.latent_dim).amin(dim=1)  # [H] per step, layer 0 only
+    gate = Gate(tau=float(coarsest[:3].min()), mode="prefix", statistic="step", min_steps=3, max_steps=3, layers=1)
+    chunk = speculative(tiny_main, 0.0, gate=gate)[0].predict_chunk(obs)
+    assert chunk.accepted and chunk.steps == 3 and chunk.confidence == pytest.approx(float(coarsest[:3].min()))
+    assert float(_draft_step_confidence(tiny_main, draft, obs)[:3].min()) <= chunk.confidence  # all layers: never above
+    with pytest.raises(ConfigError, match="at most the draft's 3 coarse layers, got 4"):
+        speculative(tiny_main, 0.0, gate=dataclasses.replace(gate, layers=tok.coarse_layers + 1))
+
+
 def test_prefix_gate_at_tau_zero_and_inf_keeps_the_exact_equivalences(tiny_main):
     obs = make_observation(2)
     prefix = Gate(tau=0.0, mode="prefix", statistic="step", min_steps=8)

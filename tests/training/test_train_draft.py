@@ -167,6 +167,19 @@ def test_calibrate_command_certifies_a_gate_and_reports_the_test_half(trained_dr
         assert text in result.output
     bad = CliRunner().invoke(cli, [*args[:-4], "--mode", "chunk", "--statistic", "step"])
     assert bad.exit_code == 1 and "ConfigError" in bad.output and "('mean', 'min')" in bad.output
+    capped = CliRunner().invoke(cli, [*args, "--max-steps", "4", "--overwrite"])
+    assert capped.exit_code == 0, capped.output + repr(capped.exception)
+    gate = Gate.from_json(json.loads(out.read_text()), str(out), chunk_len=8)
+    assert gate.max_steps == 4 and "at least 2 steps, at most 4" in capped.output
+    assert json.loads(out.read_text())["test"]["steps_per_accepted"] <= 4
+    for extra in (["--max-steps", "1"], ["--max-steps", "9"]):
+        refused = CliRunner().invoke(cli, [*args, *extra, "--overwrite"])
+        assert refused.exit_code == 1 and "--max-steps: expected it with --mode prefix and in 2..8" in refused.output
+    coarsest = CliRunner().invoke(cli, [*args, "--confidence-layers", "1", "--overwrite"])
+    assert coarsest.exit_code == 0 and "of the coarsest 1 layer" in coarsest.output
+    assert Gate.from_json(json.loads(out.read_text()), str(out), coarse_layers=3).layers == 1
+    refused = CliRunner().invoke(cli, [*args, "--confidence-layers", "4", "--overwrite"])
+    assert refused.exit_code == 1 and "--confidence-layers: expected an int in 1..3" in refused.output
 
 
 def measurements(mean, step, step_error, agreement):
@@ -207,3 +220,5 @@ def test_prefix_risk_counts_only_the_accepted_steps() -> None:
     confidence, outcome = gate_outcome(measured, gate, tolerance=1.0)
     assert confidence.tolist() == pytest.approx([0.8, 0.9, 0.2])
     assert outcome(0.85)[2].tolist() == [0, 4, 0]  # row 0 passes only its first step: fewer than min_steps
+    executed = summarize_gate(measured, Gate(tau=0.5, mode="prefix", statistic="step", min_steps=2, max_steps=3), tolerance=1.0)
+    assert executed["accepted"] == 2 and executed["steps_per_accepted"] == 2.5 and executed["risk"] == 0.0  # row 1's bad step 3 is not run
