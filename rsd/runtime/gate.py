@@ -13,8 +13,9 @@ whole chunk. Two modes, chosen and calibrated by `rsd calibrate` and stored in t
 
 The confidence reads the coarse RFSQ layers' tokens; `layers` limits it to the coarsest few. The finer layers
 correct a residual at a smaller scale, so an unsure fine token barely moves the action, yet with all C layers
-read the least sure token of a step is nearly always a fine one and the confidence hardly separates good drafts
-from bad ones (`rsd calibrate` reports how well it does on held-out chunks).
+read the least sure token of a step is nearly always a fine one. On held-out chunks the coarsest layer alone
+ranks bad drafts better; in closed loop it did no better at equal acceptance (docs/results.md), so the default
+reads all C.
 
 In both modes tau = 0 accepts every chunk in full (every confidence is >= 0) and tau = inf accepts nothing, so
 the speculative engine then returns exactly the draft's or exactly the main model's chunk. The same rule
@@ -22,7 +23,8 @@ the speculative engine then returns exactly the draft's or exactly the main mode
 
 Usage:
     gate = Gate(tau=0.62, mode="prefix", statistic="step", min_steps=6)   # or min_steps=4, max_steps=4 with replan_every=4
-    steps = gate.accepted_steps(confidence, confidence_min, step_confidence(logits, chunk_len=8, latent_dim=16))
+    mean, minimum, step = gate.confidences(top_probabilities, chunk_len=8, latent_dim=16)   # top [B, C, H*d]
+    steps = gate.accepted_steps(mean, minimum, step)
 """
 
 from __future__ import annotations
