@@ -119,6 +119,7 @@ class LLMConfig:
 
 
 CONV_TOKENS = ("keypoints", "grid")
+FILM_VALUES = ("words+positions", "words")  # what the FiLM summary's attention averages (positions always steer it)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class ConvConfig:
     fourier_bands: int = 6  # sin/cos frequencies of the coordinate features
     film: bool = True  # FiLM: every conv stage scaled and shifted by a linear map of an order-aware instruction summary
     film_queries: int = 2  # learned queries of that summary (each attends over the instruction's words and positions)
+    film_values: str = "words+positions"  # what the summary averages: "words+positions" (before 2026-11-26) or "words"
     groups: int = 8  # GroupNorm groups
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation std
@@ -146,6 +148,7 @@ class ConvConfig:
         _check(len(self.channels) == 4 and all(isinstance(c, int) and c > 0 and c % self.groups == 0 for c in self.channels),
                "ConvConfig", "channels", f"4 positive widths divisible by groups={self.groups}", self.channels)
         _check(self.tokens in CONV_TOKENS, "ConvConfig", "tokens", f"one of {list(CONV_TOKENS)}", self.tokens)
+        _check(self.film_values in FILM_VALUES, "ConvConfig", "film_values", f"one of {list(FILM_VALUES)}", self.film_values)
         _check(self.img_size % 4 == 0, "ConvConfig", "img_size", "a multiple of 4 (two stride-2 stages)", self.img_size)
         _check(len(self.mean) == 3 and len(self.std) == 3, "ConvConfig", "mean/std", "3 values each", (self.mean, self.std))
         _check(all(s > 0 for s in self.std), "ConvConfig", "std", "positive values", self.std)

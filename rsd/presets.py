@@ -66,7 +66,7 @@ class Preset:
 
 def _tiny(vision: str = "keypoints", proprio_dim: int = 8) -> Preset:
     tokenizer = TokenizerConfig()
-    conv = ConvConfig(img_size=64, tokens=vision, mean=IMAGENET_MEAN, std=IMAGENET_STD) if vision != "vit" else None
+    conv = ConvConfig(img_size=64, tokens=vision, film_values="words", mean=IMAGENET_MEAN, std=IMAGENET_STD) if vision != "vit" else None
     model = VLAConfig(
         vision=(conv,) if conv else (
             ViTConfig(

@@ -9,7 +9,7 @@ import torch
 
 from rsd.config import ConvConfig, VLAConfig, from_dict, to_dict
 from rsd.errors import ConfigError, ShapeError
-from rsd.models.conv import ConvBackbone, InstructionSummary, coordinate_grid, spatial_softmax
+from rsd.models.conv import ConvBackbone, InstructionSummary, coordinate_grid, sinusoidal_positions, spatial_softmax
 from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
 
@@ -55,16 +55,37 @@ def test_film_starts_as_the_identity_and_then_conditions_the_tokens():
         ConvBackbone(ConvConfig(img_size=64), condition_dim=0)
 
 
-def test_film_summary_tells_word_order_apart_and_ignores_padding():
+@pytest.mark.parametrize("values", ["words+positions", "words"])
+def test_film_summary_tells_word_order_apart_and_ignores_padding(values):
     """"red next to blue" and "blue next to red" have the same mean word embedding; the summary must differ."""
     torch.manual_seed(0)
-    summary = InstructionSummary(text_dim=8, queries=2)
+    summary = InstructionSummary(text_dim=8, queries=2, values=values)
     red, blue, to = torch.randn(3, 8)
     mask = torch.ones(1, 3, dtype=torch.bool)
     forward, backward = summary(torch.stack([red, to, blue])[None], mask), summary(torch.stack([blue, to, red])[None], mask)
     assert forward.shape == (1, 16) and not torch.allclose(forward, backward, atol=1e-4)
     padded = summary(torch.stack([red, to, blue, torch.randn(8) * 100])[None], torch.tensor([[True, True, True, False]]))
     assert torch.allclose(forward, padded, atol=1e-5)
+
+
+def test_word_values_average_only_the_words_with_weights_steered_by_position():
+    torch.manual_seed(0)
+    words_only, with_positions = InstructionSummary(8, 2, "words"), InstructionSummary(8, 2)
+    with_positions.load_state_dict(words_only.state_dict())
+    prompt, mask = torch.randn(1, 4, 8), torch.tensor([[True, True, True, False]])
+    positions = sinusoidal_positions(4, 8, prompt)
+    scores = torch.einsum("ge,te->gt", words_only.queries, words_only.keys(prompt[0] + positions)) / 8**0.5
+    weights = torch.softmax(scores[:, :3], dim=-1)  # [G, 3] over the real words
+    assert torch.allclose(words_only(prompt, mask)[0], (weights @ prompt[0, :3]).flatten(), atol=1e-6)
+    assert torch.allclose(with_positions(prompt, mask)[0], (weights @ (prompt[0, :3] + positions[:3])).flatten(), atol=1e-6)
+
+
+def test_film_values_are_checked_and_old_configs_keep_words_and_positions():
+    with pytest.raises(ConfigError, match="film_values"):
+        ConvConfig(film_values="positions")
+    assert get_preset("tiny").model.vision[0].film_values == "words"
+    old = {k: v for k, v in to_dict(ConvConfig()).items() if k != "film_values"}  # a policy.json written before the option
+    assert from_dict(ConvConfig, old).film_values == "words+positions"
 
 
 def test_config_round_trip_picks_the_right_backbone_class():
