@@ -80,13 +80,19 @@ class Gate:
             gate = cls(**fields)
         except (ConfigError, TypeError) as error:
             raise CheckpointError(f"{source}: expected a valid gate, got {fields}: {error}") from error
-        if chunk_len is not None and gate.mode == "prefix" and max(gate.min_steps, gate.max_steps or 0) > chunk_len:
-            raise CheckpointError(f"{source}: expected a prefix gate's min_steps and max_steps of at most the chunk length {chunk_len}, "
-                                  f"got {gate.min_steps} and {gate.max_steps}. Re-run `rsd calibrate`.")
-        if coarse_layers is not None and (gate.layers or 0) > coarse_layers:
-            raise CheckpointError(f"{source}: expected a gate reading at most the draft's {coarse_layers} coarse layers, got layers "
-                                  f"{gate.layers}. Re-run `rsd calibrate`.")
+        if (problem := gate.misfit(chunk_len, coarse_layers)) is not None:
+            raise CheckpointError(f"{source}: {problem}. Re-run `rsd calibrate`.")
         return gate
+
+    def misfit(self, chunk_len: int | None, coarse_layers: int | None) -> str | None:
+        """Why this gate cannot run a draft of chunks of `chunk_len` steps and `coarse_layers` layers (None: it can;
+        a None size is not checked)."""
+        if chunk_len is not None and self.mode == "prefix" and max(self.min_steps, self.max_steps or 0) > chunk_len:
+            return (f"expected a prefix gate's min_steps and max_steps of at most the chunk length {chunk_len}, "
+                    f"got {self.min_steps} and {self.max_steps}")
+        if coarse_layers is not None and (self.layers or 0) > coarse_layers:
+            return f"expected a gate reading at most the draft's {coarse_layers} coarse layers, got layers {self.layers}"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's "gate" object."""

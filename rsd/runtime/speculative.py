@@ -119,11 +119,8 @@ class SpeculativeEngine:
             raise ConfigError(f"SpeculativeEngine.verify: expected 'never' or 'always', got {verify!r}.")
         if not isinstance(gate, Gate):
             raise ConfigError(f"SpeculativeEngine.gate: expected a rsd.runtime.gate.Gate, got {type(gate).__name__} {gate!r}.")
-        if gate.mode == "prefix" and max(gate.min_steps, gate.max_steps or 0) > tok.chunk_len:
-            raise ConfigError(f"SpeculativeEngine.gate: expected min_steps and max_steps of at most the chunk length {tok.chunk_len}, "
-                              f"got {gate.min_steps} and {gate.max_steps}.")
-        if (gate.layers or 0) > tok.coarse_layers:
-            raise ConfigError(f"SpeculativeEngine.gate.layers: expected at most the draft's {tok.coarse_layers} coarse layers, got {gate.layers}.")
+        if (problem := gate.misfit(tok.chunk_len, tok.coarse_layers)) is not None:
+            raise ConfigError(f"SpeculativeEngine.gate: {problem}.")
         self.main = main
         self.segments = segments or Segments(main)
         self.draft = self.segments.draft_engine(draft)

@@ -170,7 +170,7 @@ def test_the_gate_reads_only_the_coarse_layers_it_names_and_caps_the_executed_st
     chunk = speculative(tiny_main, 0.0, gate=gate)[0].predict_chunk(obs)
     assert chunk.accepted and chunk.steps == 3 and chunk.confidence == pytest.approx(float(coarsest[:3].min()))
     assert float(_draft_step_confidence(tiny_main, draft, obs)[:3].min()) <= chunk.confidence  # all layers: never above
-    with pytest.raises(ConfigError, match="at most the draft's 3 coarse layers, got 4"):
+    with pytest.raises(ConfigError, match="at most the draft's 3 coarse layers, got layers 4"):
         speculative(tiny_main, 0.0, gate=dataclasses.replace(gate, layers=tok.coarse_layers + 1))
 
 
