@@ -457,6 +457,8 @@ def demo(out: str, quick: bool, overwrite: bool) -> None:
 @click.option("--image-size", type=IMAGE_SIDE, default=64, show_default=True, help="Side of the rendered camera frames.")
 @click.option("--task-family", default=None, type=click.Choice(["any", "pick_place", "next_to"]),
               help="Tabletop task family (default: the world's own, both families).")
+@click.option("--camera", "cameras", multiple=True,
+              help="robosuite: camera to render, repeat for more (agentview, robot0_eye_in_hand; default: agentview).")
 @click.option("--tasks", default=None, help="libero: task ids of the suite, e.g. 0,1 or 0-9 (default: all).")
 @click.option("--workers", type=POSITIVE, default=1, show_default=True, help="libero: episodes run in this many processes.")
 @click.option("--libero-assets", type=click.Path(exists=True, file_okay=False), default=None,
@@ -472,14 +474,16 @@ def demo(out: str, quick: bool, overwrite: bool) -> None:
 @click.option("--replan-every", type=POSITIVE, default=None,
               help="With --policy: steps of each chunk it executes before replanning, as deployed (default: the whole chunk).")
 @OVERWRITE
-def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, tasks: str | None,
-                           workers: int, libero_assets: str | None, noise: float, policy: str | None, handover: int | None, aggregate: str | None,
+def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, cameras: tuple[str, ...],
+                           tasks: str | None, workers: int, libero_assets: str | None, noise: float, policy: str | None, handover: int | None, aggregate: str | None,
                            replan_every: int | None, overwrite: bool) -> None:
     """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
     if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
         raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
     if task_family is not None and env_name != "tabletop":
         raise click.BadParameter(f"--task-family applies to the tabletop world, got --env {env_name}.")
+    if cameras and not env_name.startswith("robosuite:"):
+        raise click.BadParameter(f"--camera applies to robosuite:* environments, got --env {env_name}.")
     if (noise or policy or aggregate) and env_name.startswith("libero:"):
         raise click.BadParameter(f"--noise, --policy and --aggregate apply to the tabletop and robosuite experts, got --env {env_name}.")
     if handover is not None and policy is None:
@@ -500,7 +504,8 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
 
         summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise, policy=policy, aggregate=aggregate,
                                  replan_every=replan_every, **({} if handover is None else {"handover": handover}),
-                                 **({} if task_family is None else {"task_family": task_family}))
+                                 **({} if task_family is None else {"task_family": task_family}),
+                                 **({"cameras": list(cameras)} if cameras else {}))
         if policy is not None:
             click.echo(f"the policy ended {summary['learner_done']} episodes before the expert took over (nothing recorded)")
         if summary["aggregated"]:

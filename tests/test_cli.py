@@ -203,6 +203,8 @@ def test_dart_noise_reaches_the_recorder_and_the_file_keeps_clean_actions(tmp_pa
     assert abs(expert.act()[:3] - episode.actions[5, :3]).max() < 1e-5
     result = CliRunner().invoke(main, ["generate-demos", "--env", "libero:libero_spatial", "--noise", "0.1", "--out", str(tmp_path / "l.hdf5")])
     assert result.exit_code == 2 and "--noise, --policy and --aggregate apply to" in result.output
+    result = CliRunner().invoke(main, ["generate-demos", "--camera", "agentview", "--out", str(tmp_path / "t.hdf5")])
+    assert result.exit_code == 2 and "--camera applies to robosuite" in result.output
 
 
 def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left(tmp_path) -> None:

@@ -25,6 +25,7 @@ Usage:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,6 +184,6 @@ def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any]) -> tuple
     """The episodes and provenance records of demonstration file `path`, which must have been recorded in `env` with
     `env_kwargs`."""
     recorded = read_env_spec(path)
-    if recorded != (env, env_kwargs):
+    if recorded != (env, json.loads(json.dumps(env_kwargs))):  # as the file stores them: a tuple of cameras reads back as a list
         raise ConfigError(f"generate-demos --aggregate {path}: expected demonstrations recorded in {env} with {env_kwargs}, got {recorded}.")
     return read_demos(path), read_provenance(path)

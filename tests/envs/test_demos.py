@@ -142,3 +142,16 @@ def test_aggregate_needs_the_same_environment(tmp_path):
     with pytest.raises(ConfigError, match="--replan-every"):
         generate_demos("tabletop", episodes=1, out=tmp_path / "b.hdf5", replan_every=4, progress=False)
     assert not (tmp_path / "b.hdf5").exists()
+
+
+def test_aggregate_accepts_the_options_it_was_recorded_with_after_the_json_round_trip(tmp_path):
+    from rsd.data.dataset import Episode
+    from rsd.data.hdf5 import write_demos
+    from rsd.envs.demos import _aggregated
+
+    episode = Episode(0, "lift the red cube", np.zeros((3, 7), np.float32), {"agentview": np.zeros((3, 8, 8, 3), np.uint8)}, np.zeros((3, 8), np.float32))
+    write_demos(tmp_path / "a.hdf5", [episode], "robosuite:Lift", {"image_size": 8, "cameras": ("agentview",)})
+    earlier, _ = _aggregated(tmp_path / "a.hdf5", "robosuite:Lift", {"cameras": ("agentview",), "image_size": 8})  # a tuple, as the env takes it
+    assert [e.episode_id for e in earlier] == [0]
+    with pytest.raises(ConfigError, match="robot0_eye_in_hand"):
+        _aggregated(tmp_path / "a.hdf5", "robosuite:Lift", {"cameras": ("agentview", "robot0_eye_in_hand"), "image_size": 8})
