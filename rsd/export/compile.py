@@ -1,6 +1,6 @@
 """Compile the draft and the RFSQ decoder graphs to ONNX, TorchScript, torch-tensorrt and AOTInductor (`.pt2`) files.
 
-The draft graph maps exit hidden `[B, hidden]` to `(logits, tokens, confidence, confidence_min)` (the runtime's
+The draft graph maps exit hidden `[B, hidden]` to `(logits, tokens)` (the runtime's
 `DraftGraph`), a decoder graph maps int64 tokens `[B, H, d, c]` to actions `[B, H, A]` for c = C and c = L.
 Graphs are traced at batch `TRACE_BATCH` with a dynamic batch dimension; `rsd.export.parity` then checks the
 files at other batch sizes. `EXPORTERS` maps each format to the function that writes its file(s).
@@ -59,13 +59,11 @@ def graphs(head: DraftHead, tok: ActionTokenizer, precision: str, device: torch.
     draft_io = {
         "inputs": {"exit_hidden": {"shape": ["B", head.config.hidden_size], "dtype": precision_name}},
         "outputs": {"logits": {"shape": ["B", cfg.coarse_layers, cfg.tokens_per_layer, cfg.levels], "dtype": precision_name},
-                    "tokens": {"shape": ["B", cfg.coarse_layers, cfg.tokens_per_layer], "dtype": "int64"},
-                    "confidence": {"shape": ["B"], "dtype": "float32"},
-                    "confidence_min": {"shape": ["B"], "dtype": "float32"}},
+                    "tokens": {"shape": ["B", cfg.coarse_layers, cfg.tokens_per_layer], "dtype": "int64"}},
     }
     result = [Graph("draft", DraftGraph(copy_draft(head, device, dtype)).eval(),
                     torch.randn(TRACE_BATCH, head.config.hidden_size, device=device, dtype=dtype), "exit_hidden",
-                    ("logits", "tokens", "confidence", "confidence_min"), precision, draft_io)]
+                    ("logits", "tokens"), precision, draft_io)]
     for c in (cfg.coarse_layers, cfg.num_layers):
         decoder_io = {"inputs": {"tokens": {"shape": ["B", cfg.chunk_len, cfg.latent_dim, c], "dtype": "int64"}},
                       "outputs": {"actions": {"shape": ["B", cfg.chunk_len, cfg.action_dim], "dtype": "float32"}},

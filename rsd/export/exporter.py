@@ -1,6 +1,6 @@
 """export-draft: compile the draft and the RFSQ decoder, check them against PyTorch, and write a bundle.
 
-The runtime should run the draft (exit hidden → coarse logits, tokens, confidences) and the decoders for
+The runtime should run the draft (exit hidden → coarse logits and tokens) and the decoders for
 c = C and c = L through whatever is fastest on the device — AOTInductor, ONNX Runtime, TorchScript or torch-tensorrt — but
 a compiled graph is only worth running if it computes what the trained PyTorch module computes. This module
 runs the export: `rsd.export.compile` writes each format's files, `rsd.export.parity` loads them back through

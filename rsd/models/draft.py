@@ -1,8 +1,9 @@
-"""The draft head: the main model's exit-layer hidden state -> coarse RFSQ token logits and a confidence.
+"""The draft head: the main model's exit-layer hidden state -> coarse RFSQ token logits.
 
 docs/architecture.md, "The early-exit design", step 3. The draft reads the hidden state at the action query position after `exit_layer`
 layers of the frozen main model and predicts the first C residual layers of the action tokens, so the
-runtime can skip layers `exit_layer .. N-1` when its confidence passes the calibrated threshold.
+runtime can skip layers `exit_layer .. N-1` when the confidence of its logits (max softmax probability) passes
+the calibrated threshold.
 
 Architecture (the projection is trained and loaded, never random at load time; docs/pitfalls.md #1):
 `input_norm` (LayerNorm over the main width) → `input_projection = Linear(hidden, width)` → H learned step
@@ -38,20 +39,10 @@ class DraftOutput:
 
     logits: torch.Tensor  # [B, C, H*d, V] coarse-layer logits
     tokens: torch.Tensor  # [B, C, H*d] int64 argmax tokens
-    confidence: torch.Tensor  # [B] mean over coarse tokens of the max softmax probability
-    confidence_min: torch.Tensor  # [B] min over coarse tokens of the max softmax probability
-
-
-def token_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Argmax tokens and the mean/min max-softmax confidence of logits `[B, C, T, V]`."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    top, tokens = probs.max(dim=-1)
-    flat = top.flatten(1)
-    return tokens, flat.mean(dim=1), flat.min(dim=1).values
 
 
 class DraftHead(nn.Module):
-    """Exit-layer hidden `[B, hidden]` → coarse RFSQ logits `[B, C, H*d, V]` plus confidences."""
+    """Exit-layer hidden `[B, hidden]` → coarse RFSQ logits `[B, C, H*d, V]`."""
 
     def __init__(self, config: DraftConfig) -> None:
         super().__init__()
@@ -86,10 +77,9 @@ class DraftHead(nn.Module):
         return torch.stack(per_layer, dim=1)
 
     def forward(self, exit_hidden: torch.Tensor) -> DraftOutput:
-        """Logits, argmax tokens and confidences for exit hidden states `[B, hidden]`."""
+        """Logits and argmax tokens for exit hidden states `[B, hidden]` (the gate's confidences: `rsd.runtime.gate`)."""
         logits = self.forward_logits(exit_hidden)
-        tokens, confidence, confidence_min = token_confidence(logits)
-        return DraftOutput(logits=logits, tokens=tokens, confidence=confidence, confidence_min=confidence_min)
+        return DraftOutput(logits=logits, tokens=logits.argmax(dim=-1))
 
     def num_parameters(self) -> int:
         """Number of parameters (6.49 M at width 512 reading a 4096-wide model)."""

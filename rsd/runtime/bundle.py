@@ -12,7 +12,7 @@ always available.
 
 Usage:
     loaded = load_bundle_engines("runs/demo/bundle", main, engine="auto")
-    logits, tokens, conf, conf_min = loaded.draft(exit_hidden)
+    logits, tokens = loaded.draft(exit_hidden)
     actions = loaded.decoders[3](tokens_c3)
 """
 
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 class LoadedBundle:
     """A bundle's engines, ready for `SpeculativeEngine`, with the gate settings it was exported with."""
 
-    draft: DraftEngine  # exit hidden [B, hidden] -> logits, tokens, confidence, confidence_min
+    draft: DraftEngine  # exit hidden [B, hidden] -> logits, tokens
     decoders: dict[int, DecoderEngine]  # c -> tokens [B, H, d, c] -> actions [B, H, A], for c = C and c = L
     exit_layer: int  # the main model's layer the draft reads
     gate: Gate  # the calibrated gate (tau = inf when the bundle is not calibrated)

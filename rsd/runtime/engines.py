@@ -1,7 +1,7 @@
 """Engines: the draft and the action decoder behind one interface, whatever format runs them.
 
-A draft engine maps exit hidden states `[B, hidden]` to `(logits [B, C, H*d, V], tokens [B, C, H*d] int64,
-confidence [B] float32, confidence_min [B] float32)`; a decoder engine maps int64 tokens `[B, H, d, c]` to
+A draft engine maps exit hidden states `[B, hidden]` to `(logits [B, C, H*d, V], tokens [B, C, H*d] int64)` (the
+gate's confidences come from the logits, `rsd.runtime.gate.Gate.confidences`); a decoder engine maps int64 tokens `[B, H, d, c]` to
 float32 un-normalised actions `[B, H, A]`, all as torch tensors on the device. Every format lives here: PyTorch
 eager (`torch`, the reference), ONNX Runtime (`onnx`), TorchScript (`torchscript`, deprecated by torch 2.14 but
 still read), torch-tensorrt (`tensorrt`) and AOTInductor packages (`aotinductor`, `.pt2`); a new format adds its two classes and its entries in `DRAFT_ENGINES` / `DECODER_ENGINES`. The
@@ -10,13 +10,14 @@ compiled through the same classes to check parity. Engines know nothing about ob
 
 Usage:
     draft = TorchDraftEngine(draft_head)
-    logits, tokens, conf, conf_min = draft(exit_hidden)
+    logits, tokens = draft(exit_hidden)
     decoder = DECODER_ENGINES["onnx"]("runs/demo/bundle/decoder_c3.onnx", torch.device("cpu"), 3)
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,17 +27,17 @@ from torch import nn
 
 from rsd.device import cuda_usable
 from rsd.errors import EngineError, ShapeError
-from rsd.models.draft import DraftHead, token_confidence
+from rsd.models.draft import DraftHead
 
 ENGINE_PREFERENCE = ("tensorrt", "aotinductor", "onnx", "torchscript", "torch")
 
 
 class DraftEngine(Protocol):
-    """Runs the draft: exit hidden `[B, hidden]` → logits, tokens, confidence, confidence_min."""
+    """Runs the draft: exit hidden `[B, hidden]` → logits, tokens."""
 
     name: str
 
-    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft outputs for a batch of exit hidden states."""
         ...
 
@@ -52,17 +53,20 @@ class DecoderEngine(Protocol):
 
 
 class DraftGraph(nn.Module):
-    """The exported draft graph: exit hidden `[B, hidden]` → (logits, tokens, confidence, confidence_min)."""
+    """The exported draft graph: exit hidden `[B, hidden]` → (logits, tokens).
+
+    Bundles exported before 2026-11-26 also output the mean/min max-softmax confidences; the engines read the first
+    two outputs, so those bundles still load.
+    """
 
     def __init__(self, draft: DraftHead) -> None:
         super().__init__()
         self.draft = draft
 
-    def forward(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits `[B, C, H*d, V]`, tokens `[B, C, H*d]`, confidence `[B]`, confidence_min `[B]`."""
+    def forward(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, C, H*d, V]` and their argmax tokens `[B, C, H*d]`."""
         logits = self.draft.forward_logits(exit_hidden)
-        tokens, confidence, confidence_min = token_confidence(logits)
-        return logits, tokens, confidence, confidence_min
+        return logits, logits.argmax(dim=-1)
 
 
 class TorchDraftEngine:
@@ -75,8 +79,8 @@ class TorchDraftEngine:
         self.dtype = next(draft.parameters()).dtype
 
     @torch.inference_mode()
-    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draft outputs for `exit_hidden [B, hidden]` (cast to the draft's dtype)."""
+    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and tokens for `exit_hidden [B, hidden]` (cast to the draft's dtype)."""
         return self.graph(exit_hidden.to(self.dtype))
 
 
@@ -138,9 +142,10 @@ class OnnxSession:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=onnx_providers(device))
         self.input_name = self.session.get_inputs()[0].name
 
-    def run(self, array: np.ndarray) -> list[torch.Tensor]:
-        """Outputs of the graph for one input array, as tensors on the device."""
-        return [torch.from_numpy(np.asarray(out)).to(self.device) for out in self.session.run(None, {self.input_name: np.ascontiguousarray(array)})]
+    def run(self, array: np.ndarray, outputs: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """The graph's outputs named `outputs` (None: all) for one input array, as tensors on the device."""
+        names = None if outputs is None else list(outputs)
+        return [torch.from_numpy(np.asarray(out)).to(self.device) for out in self.session.run(names, {self.input_name: np.ascontiguousarray(array)})]
 
 
 class OnnxDraftEngine:
@@ -152,10 +157,10 @@ class OnnxDraftEngine:
         self.session = OnnxSession(path, device)
         self.dtype = dtype
 
-    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits `[B, C, H*d, V]`, tokens `[B, C, H*d]`, confidence `[B]`, confidence_min `[B]` for `[B, hidden]`."""
-        logits, tokens, confidence, confidence_min = self.session.run(exit_hidden.detach().to("cpu", self.dtype).numpy())
-        return logits, tokens, confidence, confidence_min
+    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `[B, C, H*d, V]` and tokens `[B, C, H*d]` for `[B, hidden]`."""
+        logits, tokens = self.session.run(exit_hidden.detach().to("cpu", self.dtype).numpy(), ("logits", "tokens"))
+        return logits, tokens
 
 
 class OnnxDecoderEngine:
@@ -183,11 +188,11 @@ class ModuleDraftEngine:
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
-    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, tokens (int64), confidence and confidence_min (float32) for exit hidden `[B, hidden]`."""
+    def __call__(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and tokens (int64) for exit hidden `[B, hidden]`."""
         # contiguous: an AOTInductor package assumes the strides of the example it was exported with and does not check them
-        logits, tokens, confidence, confidence_min = self.module(exit_hidden.to(self.device, self.dtype).contiguous())
-        return logits, tokens.to(torch.int64), confidence.float(), confidence_min.float()
+        logits, tokens = self.module(exit_hidden.to(self.device, self.dtype).contiguous())[:2]  # older bundles add two confidences
+        return logits, tokens.to(torch.int64)
 
 
 class ModuleDecoderEngine:

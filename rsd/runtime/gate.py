@@ -138,6 +138,12 @@ class Gate:
         return torch.where(leading >= self.min_steps, leading, 0)
 
 
+def top_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The max softmax probability `[B, C, H*d]` of each draft token, from logits `[B, C, H*d, V]`: every gate
+    confidence is a mean or min of these."""
+    return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+
+
 def step_confidence(top: torch.Tensor, chunk_len: int, latent_dim: int) -> torch.Tensor:
     """Per step `[B, H]`: the min over that step's coarse tokens of the max softmax probability `top [B, C, H*d]`."""
     if top.ndim != 3 or top.shape[2] != chunk_len * latent_dim:

@@ -32,7 +32,7 @@ from rsd.models.main import MainModel
 from rsd.models.processor import VLAInputs
 from rsd.runtime.compiled import CompiledSegments, Segments
 from rsd.runtime.engines import DecoderEngine, DraftEngine
-from rsd.runtime.gate import Gate
+from rsd.runtime.gate import Gate, top_probability
 from rsd.runtime.timing import StageTimer
 from rsd.tokenizer import layers_to_tokens, tokens_to_layers
 
@@ -148,9 +148,9 @@ class SpeculativeEngine:
         with timer("prefix"):
             state = segments.advance(state, self.exit_layer)
         with timer("draft"):
-            logits, draft_layers, _, _ = self.draft(state.query_hidden)
+            logits, draft_layers = self.draft(state.query_hidden)
         with timer("gate"):
-            mean, minimum, per_step = self.gate.confidences(torch.softmax(logits.float(), dim=-1).amax(dim=-1), tok.chunk_len, tok.latent_dim)
+            mean, minimum, per_step = self.gate.confidences(top_probability(logits), tok.chunk_len, tok.latent_dim)
             # The acceptance rule (rsd.runtime.gate): a row returns the draft's chunk when its calibrated confidence
             # reaches tau, all of it ("chunk") or the run of leading steps whose confidence reaches tau if it is at
             # least min_steps long ("prefix"); tau = 0 accepts every chunk in full, tau = inf none. Rejected rows
@@ -206,7 +206,7 @@ class SpeculativeEngine:
         for _ in range(_warmup_calls(segments)):
             segments.begin_step()
             state = segments.advance(segments.embed(inputs), self.exit_layer)
-            _, draft_layers, _, _ = self.draft(state.query_hidden)
+            _, draft_layers = self.draft(state.query_hidden)
             self.decoders[tok.coarse_layers](layers_to_tokens(draft_layers.to(torch.int64), tok.chunk_len, tok.latent_dim))
             self.decoders[tok.num_layers](segments.head(segments.resume(state)))
 
