@@ -64,9 +64,9 @@ class DraftGraph(nn.Module):
         self.draft = draft
 
     def forward(self, exit_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits `[B, C, H*d, V]` and their argmax tokens `[B, C, H*d]`."""
-        logits = self.draft.forward_logits(exit_hidden)
-        return logits, logits.argmax(dim=-1)
+        """Logits `[B, C, H*d, V]` and their argmax tokens `[B, C, H*d]` (`DraftHead.forward` as a tuple of tensors)."""
+        out = self.draft(exit_hidden)
+        return out.logits, out.tokens
 
 
 class TorchDraftEngine:

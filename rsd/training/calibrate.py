@@ -44,7 +44,7 @@ from rsd.data.chunks import split_episodes
 from rsd.errors import ConfigError
 from rsd.io import atomic_file, check_file_out, write_text_atomic
 from rsd.models.draft import DraftHead
-from rsd.runtime.gate import STATISTICS, Gate, Mode, Statistic
+from rsd.runtime.gate import STATISTICS, Gate, Mode, Statistic, top_probability
 from rsd.tokenizer import ActionTokenizer, layers_to_tokens
 from rsd.training.features import Features, load_features
 from rsd.training.risk import learn_then_test
@@ -90,8 +90,8 @@ def measure_draft(head: DraftHead, feats: Features, rows: torch.Tensor, yardstic
     `rows` (yardstick `[A]`, normalised units)."""
     tok = feats.tokenizer.config
     logits = torch.cat([head.forward_logits(feats.exit_hidden[rows[i : i + 512]].float()) for i in range(0, len(rows), 512)])
-    top, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # [N, C, H*d]
-    mean, minimum, per_step = gate.confidences(top, tok.chunk_len, tok.latent_dim)  # [N], [N], [N, H]
+    tokens = logits.argmax(dim=-1)  # [N, C, H*d]: the tokens the runtime's draft engine returns
+    mean, minimum, per_step = gate.confidences(top_probability(logits), tok.chunk_len, tok.latent_dim)  # [N], [N], [N, H]
     main = feats.main_tokens[rows]
     draft_actions, main_actions = decode_pair(feats.tokenizer, tokens, main)
     error = ((draft_actions - main_actions).abs() * feats.tokenizer.stats.normalized_scale() / yardstick).amax(dim=2)
