@@ -26,10 +26,15 @@ class RobosuiteExpert:
     """Waypoint expert: above the object, down, close, lift; then (Stack, PickPlaceCan) carry, lower, release.
 
     Object and goal poses come from the simulator state each step; a proportional law turns the waypoint into
-    an OSC_POSE action (gains per metre and per radian, saturated at the controller's [-1, 1]). Cubes are
-    grasped with the gripper's yaw aligned to the cube's faces. Each phase has a step budget, so a waypoint
-    that the arm cannot reach exactly (steady-state sag under load) does not stall the script.
+    an OSC_POSE action (gains per metre and per radian, saturated at the controller's [-1, 1]). Stack's cube A
+    is grasped with the gripper's yaw aligned to its faces, since it must sit square on cube B. Lift's cube
+    (4.0-4.4 cm, at most 6.2 cm across the diagonal) fits the Panda's 8 cm opening at any yaw and turns square as
+    the fingers close (30 of 30 seeds with yaw offsets up to 45°), so Lift keeps the gripper's orientation and a
+    policy need not read the cube's yaw off a 64-pixel frame. Each phase has a step budget, so a waypoint that
+    the arm cannot reach exactly (steady-state sag under load) does not stall the script.
     """
+
+    YAW_ALIGNED = ("Stack",)  # tasks whose grasped cube is turned square to the fingers first
 
     GRASP_STEPS = 12  # steps with the gripper closing before lifting
     RELEASE_STEPS = 10  # steps with the gripper opening before retreating
@@ -88,11 +93,11 @@ class RobosuiteExpert:
         target = eef
 
         if self._phase == "align":
-            if self.env.task_name == "PickPlaceCan":
-                self._target_quat = quat.copy()
-            else:  # turn about z by the smallest angle that lines the fingers up with a pair of cube faces
+            if self.env.task_name in self.YAW_ALIGNED:  # turn about z by the smallest angle that lines the fingers up with a pair of cube faces
                 delta = (yaw(obj_quat) - yaw(quat) + np.pi / 4) % (np.pi / 2) - np.pi / 4
                 self._target_quat = quat_multiply(yaw_quat(delta), quat)
+            else:
+                self._target_quat = quat.copy()
             self._advance("above")
         if self._phase == "above":
             target = obj + np.array([0.0, 0.0, 0.10])

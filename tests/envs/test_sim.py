@@ -96,6 +96,31 @@ def test_lift_expert_demo_is_written_in_the_demo_format(rendering, tmp_path):
     assert np.allclose(episode.proprio[0], first["proprio"])
 
 
+def test_lift_expert_lifts_a_cube_lying_at_45_degrees_without_turning():
+    _needs("robosuite", "sim")
+    from rsd.envs.robosuite import RobosuiteEnv
+    from rsd.envs.robosuite_expert import RobosuiteExpert
+    from rsd.envs.rotations import yaw
+
+    env = RobosuiteEnv("Lift", cameras=())  # state only: the expert reads the simulator
+    for seed in (2, 7):  # the cube lies 44-45° off the fingers' axis on these seeds
+        obs = env.reset(seed=seed)
+        _, cube = env.body_pose(env.raw_env.cube_body_id)
+        _, start = env.eef_pose()
+        offset = np.degrees((yaw(cube) - yaw(start) + np.pi / 4) % (np.pi / 2) - np.pi / 4)
+        assert abs(offset) > 40
+        expert = RobosuiteExpert(env)
+        success, turned = False, 0.0
+        for _ in range(150):
+            obs, _, _, info = env.step(expert.act(obs))
+            turned = max(turned, abs(np.degrees((yaw(env.eef_pose()[1]) - yaw(start) + np.pi) % (2 * np.pi) - np.pi)))
+            if info["success"]:
+                success = True
+                break
+        assert success and turned < 5, (seed, success, turned)
+    env.close()
+
+
 def test_policy_evaluates_two_robosuite_episodes(rendering):
     evaluate_module = pytest.importorskip("rsd.envs.evaluate", reason="rsd.envs.evaluate is not in this checkout yet")
     policy_module = pytest.importorskip("rsd.runtime.policy", reason="rsd.runtime.policy is not in this checkout yet")
