@@ -153,8 +153,15 @@ class RobosuiteEnv:
     def reset(self, seed: int) -> dict[str, Any]:
         """Start an episode; `seed` fixes object placement (robosuite samples from numpy's global RNG).
 
-        The global numpy RNG state is restored afterwards, so callers' random streams are not disturbed.
+        The global numpy RNG state is restored afterwards, so callers' random streams are not disturbed. robosuite's
+        soft reset keeps each gripper's integrated command (`current_action`) from the previous episode, so an
+        episode began with the last one's grip and a seed's outcome depended on the episodes before it; it is set
+        back to a new gripper's zeros here, so a seed plays the same alone, in a sequence or in any worker.
         """
+        for robot in self._env.robots:
+            gripper = getattr(robot, "gripper", None)
+            if gripper is not None:
+                gripper.current_action = np.zeros(gripper.dof)
         with numpy_seed(seed):
             self._raw = self._env.reset()
         self._steps = 0

@@ -121,6 +121,27 @@ def test_lift_expert_lifts_a_cube_lying_at_45_degrees_without_turning():
     env.close()
 
 
+def test_robosuite_seed_plays_the_same_alone_and_after_another_episode():
+    _needs("robosuite", "sim")
+    from rsd.envs.robosuite import RobosuiteEnv
+    from rsd.envs.robosuite_expert import RobosuiteExpert
+
+    def proprio_trajectory(env: RobosuiteEnv, seed: int, steps: int) -> np.ndarray:
+        obs = env.reset(seed=seed)
+        expert = RobosuiteExpert(env)
+        rows = [obs["proprio"]]
+        for _ in range(steps):
+            obs, *_ = env.step(expert.act(obs))
+            rows.append(obs["proprio"])
+        return np.stack(rows)
+
+    alone = proprio_trajectory(RobosuiteEnv("Lift", cameras=()), 10010, 20)
+    env = RobosuiteEnv("Lift", cameras=())
+    proprio_trajectory(env, 10009, 60)  # ends with the gripper closed on a lifted cube
+    assert np.array_equal(proprio_trajectory(env, 10010, 20), alone)
+    env.close()
+
+
 def test_policy_evaluates_two_robosuite_episodes(rendering):
     evaluate_module = pytest.importorskip("rsd.envs.evaluate", reason="rsd.envs.evaluate is not in this checkout yet")
     policy_module = pytest.importorskip("rsd.runtime.policy", reason="rsd.runtime.policy is not in this checkout yet")
