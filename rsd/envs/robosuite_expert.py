@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from rsd.envs.robosuite import TASKS, RobosuiteEnv
-from rsd.envs.rotations import quat_conjugate, quat_multiply, rotation_vector, yaw, yaw_quat
+from rsd.envs.rotations import face_yaw_offset, quat_conjugate, quat_multiply, rotation_vector, yaw_quat
 from rsd.errors import ConfigError
 
 
@@ -93,9 +93,8 @@ class RobosuiteExpert:
         target = eef
 
         if self._phase == "align":
-            if self.env.task_name in self.YAW_ALIGNED:  # turn about z by the smallest angle that lines the fingers up with a pair of cube faces
-                delta = (yaw(obj_quat) - yaw(quat) + np.pi / 4) % (np.pi / 2) - np.pi / 4
-                self._target_quat = quat_multiply(yaw_quat(delta), quat)
+            if self.env.task_name in self.YAW_ALIGNED:
+                self._target_quat = quat_multiply(yaw_quat(face_yaw_offset(obj_quat, quat)), quat)
             else:
                 self._target_quat = quat.copy()
             self._advance("above")

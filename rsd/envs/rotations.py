@@ -81,3 +81,9 @@ def yaw(q: np.ndarray) -> float:
 def yaw_quat(angle: float) -> np.ndarray:
     """The quaternion (x, y, z, w) of a rotation by `angle` radians about the world z axis."""
     return np.array([0.0, 0.0, np.sin(angle / 2.0), np.cos(angle / 2.0)])
+
+
+def face_yaw_offset(cube: np.ndarray, gripper: np.ndarray) -> float:
+    """The smallest turn about z, in [-pi/4, pi/4), that lines a gripper's fingers up with a pair of a cube's faces
+    (both quaternions x, y, z, w)."""
+    return (yaw(cube) - yaw(gripper) + np.pi / 4) % (np.pi / 2) - np.pi / 4

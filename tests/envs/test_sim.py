@@ -100,14 +100,14 @@ def test_lift_expert_lifts_a_cube_lying_at_45_degrees_without_turning():
     _needs("robosuite", "sim")
     from rsd.envs.robosuite import RobosuiteEnv
     from rsd.envs.robosuite_expert import RobosuiteExpert
-    from rsd.envs.rotations import yaw
+    from rsd.envs.rotations import face_yaw_offset, yaw
 
     env = RobosuiteEnv("Lift", cameras=())  # state only: the expert reads the simulator
     for seed in (2, 7):  # the cube lies 44-45° off the fingers' axis on these seeds
         obs = env.reset(seed=seed)
         _, cube = env.body_pose(env.raw_env.cube_body_id)
         _, start = env.eef_pose()
-        offset = np.degrees((yaw(cube) - yaw(start) + np.pi / 4) % (np.pi / 2) - np.pi / 4)
+        offset = np.degrees(face_yaw_offset(cube, start))
         assert abs(offset) > 40
         expert = RobosuiteExpert(env)
         success, turned = False, 0.0
@@ -135,7 +135,9 @@ def test_robosuite_seed_plays_the_same_alone_and_after_another_episode():
             rows.append(obs["proprio"])
         return np.stack(rows)
 
-    alone = proprio_trajectory(RobosuiteEnv("Lift", cameras=()), 10010, 20)
+    fresh = RobosuiteEnv("Lift", cameras=())
+    alone = proprio_trajectory(fresh, 10010, 20)
+    fresh.close()
     env = RobosuiteEnv("Lift", cameras=())
     proprio_trajectory(env, 10009, 60)  # ends with the gripper closed on a lifted cube
     assert np.array_equal(proprio_trajectory(env, 10010, 20), alone)
