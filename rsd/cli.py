@@ -269,10 +269,12 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--base", type=click.Path(exists=True, file_okay=False), default=None, help="Trained policy folder to fine-tune (with --lora-rank).")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
               help="Under torchrun: replicate the model (ddp) or shard its trained parameters over the ranks (fsdp).")
+@click.option("--init", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Go on training this policy folder (same preset and tokenizer; its statistics are kept), e.g. on DAgger's aggregated data.")
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
                          rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, shift: int | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
-                         lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str,
+                         lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str, init: str | None,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
     from rsd.config import AdapterConfig, CogVLAConfig
@@ -289,7 +291,7 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
     with session() as world:
         summary = train_policy(_at_image_size(data, spec.model.image_size), tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
                                options=options, rollout_env=rollout_env, cogvla=cogvla if cogvla.enabled else None, adapter=adapter, base=base,
-                               parallel=parallel, overwrite=overwrite)
+                               parallel=parallel, init=init, overwrite=overwrite)
     if world.is_main:
         click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 

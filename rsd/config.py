@@ -119,7 +119,7 @@ class LLMConfig:
 
 
 CONV_TOKENS = ("keypoints", "grid")
-FILM_VALUES = ("words+positions", "words")  # what the FiLM summary's attention averages (positions always steer it)
+FILM_VALUES = ("words+positions", "words", "slots")  # what the FiLM summary's attention averages (positions always steer it)
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,9 @@ class ConvConfig:
     grid_size: int = 8  # side of the pooled grid (tokens="grid")
     fourier_bands: int = 6  # sin/cos frequencies of the coordinate features
     film: bool = True  # FiLM: every conv stage scaled and shifted by a linear map of an order-aware instruction summary
-    film_queries: int = 2  # learned queries of that summary (each attends over the instruction's words and positions)
-    film_values: str = "words+positions"  # what the summary averages: "words+positions" (before 2026-11-26) or "words"
+    film_queries: int = 2  # learned queries of that summary (each attends over the instruction's words and positions), or slots
+    film_values: str = "words+positions"  # what the summary averages: "words+positions" (before 2026-11-26) or "words";
+    # "slots": no attention, query g is the g-th word itself (zeros past the instruction's end; words past film_queries unseen)
     groups: int = 8  # GroupNorm groups
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation std

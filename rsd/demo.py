@@ -1,12 +1,14 @@
 """rsd demo: the whole pipeline on the CPU with built-in data, ending in `report.md`.
 
-generate demonstrations (tabletop world) → train the RFSQ tokenizer → train the tiny policy → collect
-exit-layer features → train the draft → calibrate the gate (Learn-then-Test) → export ONNX + TorchScript
-engines → bench-latency → the success–latency sweep: MainOnlyPolicy and SpeculativePolicy at the bundle's gate
-and at gates calibrated for other modes and risk levels, on the same seeds (`rsd.bench.frontier`) → report.
+generate demonstrations (tabletop world, DART noise) → train the RFSQ tokenizer → train the tiny policy → DAgger:
+recovery demonstrations from that policy's own states, and the policy trained on from its weights over the
+aggregated data → collect exit-layer features → train the draft → calibrate the gate (Learn-then-Test) → export
+ONNX + TorchScript engines → bench-latency → the success–latency sweep: MainOnlyPolicy and SpeculativePolicy at
+the bundle's gate and at gates calibrated for other modes and risk levels, on the same held-out seeds, each policy
+executing the first `replan_every` steps of a chunk (`rsd.bench.frontier`) → report.
 
 Usage:
-    rsd demo                      # tens of minutes on 2 cores (the closed-loop sweep of several gates dominates)
+    rsd demo                      # about 23 minutes on 2 idle cores (policy training, 19 of them)
     rsd demo --quick --out runs/quick    # under a minute, smaller everything (used by the tests)
 """
 
@@ -31,24 +33,32 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     """Sizes of every demo step."""
 
-    episodes: int = 200  # demonstrations generated
-    tokenizer_epochs: int = 30  # tokenizer training epochs
-    policy_epochs: int = 12  # policy training epochs
+    episodes: int = 1500  # expert demonstrations generated
+    noise: float = 0.1  # DART: std of the noise added to the executed (not the recorded) xyz actions
+    tokenizer_epochs: int = 5  # tokenizer training epochs (1,500 episodes: plenty of chunks per epoch)
+    policy_epochs: int = 4  # policy training epochs on the expert demonstrations
+    recovery_episodes: int = 700  # DAgger: episodes the policy starts (1..handover steps) and the expert finishes, recorded
+    handover: int = 40  # most policy steps before the expert takes over
+    recovery_epochs: int = 4  # epochs on the aggregated data, from the first policy's weights (0 with no recovery episodes)
+    draft_episodes: int = 300  # fresh expert episodes whose features train, calibrate and test the drafts
+    replan_every: int = 4  # steps of each chunk executed before replanning, in selection rollouts, DAgger and the sweep
+    rollout_episodes: int = 50  # selection rollouts per evaluated epoch
     draft_epochs: int = 40  # draft training epochs
-    extra_exit_layers: tuple[int, ...] = (2, 4)  # other exit layers whose drafts are reported
+    extra_exit_layers: tuple[int, ...] = ()  # other exit layers whose drafts are reported (each costs about 1.5 min)
     gate_mode: str = "prefix"  # the bundle's gate: "prefix" (confident leading steps) or "chunk"
     min_steps: int = 6  # prefix gate: fewest leading steps worth accepting
     alpha: float = 0.2  # the bundle's certified risk level
     sweep_alphas: tuple[float, ...] = (0.05, 0.2, 0.3)  # risk levels of the sweep's gates, in both modes
     rule: str = "within:5"  # the sweep's operating-point rule
-    eval_episodes: int = 50  # closed-loop episodes per policy
+    eval_episodes: int = 100  # closed-loop episodes per policy (held-out seeds 10000..)
     bench_iters: int = 50  # timed iterations per stage
     bench_warmup: int = 10  # untimed warm-up iterations per stage
     seed: int = 0  # seeds everything
 
 
-QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=3, draft_epochs=8, extra_exit_layers=(), sweep_alphas=(0.3,),
-                   eval_episodes=4, bench_iters=10, bench_warmup=3)
+QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=2, recovery_episodes=10, handover=10, recovery_epochs=1,
+                   draft_episodes=20, rollout_episodes=2, draft_epochs=8, sweep_alphas=(0.3,), eval_episodes=4,
+                   bench_iters=10, bench_warmup=3)
 
 
 def _step(name: str, timings: dict[str, float]) -> Any:
@@ -94,7 +104,7 @@ def _moved(value: Any, old: str, new: str) -> Any:
 
 def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
     """Every step of the demo, writing into the folder `out`; return the report (without writing it)."""
-    from rsd.bench.frontier import gate_settings, plot_sweep, run_sweep
+    from rsd.bench.frontier import BASELINE, gate_settings, plot_sweep, run_sweep
     from rsd.bench.latency import run_bench_latency
     from rsd.data.hdf5 import read_demos
     from rsd.envs.demos import generate_demos
@@ -111,24 +121,37 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
     spec = get_preset(preset)
     timings: dict[str, float] = {}
     report: dict[str, Any] = {"config": to_dict(config), "preset": preset, "quick": quick}
-    data = out / "demos.hdf5"
+    data, draft_data = out / "demos.hdf5", out / "draft_demos.hdf5"
     k = spec.model.default_exit_layer
 
     with _step("generate demonstrations", timings):
-        report["demos"] = generate_demos("tabletop", episodes=config.episodes, out=data, seed=config.seed, task_family="any")
+        report["demos"] = generate_demos("tabletop", episodes=config.episodes, out=data, seed=config.seed, task_family="any",
+                                         noise=config.noise, progress=False)
+        report["draft_demos"] = generate_demos("tabletop", episodes=config.draft_episodes, out=draft_data, seed=30_000 + config.seed,
+                                               task_family="any", noise=config.noise, progress=False)
     with _step("train tokenizer", timings):
         episodes = read_demos(data)
         tok_train = dataclasses.replace(spec.tokenizer_train, epochs=config.tokenizer_epochs, seed=config.seed)
         report["tokenizer"] = train_tokenizer([e.actions for e in episodes], spec.tokenizer, tok_train, out / "tokenizer",
                                               episode_ids=[e.episode_id for e in episodes])
+    pol_train = dataclasses.replace(spec.policy_train, epochs=config.policy_epochs, seed=config.seed)
+    options = dataclasses.replace(spec.policy_options, rollout_episodes=config.rollout_episodes, rollout_replan_every=config.replan_every)
+    first = "policy_demos" if config.recovery_episodes else "policy"
     with _step("train policy", timings):
-        pol_train = dataclasses.replace(spec.policy_train, epochs=config.policy_epochs, seed=config.seed)
-        report["policy"] = train_policy(data, out / "tokenizer", out / "policy", preset, pol_train)
+        report[first] = train_policy(data, out / "tokenizer", out / first, preset, pol_train, options=options)
+    if config.recovery_episodes:
+        with _step("DAgger: recovery demonstrations from the policy's states", timings):
+            report["recovery"] = generate_demos("tabletop", episodes=config.recovery_episodes, out=out / "aggregate.hdf5",
+                                                seed=20_000 + config.seed, task_family="any", noise=config.noise, policy=out / first,
+                                                handover=config.handover, aggregate=data, replan_every=config.replan_every, progress=False)
+        with _step("train policy on the aggregated data", timings):
+            report["policy"] = train_policy(out / "aggregate.hdf5", out / "tokenizer", out / "policy", preset,
+                                            dataclasses.replace(pol_train, epochs=config.recovery_epochs), options=options, init=out / first)
     drafts: dict[int, dict[str, Any]] = {}
     for layer in (k, *config.extra_exit_layers):
         with _step(f"features, draft and calibration at exit layer {layer}", timings):
             features = out / f"features_k{layer}"
-            collect_features(out / "policy", data, layer, features)
+            collect_features(out / "policy", draft_data, layer, features, progress=False)
             draft_train = dataclasses.replace(spec.draft_train, epochs=config.draft_epochs, seed=config.seed)
             trained = train_draft(features, out / f"draft_k{layer}", preset, draft_train)
             calibration = calibrate(out / f"draft_k{layer}", features, out / f"draft_k{layer}" / "calibration.json", alpha=config.alpha,
@@ -142,7 +165,7 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
     with _step("bench-latency", timings):
         bench = run_bench_latency(bundle=out / "bundle", main=out / "policy", device="cpu", iters=config.bench_iters,
                                   exit_layers=sorted({k, *config.extra_exit_layers}),
-                                  warmup=config.bench_warmup, observations=data, replay=32, json_path=out / "bench.json",
+                                  warmup=config.bench_warmup, observations=draft_data, replay=32, json_path=out / "bench.json",
                                   plot_path=out / "bench.png", markdown_path=out / "bench.md")
         report["bench"] = {k2: bench[k2] for k2 in ("baseline_p50", "acceptance", "speedup", "replay")}
         report["bench_markdown"] = bench["markdown"]
@@ -151,10 +174,13 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
         bundle_gate = Gate(**drafts[k]["calibration"]["gate"])
         settings = gate_settings(bundle_gate, modes=("chunk", "prefix"), alphas=config.sweep_alphas, draft=out / f"draft_k{k}",
                                  features=out / f"features_k{k}", min_steps=config.min_steps)
-        sweep = run_sweep(load_main(out / "policy", "cpu", None), out / "bundle", "tabletop", seeds, settings, rule=config.rule)
+        sweep = run_sweep(load_main(out / "policy", "cpu", None), out / "bundle", "tabletop", seeds, settings, rule=config.rule,
+                          replan_every=config.replan_every)
         (out / "sweep.json").write_text(json.dumps({k2: v for k2, v in sweep.items() if k2 != "markdown"}, indent=2, allow_nan=True) + "\n")
         plot_sweep(sweep, out / "sweep.png")
-        report["sweep"] = {k2: sweep[k2] for k2 in ("rows", "chosen", "rule", "comparison", "markdown")}
+        report["sweep"] = {**{k2: sweep[k2] for k2 in ("rows", "chosen", "rule", "comparison", "markdown")},
+                           "per_task": sweep["eval"][BASELINE]["per_task"]}
+        print(_main_success(report["sweep"]), flush=True)
     report["timings_s"] = timings
     return report
 
@@ -185,8 +211,16 @@ def format_demo_report(report: dict[str, Any]) -> str:
     lines += [f"| {c} | {mse:.2e} |" for c, mse in _mse_by_layers(tok)]
     pol = report["policy"]["best"]
     lines += ["", "## Policy (validation episodes)", "", f"- decoded-action L1 (normalised): {pol['val_action_l1']:.4f}",
+              "- per dimension: " + ", ".join(f"{v:.3f}" for v in pol["val_action_l1_per_dim"]),
               "- token accuracy per layer: " + ", ".join(f"{a:.3f}" for a in pol["val_layer_accuracy"]),
               f"- training time: {report['policy']['seconds']:.1f} s"]
+    if "recovery" in report:
+        rec = report["recovery"]
+        lines.append(f"- DAgger: {rec['episodes']} recovery episodes from the states of the policy trained on the demonstrations alone "
+                     f"(selection rollouts {_rollouts(report['policy_demos'])}; {rec['learner_done']} episodes it ended alone, "
+                     f"{rec['failed']} the expert failed), then {report['config']['recovery_epochs']} epochs on all "
+                     f"{report['demos']['episodes'] + rec['episodes']} episodes from its weights (selection rollouts {_rollouts(report['policy'])})")
+    lines += ["", _main_success(report["sweep"])]
     lines += ["", "## Drafts by exit layer", "",
               "Each draft's gate is certified by Learn-then-Test on half of its held-out episodes (P(accepted and bad) <= alpha "
               "with probability 0.9; bad: an executed step misses the main model's by more than the main model's own error "
@@ -204,6 +238,22 @@ def format_demo_report(report: dict[str, Any]) -> str:
               "Main-only, the bundle's gate, and the gates certified for each mode at each of the sweep's risk levels, one episode per "
               "seed each, interleaved seed by seed; `sweep.png` plots success against speed-up.", "", report["sweep"]["markdown"]]
     return "\n".join(lines) + "\n"
+
+
+def _rollouts(policy_report: dict[str, Any]) -> str:
+    """The selection rollouts' success per evaluated epoch, e.g. "0.10, 0.35 (epoch 2 kept)"."""
+    rates = ", ".join(f"{m['rollout_success']:.2f}" for m in policy_report["history"] if "rollout_success" in m)
+    return f"{rates} (epoch {policy_report['best']['epoch']} kept)"
+
+
+def _main_success(sweep: dict[str, Any]) -> str:
+    """Main-only success over the sweep's held-out seeds, overall and per task family, with 95 % Wilson intervals."""
+    row = sweep["rows"][0]
+    low, high = row["success_ci95"]
+    text = f"**Main-only success: {row['successes']}/{row['episodes']} ({100 * row['success_rate']:.1f} %, 95 % CI {100 * low:.1f}–{100 * high:.1f} %)**"
+    families = [f"{name} {t['successes']}/{t['episodes']} ({100 * t['wilson_95'][0]:.1f}–{100 * t['wilson_95'][1]:.1f} %)"
+                for name, t in sorted(sweep["per_task"].items())]
+    return text + (": " + ", ".join(families) if families else "") + "."
 
 
 def _mse_by_layers(tokenizer_report: dict[str, Any]) -> list[tuple[int, float]]:

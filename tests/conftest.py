@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -25,8 +26,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs CUDA and torch-tensorrt (pip install .[gpu]); not present here"))
 
 
-def make_tiny_main(seed: int = 0):
-    """A tiny MainModel with seeded random weights (real components; for runtime logic, not for accuracy)."""
+def make_tiny_main(seed: int = 0, hidden_size: int | None = None):
+    """A tiny MainModel with seeded random weights (real components; for runtime logic, not for accuracy); `hidden_size`
+    overrides the preset's LLM width (intermediate size scaled with it)."""
     import numpy as np
 
     from rsd.data.stats import ActionStats, DatasetStatistics
@@ -38,6 +40,9 @@ def make_tiny_main(seed: int = 0):
 
     torch.manual_seed(seed)
     spec = get_preset("tiny")
+    if hidden_size is not None:
+        llm = dataclasses.replace(spec.model.llm, hidden_size=hidden_size, intermediate_size=hidden_size * 344 // 128)
+        spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, llm=llm))
     rng = np.random.default_rng(seed)
     actions = rng.uniform(-1.0, 1.0, size=(256, spec.tokenizer.action_dim))
     proprio = rng.uniform(-0.5, 0.5, size=(256, spec.model.proprio_dim))

@@ -37,5 +37,11 @@ def test_demo_quick_end_to_end(tmp_path) -> None:
         gate = entry["calibration"]["gate"]
         assert gate["mode"] == "prefix" and (math.isinf(gate["tau"]) or 0.0 <= gate["tau"] <= 1.0)
         assert entry["calibration"]["test_risk"] <= 1.0 and entry["calibration"]["upper_bound"] <= 1.0
-    for path in ("bundle/manifest.json", "policy/policy.json", "tokenizer/tokenizer.json", "bench.png", "sweep.png", "sweep.json", "demos.hdf5"):
+    for path in ("bundle/manifest.json", "policy/policy.json", "tokenizer/tokenizer.json", "bench.png", "sweep.png", "sweep.json", "demos.hdf5",
+                 "policy_demos/policy.json", "aggregate.hdf5", "draft_demos.hdf5"):
         assert (out / path).is_file(), path
+    recovery = report["recovery"]  # DAgger: the first policy started these episodes, the expert finished them
+    assert recovery["aggregated"] == report["demos"]["episodes"] and recovery["episodes"] + recovery["learner_done"] + recovery["failed"] == 10
+    families = report["sweep"]["per_task"]
+    assert set(families) <= {"pick_place", "next_to"} and sum(f["episodes"] for f in families.values()) == 4
+    assert "Main-only success" in markdown and "DAgger" in markdown

@@ -18,8 +18,11 @@ the keys), so each query can pick "the first colour" or "the last one". With "wo
 averaged values, where they dwarf freshly initialised word embeddings (norm 8 against about 0.2) and are nearly
 the same for every instruction. FiLM then first learns from the template, and its queries can lock onto the word that
 names the task family ("plate"). A run measured this way had 0.03-0.04 of the attention on "red", and its keypoints
-did not move when the named colour changed. That run never left its localisation plateau. With "words" (the
-`tiny` preset) only the words are averaged, so the summary is the instruction's content from the first step.
+did not move when the named colour changed. That run never left its localisation plateau. With "words" only the
+words are averaged, so the summary is the instruction's content from the first step. Its queries can still decay to
+a uniform average (a run whose two queries read every word alike never grounded the colour). With "slots" (the
+`tiny` preset) there is no attention: slot g is the g-th word, so "the colour word at position 3" reaches FiLM
+through its own weights from the first step; words past `film_queries` reach only the LLM.
 
 Tokens (`ConvConfig.tokens`), each a feature vector `[Dv]` the projector maps into the LLM:
 - "keypoints": K maps → softmax over space → per map the expected `(x, y)` in [-1, 1] (x right, y down), their
@@ -82,16 +85,22 @@ def sinusoidal_positions(length: int, dim: int, like: torch.Tensor) -> torch.Ten
 
 class InstructionSummary(nn.Module):
     """Order-aware instruction summary `[B, G * E]`: G learned queries attend over the words plus their positions and
-    average the words (`values="words"`) or the words plus their positions."""
+    average the words (`values="words"`) or the words plus their positions; with `values="slots"` the G slots are
+    the first G words themselves (zeros past the instruction's end)."""
 
     def __init__(self, text_dim: int, queries: int, values: str = "words+positions") -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(queries, text_dim) * text_dim**-0.5)
-        self.keys = nn.Linear(text_dim, text_dim)
+        self.count = queries
         self.values = values
+        if values != "slots":
+            self.queries = nn.Parameter(torch.randn(queries, text_dim) * text_dim**-0.5)
+            self.keys = nn.Linear(text_dim, text_dim)
 
     def forward(self, prompt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Summary `[B, G * E]` of token embeddings `[B, T, E]` (mask `[B, T]`, true at real tokens)."""
+        if self.values == "slots":  # slot g is word g itself: no attention that could learn to skip the colour words
+            slots = (prompt * mask.unsqueeze(-1).to(prompt.dtype))[:, : self.count]
+            return F.pad(slots, (0, 0, 0, self.count - slots.shape[1])).flatten(1)
         words = prompt + sinusoidal_positions(prompt.shape[1], prompt.shape[2], prompt)
         scores = torch.einsum("ge,bte->bgt", self.queries.to(words.dtype), self.keys(words)) / words.shape[-1] ** 0.5
         weights = torch.softmax(scores.masked_fill(~mask.bool().unsqueeze(1), float("-inf")), dim=-1)

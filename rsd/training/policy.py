@@ -75,12 +75,16 @@ def train_policy(
     adapter: AdapterConfig | None = None,
     base: str | Path | None = None,
     parallel: str = "ddp",
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the main policy on the demonstrations in `data` and save the selected epoch to `out`.
 
     With `options.select_by == "rollouts"` the policy is run closed-loop every `rollout_every` epochs on
     held-out seeds of `rollout_env` (default: the environment recorded in the data file) and the epoch with the
     highest success (ties: lower validation L1) is kept; otherwise the epoch with the lowest validation L1.
+    With `init` (a policy folder) training starts from that policy's weights and keeps its normalisation statistics
+    (DAgger's usual step: go on training the learner on the aggregated data); its model and tokenizer must be the
+    ones this run would build.
     `out` is written through a staging folder (`rsd.io.writes_artifact`); an existing policy there needs `overwrite=True`.
     """
     spec = get_preset(preset)
@@ -117,7 +121,11 @@ def train_policy(
     )
     if adapter is not None and freeze_backbone:
         raise ConfigError("train-policy: --freeze-backbone and LoRA fine-tuning (--lora-rank) exclude each other.")
-    main = build_policy_model(model_config, action_tokenizer, statistics, dataset_key or Path(source.path).stem, cogvla, adapter, base)
+    if init is None:
+        main = build_policy_model(model_config, action_tokenizer, statistics, dataset_key or Path(source.path).stem, cogvla, adapter, base)
+    else:
+        main = _warm_start(init, dataclasses.replace(model_config, cogvla=cogvla) if cogvla is not None else model_config, action_tokenizer,
+                           adapter)
     main.tokenizer.requires_grad_(False)
     if freeze_backbone:
         main.vla.requires_grad_(False)
@@ -193,6 +201,19 @@ def train_policy(
     if world.is_main:
         (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _warm_start(init: str | Path, model_config: Any, tokenizer: ActionTokenizer, adapter: AdapterConfig | None) -> MainModel:
+    """The policy at `init`, to go on training: its model must be `model_config` and its tokenizer `tokenizer`."""
+    if adapter is not None:
+        raise ConfigError("train-policy: --init (go on training a policy) and LoRA fine-tuning (--lora-rank, --base) exclude each other.")
+    main = MainModel.load(init)
+    if main.vla.config != model_config:
+        raise ConfigError(f"train-policy --init {init}: expected a policy of the model this run builds ({model_config}), got {main.vla.config}.")
+    theirs, ours = main.tokenizer.state_dict(), tokenizer.state_dict()
+    if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k]) for k in ours) or main.tokenizer.stats.to_json() != tokenizer.stats.to_json():
+        raise ConfigError(f"train-policy --init {init}: its tokenizer differs from --tokenizer; the token targets would change meaning.")
+    return main
 
 
 def _rollout_env(source: DataSource, rollout_env: str | None) -> tuple[str, dict[str, Any]]:

@@ -26,6 +26,7 @@ from rsd.export import compile as compile_module
 from rsd.export import export_draft
 from rsd.io import FORMAT_VERSION, sha256_file
 from rsd.models.draft import DraftHead
+from rsd.presets import get_preset
 from rsd.runtime.bundle import available_engines, load_bundle_engines
 from rsd.runtime.engines import OnnxSession, tensorrt_missing
 from rsd.runtime.gate import Gate, top_probability
@@ -97,7 +98,7 @@ def test_reloaded_engines_match_eager(bundle: Path, sources: dict[str, Path], ma
     assert loaded.engine == engine and loaded.draft.name == engine
     draft, _ = DraftHead.load(sources["draft"])
     tokenizer = ActionTokenizer.load(sources["tokenizer"])
-    hidden = torch.randn(batch, 128, generator=torch.Generator().manual_seed(batch))
+    hidden = torch.randn(batch, main_model.hidden_size, generator=torch.Generator().manual_seed(batch))
     logits, tokens = loaded.draft(hidden)
     with torch.no_grad():
         want = draft(hidden)
@@ -239,7 +240,7 @@ def test_fp16_draft_with_fp32_decoders(sources: dict[str, Path], tmp_path: Path,
     assert _entry(manifest, "decoder_c3", "torchscript")["precision"] == "fp32" and manifest["decoder_precision"] == "fp32"
     assert all(e["built"] for e in report["engines"])
     loaded = load_bundle_engines(tmp_path / "bundle", main_model, engine="torchscript")
-    logits, tokens = loaded.draft(torch.randn(3, 128))
+    logits, tokens = loaded.draft(torch.randn(3, main_model.hidden_size))
     assert logits.dtype == torch.float16 and tokens.dtype == torch.int64 and top_probability(logits).dtype == torch.float32
 
 
@@ -273,7 +274,7 @@ def _write_features(directory: Path, draft_meta_fingerprint: str, tokenizer_dir:
     frames = 6 * len(episodes)
     gen = torch.Generator().manual_seed(3)
     shard = {
-        "exit_hidden": torch.randn(frames, 128, generator=gen).half(),
+        "exit_hidden": torch.randn(frames, get_preset("tiny").model.llm.hidden_size, generator=gen).half(),
         "main_logits": torch.zeros(frames, 3, 128, 7, dtype=torch.float16),
         "main_tokens": torch.randint(0, 7, (frames, 8, 128), generator=gen),
         "gt_tokens": tokens_to_layers(torch.randint(0, 7, (frames, 8, 16, 8), generator=gen)).contiguous(),

@@ -97,7 +97,7 @@ def test_aggregation_tokens_replace_the_patches_and_read_them() -> None:
     state = vla.embed(x)
     prompt = x.input_ids.shape[1]
     assert state.hidden.shape[1] == 1 + 3 + 1 + prompt + 1  # BOS, 3 aggregation tokens, proprio, prompt, query
-    assert vla.query_summary.in_features == 3 * 128
+    assert vla.query_summary.in_features == 3 * vla.config.llm.hidden_size
     other = inputs(vla, seed=1)
     assert not torch.allclose(vla.embed(other).hidden[:, 1:4], state.hidden[:, 1:4])  # they attend to the (new) patches
 
@@ -215,7 +215,7 @@ def test_routers_stay_finite_and_learn_at_a_high_learning_rate() -> None:
     routers = [p for name, p in vla.named_parameters() if ".moe." in name or ".lfp." in name]
     before = [p.detach().clone() for p in routers]
     optimizer = torch.optim.AdamW(vla.parameters(), lr=1.0)
-    target = torch.randn(2, 128)
+    target = torch.randn(2, vla.config.llm.hidden_size)
     for _ in range(3):
         loss = (vla(x) - target).pow(2).mean()
         optimizer.zero_grad()

@@ -55,7 +55,7 @@ def test_film_starts_as_the_identity_and_then_conditions_the_tokens():
         ConvBackbone(ConvConfig(img_size=64), condition_dim=0)
 
 
-@pytest.mark.parametrize("values", ["words+positions", "words"])
+@pytest.mark.parametrize("values", ["words+positions", "words", "slots"])
 def test_film_summary_tells_word_order_apart_and_ignores_padding(values):
     """"red next to blue" and "blue next to red" have the same mean word embedding; the summary must differ."""
     torch.manual_seed(0)
@@ -80,10 +80,22 @@ def test_word_values_average_only_the_words_with_weights_steered_by_position():
     assert torch.allclose(with_positions(prompt, mask)[0], (weights @ (prompt[0, :3] + positions[:3])).flatten(), atol=1e-6)
 
 
+def test_slots_are_the_first_words_with_zeros_past_the_end_and_no_attention():
+    torch.manual_seed(0)
+    summary = InstructionSummary(8, 4, "slots")
+    assert list(summary.parameters()) == []  # nothing to learn, nothing to decay into a uniform average
+    prompt, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, True], [True, True, False]])
+    slots = summary(prompt, mask).reshape(2, 4, 8)
+    assert torch.equal(slots[0, :3], prompt[0]) and torch.equal(slots[1, :2], prompt[1, :2])
+    assert not slots[0, 3:].any() and not slots[1, 2:].any()  # past each instruction's end
+    longer = torch.randn(1, 6, 8)
+    assert torch.equal(summary(longer, torch.ones(1, 6, dtype=torch.bool)).reshape(4, 8), longer[0, :4])  # words past 4 unseen
+
+
 def test_film_values_are_checked_and_old_configs_keep_words_and_positions():
     with pytest.raises(ConfigError, match="film_values"):
         ConvConfig(film_values="positions")
-    assert get_preset("tiny").model.vision[0].film_values == "words"
+    assert get_preset("tiny").model.vision[0].film_values == "slots"
     old = {k: v for k, v in to_dict(ConvConfig()).items() if k != "film_values"}  # a policy.json written before the option
     assert from_dict(ConvConfig, old).film_values == "words+positions"
 

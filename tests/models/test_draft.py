@@ -26,8 +26,8 @@ def test_shapes_and_tokens(config):
     assert out.logits.shape == (5, tok.coarse_layers, tok.tokens_per_layer, tok.levels)
     assert out.tokens.shape == (5, tok.coarse_layers, tok.tokens_per_layer)
     assert torch.equal(out.tokens, out.logits.argmax(-1))
-    with pytest.raises(ShapeError, match=r"expected exit hidden \[B, 128\]"):
-        draft(torch.randn(2, 64))
+    with pytest.raises(ShapeError, match=rf"expected exit hidden \[B, {config.hidden_size}\]"):
+        draft(torch.randn(2, config.hidden_size + 1))
 
 
 def test_openvla_sized_draft_parameter_count():
@@ -69,7 +69,7 @@ def test_missing_projection_is_refused(tmp_path, config):
 
 def test_other_hidden_size_exit_layer_or_main_refused(tmp_path, config):
     DraftHead(config).save(tmp_path, {"main_fingerprint": "abc"})
-    with pytest.raises(CheckpointError, match="hidden size 128.*has 256"):
+    with pytest.raises(CheckpointError, match=f"hidden size {config.hidden_size}.*has 256"):
         DraftHead.load(tmp_path, expect_hidden=256)
     with pytest.raises(CheckpointError, match="exit layer 3.*has 2"):
         DraftHead.load(tmp_path, expect_exit_layer=2)

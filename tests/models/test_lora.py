@@ -33,7 +33,7 @@ def base(tmp_path_factory):
     rng = np.random.default_rng(0)
     stats = DatasetStatistics(action=ActionStats.from_actions(rng.uniform(-1, 1, (256, 7))),
                               proprio=ActionStats.from_actions(rng.uniform(-0.5, 0.5, (256, 8))))
-    main = MainModel(PrismaticVLA(config), RFSQHead(128, config.tokenizer), ActionTokenizer(config.tokenizer, stats.action), stats, "test")
+    main = MainModel(PrismaticVLA(config), RFSQHead(config.llm.hidden_size, config.tokenizer), ActionTokenizer(config.tokenizer, stats.action), stats, "test")
     folder = tmp_path_factory.mktemp("base") / "policy"
     main.save(folder)
     return folder
@@ -120,7 +120,7 @@ def test_parts_that_miss_keys_a_non_finite_router_or_another_base_are_refused(ba
     other = tmp_path / "other_base"
     source = MainModel.load(base)
     torch.manual_seed(5)
-    MainModel(PrismaticVLA(source.vla.config), RFSQHead(128, source.vla.config.tokenizer), source.tokenizer, source.statistics,
+    MainModel(PrismaticVLA(source.vla.config), RFSQHead(source.vla.config.llm.hidden_size, source.vla.config.tokenizer), source.tokenizer, source.statistics,
               "test").save(other)
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_lora_checkpoint(tmp_path / "ok" / "lora", base=other)

@@ -332,7 +332,7 @@ def test_inspect_main_reports_variant_dims_dtype_and_statistics(oft_folder: Path
     assert (vanilla["variant"], vanilla["statistics_keys"], vanilla["llm"]["num_layers"]) == ("openvla", ["bridge_orig"], 2)
     make_tiny_main().save(tmp_path / "policy")
     policy = json.loads(runner.invoke(main, ["inspect-main", str(tmp_path / "policy")], catch_exceptions=False).output)
-    assert (policy["variant"], policy["layout"], policy["llm"]["hidden_size"]) == ("rsd-policy", "rsd", 128)
+    assert (policy["variant"], policy["layout"], policy["llm"]["hidden_size"]) == ("rsd-policy", "rsd", get_preset("tiny").model.llm.hidden_size)
     assert policy["vision"] == [{"conv": "keypoints", "img_size": 64}]  # the tiny preset's conv backbone
 
 

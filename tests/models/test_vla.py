@@ -35,7 +35,7 @@ def test_prefix_resume_equals_full_forward_for_every_exit_layer(vla: PrismaticVL
     full = vla(inputs)
     for k in range(vla.config.llm.num_layers + 1):
         state = vla.prefix(inputs, k)
-        assert state.layer == k and state.query_hidden.shape == (2, 128)
+        assert state.layer == k and state.query_hidden.shape == (2, vla.config.llm.hidden_size)
         torch.testing.assert_close(vla.resume(state), full, atol=1e-5, rtol=0)
 
 
@@ -142,7 +142,7 @@ def test_random_weights_and_inputs_run_without_a_text_tokenizer() -> None:
     model = PrismaticVLA.random(config, seed=1)
     inputs = model.random_inputs(batch=2, prompt_len=10)
     with torch.inference_mode():
-        assert model(inputs).shape == (2, 128)
+        assert model(inputs).shape == (2, config.llm.hidden_size)
 
 
 def test_word_tokenizer_has_no_collisions_on_the_tabletop_instructions() -> None:

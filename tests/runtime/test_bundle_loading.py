@@ -27,8 +27,9 @@ FINGERPRINT = "old-bundle-fixture"
 
 @pytest.fixture()
 def main_model():
-    """The tiny main model with the fingerprint the fixture was exported for."""
-    main = make_tiny_main()
+    """A tiny main model of the width the fixture's draft reads (128, the preset's before 2026-11-26), with the fingerprint
+    the fixture was exported for."""
+    main = make_tiny_main(hidden_size=128)
     main.fingerprint = FINGERPRINT
     return main
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from rsd.errors import CheckpointError, ConfigError
 from rsd.models.draft import DraftHead
+from rsd.presets import get_preset
 from rsd.training.calibrate import calibrate, gate_outcome, risk_curve, summarize_gate
 from rsd.training.draft import distillation_loss, train_draft
 from rsd.training.features import collect_features, load_features
@@ -34,7 +35,7 @@ def pipeline(tmp_path_factory):
 def test_features_hold_every_frame_with_the_right_shapes(pipeline) -> None:
     feats = load_features(pipeline / "features")
     frames = feats.exit_hidden.shape[0]
-    assert feats.exit_hidden.shape == (frames, 128) and feats.exit_hidden.dtype == torch.float16
+    assert feats.exit_hidden.shape == (frames, get_preset("tiny").model.llm.hidden_size) and feats.exit_hidden.dtype == torch.float16
     assert feats.main_logits.shape == (frames, 3, 128, 7)
     assert feats.main_tokens.shape == feats.gt_tokens.shape == (frames, 8, 128)
     assert feats.exit_layer == 3 and len(set(feats.episode_id.tolist())) == 8
@@ -70,8 +71,6 @@ def test_bad_sizes_are_refused_before_anything_is_written(pipeline) -> None:
 
 
 def test_a_few_training_steps_reduce_the_loss(pipeline) -> None:
-    from rsd.presets import get_preset
-
     feats = load_features(pipeline / "features")
     torch.manual_seed(0)
     draft = DraftHead(get_preset("tiny").draft(3))
@@ -103,7 +102,7 @@ def test_train_draft_writes_the_checkpoint_and_metrics(trained_draft) -> None:
     directory, summary = trained_draft
     assert len(summary["history"]) == 12 and 0.0 <= summary["best"]["val_agreement"] <= 1.0
     meta = json.loads((directory / "draft.json").read_text())
-    assert meta["config"]["exit_layer"] == 3 and meta["config"]["hidden_size"] == 128 and meta["main_fingerprint"]
+    assert meta["config"]["exit_layer"] == 3 and meta["config"]["hidden_size"] == get_preset("tiny").model.llm.hidden_size and meta["main_fingerprint"]
     assert json.loads((directory / "metrics.json").read_text())["parameters"] == summary["parameters"]
 
 

@@ -6,6 +6,7 @@ import dataclasses
 
 import h5py
 import pytest
+import torch
 
 from rsd.config import PolicyTrainConfig
 from rsd.data.hdf5 import read_demos, write_demos
@@ -76,3 +77,27 @@ def test_the_model_reads_as_many_cameras_as_the_demonstrations_hold(demos, tmp_p
     assert main.vla.config.num_images == 2
     obs = {"image": [episodes[0].images["agentview"][0]] * 2, "instruction": episodes[0].instruction, "proprio": episodes[0].proprio[0]}
     assert MainOnlyPolicy(main).predict_chunk(obs).actions.shape == (8, 7)
+
+
+def test_init_goes_on_from_a_policys_weights_and_statistics(demos, tmp_path):
+    """`init` starts from the saved weights (at a vanishing learning rate the validation error is the init's) and
+    keeps its statistics; a different tokenizer is refused."""
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=1, batch_size=64, val_fraction=0.34)
+    options = PolicyTrainConfig(select_by="val_l1")
+    first = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "first", train=train, options=options, progress=False)
+    still = dataclasses.replace(train, lr=1e-12)
+    again = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "again", train=still, options=options, progress=False,
+                         init=tmp_path / "first")
+    assert again["best"]["val_action_l1"] == pytest.approx(first["best"]["val_action_l1"], abs=1e-6)
+    train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "fresh", train=still, options=options, progress=False)
+    weights = {name: load_main(tmp_path / name, "cpu", None).state_dict() for name in ("first", "again", "fresh")}
+    assert all(torch.allclose(weights["again"][k], v, atol=1e-6) for k, v in weights["first"].items())
+    assert not all(torch.allclose(weights["fresh"][k], v, atol=1e-6) for k, v in weights["first"].items())
+    assert (tmp_path / "again" / "dataset_statistics.json").read_text() == (tmp_path / "first" / "dataset_statistics.json").read_text()
+    episodes = read_demos(demos / "demos.hdf5")
+    spec = get_preset("tiny")
+    train_tokenizer([e.actions for e in episodes], spec.tokenizer, dataclasses.replace(spec.tokenizer_train, epochs=1, seed=5),
+                    tmp_path / "other_tokenizer", [e.episode_id for e in episodes], progress=False)
+    with pytest.raises(ConfigError, match="tokenizer differs"):
+        train_policy(demos / "demos.hdf5", tmp_path / "other_tokenizer", tmp_path / "refused", train=train, options=options, progress=False,
+                     init=tmp_path / "first")
