@@ -59,9 +59,11 @@ def ar_policy_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
 
 
 def tiny_ar_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> ARActionModel:
-    """A tiny AR-mode VLA with seeded random weights and statistics spanning [-2, 2] (so un-normalisation shows)."""
+    """A tiny AR-mode VLA with seeded random weights and statistics spanning [-2, 2] (so un-normalisation shows), at LLM
+    width 128: with random weights at the preset's 64 the scrambled draft below is never rejected."""
     torch.manual_seed(seed)
-    config = ar_vla_config(get_preset("tiny").model)
+    model = get_preset("tiny").model
+    config = ar_vla_config(dataclasses.replace(model, llm=dataclasses.replace(model.llm, hidden_size=128, intermediate_size=344)))
     vla = PrismaticVLA(config).to(dtype).eval()
     rng = np.random.default_rng(seed)
     stats = DatasetStatistics(action=ActionStats.from_actions(rng.uniform(-2.0, 2.0, size=(500, 7))))

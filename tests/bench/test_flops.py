@@ -15,25 +15,27 @@ from rsd.errors import ConfigError
 from rsd.models.cogvla import ROUTER_WIDTH
 
 
-def llm_layer(tokens: int, width: int = 128, mlp: int = 344) -> int:
+def llm_layer(tokens: int, width: int, mlp: int) -> int:
     """One Llama layer by hand: q, k, v, o (4 heads, no grouping) and the gated MLP, 2 FLOPs per multiply-add, plus
     attention scores and their product with the values over the whole sequence (2 * 2 * S^2 * D)."""
     return 2 * tokens * (4 * width * width + 3 * width * mlp) + 4 * tokens * tokens * width
 
 
 def test_tiny_stages_match_a_hand_count_with_and_without_pruning() -> None:
-    plain = stage_flops(two_vit_config(), 128, 4, 256, exit_layer=2)
+    config = two_vit_config()
+    width, mlp = config.llm.hidden_size, config.llm.intermediate_size
+    plain = stage_flops(config, 128, 4, 256, exit_layer=2)
     tokens = plain["tokens_in"]
-    assert plain["flops"]["prefix"] == 2 * llm_layer(tokens)
-    assert plain["flops"]["suffix"] == 4 * llm_layer(tokens)
-    # RFSQ head: Linear(128, H * 256) once, then Linear(256, L * d * V) for each of the H = 8 steps
-    assert plain["flops"]["head"] == 2 * 128 * (8 * 256) + 2 * 8 * 256 * (8 * 16 * 7)
+    assert plain["flops"]["prefix"] == 2 * llm_layer(tokens, width, mlp)
+    assert plain["flops"]["suffix"] == 4 * llm_layer(tokens, width, mlp)
+    # RFSQ head: Linear(width, H * 256) once, then Linear(256, L * d * V) for each of the H = 8 steps
+    assert plain["flops"]["head"] == 2 * width * (8 * 256) + 2 * 8 * 256 * (8 * 16 * 7)
     pruned = stage_flops(two_vit_config(CogVLAConfig(lfp_layers=(1,))), 128, 4, 256, exit_layer=2)
     keep = 8  # round(16 * 0.5): one routing layer keeps the schedule's mean
-    router = 2 * 16 * 128 * ROUTER_WIDTH + 2 * 128 * 2 * ROUTER_WIDTH + 2 * 16 * ROUTER_WIDTH  # down (16 tokens), FiLM (1 condition), score
+    router = 2 * 16 * width * ROUTER_WIDTH + 2 * width * 2 * ROUTER_WIDTH + 2 * 16 * ROUTER_WIDTH  # down (16 tokens), FiLM (1 condition), score
     assert pruned["tokens_at_exit"] == tokens - (16 - keep)
-    assert pruned["flops"]["prefix"] == llm_layer(tokens) + router + llm_layer(tokens - 8)
-    assert pruned["flops"]["suffix"] == 4 * llm_layer(tokens - 8)
+    assert pruned["flops"]["prefix"] == llm_layer(tokens, width, mlp) + router + llm_layer(tokens - 8, width, mlp)
+    assert pruned["flops"]["suffix"] == 4 * llm_layer(tokens - 8, width, mlp)
     assert pruned["flops"]["vision"] == plain["flops"]["vision"]
 
 

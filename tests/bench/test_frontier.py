@@ -47,7 +47,7 @@ def test_gate_settings_drop_duplicates_and_calibrating_needs_the_draft():
 
 
 def test_sweep_runs_every_policy_on_the_same_seeds_interleaved(tmp_path, monkeypatch):
-    main = make_tiny_main()
+    main = make_tiny_main(hidden_size=128)  # the width the old bundle fixture's draft reads
     main.fingerprint = "old-bundle-fixture"
     order = []
     evaluate = frontier.evaluate
@@ -83,7 +83,7 @@ def test_sweep_runs_every_policy_on_the_same_seeds_interleaved(tmp_path, monkeyp
 
 
 def test_sweep_replans_every_policy_alike(monkeypatch):
-    main = make_tiny_main()
+    main = make_tiny_main(hidden_size=128)  # the width the old bundle fixture's draft reads
     main.fingerprint = "old-bundle-fixture"
     horizons = set()
     evaluate = frontier.evaluate

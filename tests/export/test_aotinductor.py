@@ -59,7 +59,7 @@ def test_pt2_entries_are_hashed_parity_checked_and_preferred(bundle: Path) -> No
 @pytest.mark.parametrize("batch", [1, 5])
 def test_loaded_packages_match_eager(bundle: Path, main_model, batch: int) -> None:
     generator = torch.Generator().manual_seed(batch)
-    hidden = torch.randn(batch, 128, generator=generator)
+    hidden = torch.randn(batch, main_model.hidden_size, generator=generator)
     tokens = torch.randint(0, 7, (batch, 8, 16, 8), generator=generator)
     packaged = load_bundle_engines(bundle, main_model, engine="aotinductor")
     eager = load_bundle_engines(bundle, main_model, engine="torch")
