@@ -441,7 +441,7 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
-@click.option("--quick", is_flag=True, help="A smaller run (under a minute on 2 cores) that exercises every step.")
+@click.option("--quick", is_flag=True, help="A smaller run (about 80 s on 2 cores) that exercises every step.")
 @OVERWRITE
 def demo(out: str, quick: bool, overwrite: bool) -> None:
     """Run the whole pipeline on the CPU with built-in data and write OUT/report.md."""

@@ -9,7 +9,7 @@ executing the first `replan_every` steps of a chunk (`rsd.bench.frontier`) → r
 
 Usage:
     rsd demo                      # about 23 minutes on 2 idle cores (policy training, 19 of them)
-    rsd demo --quick --out runs/quick    # under a minute, smaller everything (used by the tests)
+    rsd demo --quick --out runs/quick    # about 80 s, smaller everything (used by the tests)
 """
 
 from __future__ import annotations
