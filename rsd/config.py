@@ -119,7 +119,7 @@ class LLMConfig:
 
 
 CONV_TOKENS = ("keypoints", "grid")
-FILM_VALUES = ("words+positions", "words", "slots")  # what the FiLM summary's attention averages (positions always steer it)
+FILM_VALUES = ("words+positions", "words", "slots")  # what the FiLM summary's attention averages, or "slots": no attention
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs CUDA and torch-tensorrt (pip install .[gpu]); not present here"))
 
 
+def tiny_model_at_width(hidden_size: int):
+    """The `tiny` preset's VLAConfig with its LLM at `hidden_size` (intermediate size scaled as the preset's, 344 at 128)."""
+    from rsd.presets import get_preset
+
+    model = get_preset("tiny").model
+    return dataclasses.replace(model, llm=dataclasses.replace(model.llm, hidden_size=hidden_size, intermediate_size=hidden_size * 344 // 128))
+
+
 def make_tiny_main(seed: int = 0, hidden_size: int | None = None):
     """A tiny MainModel with seeded random weights (real components; for runtime logic, not for accuracy); `hidden_size`
     overrides the preset's LLM width (intermediate size scaled with it)."""
@@ -41,8 +49,7 @@ def make_tiny_main(seed: int = 0, hidden_size: int | None = None):
     torch.manual_seed(seed)
     spec = get_preset("tiny")
     if hidden_size is not None:
-        llm = dataclasses.replace(spec.model.llm, hidden_size=hidden_size, intermediate_size=hidden_size * 344 // 128)
-        spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, llm=llm))
+        spec = dataclasses.replace(spec, model=tiny_model_at_width(hidden_size))
     rng = np.random.default_rng(seed)
     actions = rng.uniform(-1.0, 1.0, size=(256, spec.tokenizer.action_dim))
     proprio = rng.uniform(-0.5, 0.5, size=(256, spec.model.proprio_dim))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_at_width
 
 from rsd.data.stats import ActionStats, DatasetStatistics
 from rsd.models.ar_actions import ARActionModel, BinActionTokenizer, BinTokenizerConfig, ar_vla_config
@@ -62,8 +63,7 @@ def tiny_ar_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> ARAction
     """A tiny AR-mode VLA with seeded random weights and statistics spanning [-2, 2] (so un-normalisation shows), at LLM
     width 128: with random weights at the preset's 64 the scrambled draft below is never rejected."""
     torch.manual_seed(seed)
-    model = get_preset("tiny").model
-    config = ar_vla_config(dataclasses.replace(model, llm=dataclasses.replace(model.llm, hidden_size=128, intermediate_size=344)))
+    config = ar_vla_config(tiny_model_at_width(128))
     vla = PrismaticVLA(config).to(dtype).eval()
     rng = np.random.default_rng(seed)
     stats = DatasetStatistics(action=ActionStats.from_actions(rng.uniform(-2.0, 2.0, size=(500, 7))))

@@ -131,8 +131,7 @@ class LoRAMainModel(MainModel):
                   statistics: DatasetStatistics, dataset_key: str) -> LoRAMainModel:
         """The base policy's model with `cogvla`'s modules added (new, trained in full) and adapters on its LLM."""
         source = MainModel.load(base)
-        theirs, ours = source.tokenizer.state_dict(), tokenizer.state_dict()
-        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[key], ours[key]) for key in theirs):
+        if not source.tokenizer.same_as(tokenizer):
             raise CheckpointError(f"LoRA fine-tuning: the tokenizer differs from the base policy {base}'s; the head was trained on "
                                   f"that tokenizer's tokens. Pass the base's tokenizer folder ({Path(base) / 'tokenizer'}).")
         config = replace(source.vla.config, cogvla=cogvla)

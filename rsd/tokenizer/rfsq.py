@@ -133,6 +133,12 @@ class ActionTokenizer(nn.Module):
         else:
             self.register_buffer("scales", geometric_scales(config))
 
+    def same_as(self, other: ActionTokenizer) -> bool:
+        """Whether `other` turns actions into the same tokens and back: equal weights, scales and normalisation bounds
+        (the q01/q99 bounds and mask are buffers, so the state dict holds all of it)."""
+        theirs, ours = other.state_dict(), self.state_dict()
+        return theirs.keys() == ours.keys() and all(torch.equal(theirs[key], ours[key]) for key in ours)
+
     def current_scales(self) -> torch.Tensor:
         """The per-layer scales `[L]` in use (fixed geometric, or the learned ones)."""
         return torch.exp(self.log_scales) if self.config.learnable_scales else self.scales

@@ -210,8 +210,7 @@ def _warm_start(init: str | Path, model_config: Any, tokenizer: ActionTokenizer,
     main = MainModel.load(init)
     if main.vla.config != model_config:
         raise ConfigError(f"train-policy --init {init}: expected a policy of the model this run builds ({model_config}), got {main.vla.config}.")
-    theirs, ours = main.tokenizer.state_dict(), tokenizer.state_dict()
-    if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k]) for k in ours) or main.tokenizer.stats.to_json() != tokenizer.stats.to_json():
+    if not main.tokenizer.same_as(tokenizer):
         raise ConfigError(f"train-policy --init {init}: its tokenizer differs from --tokenizer; the token targets would change meaning.")
     return main
 
