@@ -138,7 +138,14 @@ class VLAProcessor:
         """uint8 `[B, N, H, W, 3]` (or float `[B, N, 3, S, S]` in [0, 1]) → normalised `[B, N, 3 * backbones, S, S]`."""
         config = self.config
         size = config.image_size
-        tensor = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        if isinstance(images, torch.Tensor):
+            tensor = images
+        else:
+            array = np.ascontiguousarray(images)
+            if not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)):
+                raise ObservationError(f"VLAProcessor: expected uint8 [B, N, H, W, 3] or float [B, N, 3, S, S] images, "
+                                       f"got an array of dtype {array.dtype} {array.shape}.")
+            tensor = torch.from_numpy(array)
         if tensor.ndim != 5 or tensor.shape[1] != config.num_images:
             raise ObservationError(f"VLAProcessor: expected images [B, {config.num_images}, H, W, 3] (uint8) or "
                                    f"[B, {config.num_images}, 3, S, S] (float), {config.num_images} camera image(s) per row, "

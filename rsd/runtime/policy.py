@@ -212,7 +212,7 @@ def check_observation(obs: Any, proprio_dim: int) -> None:
     if not isinstance(obs.get("instruction", ""), str):
         raise ObservationError(f"observation['instruction']: expected a non-empty string, got {type(obs['instruction']).__name__}.")
     raw = obs.get("image")
-    for index, frame in enumerate(raw if isinstance(raw, (list, tuple)) else [] if raw is None else [raw]):
+    for index, frame in enumerate(raw if isinstance(raw, (list, tuple)) else [] if "image" not in obs else [raw]):
         array = _numbers(frame, f"observation['image']{'' if not isinstance(raw, (list, tuple)) else f'[{index}]'}")
         if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
             raise ObservationError(f"observation['image']: expected uint8 frames [H, W, 3] (or float in [0, 1]), got dtype {array.dtype}.")

@@ -67,7 +67,8 @@ def test_bad_input_is_one_error_type_for_observations_and_batches() -> None:
     processor = VLAProcessor(get_preset("tiny").model)
     images = np.zeros((1, 1, 64, 64, 3), np.uint8)
     for call in (lambda: processor(images, ["  "], torch.zeros(1, 8)), lambda: processor(images, ["pick"], torch.zeros(1, 5)),
-                 lambda: processor(images[..., :2], ["pick"], torch.zeros(1, 8)), lambda: observation_batch([], proprio_dim=0)):
+                 lambda: processor(images[..., :2], ["pick"], torch.zeros(1, 8)), lambda: observation_batch([], proprio_dim=0),
+                 lambda: processor(np.array([[None]]), ["pick"], torch.zeros(1, 8))):
         with pytest.raises(ObservationError) as info:
             call()
         assert isinstance(info.value, DataError) and isinstance(info.value, ShapeError)

@@ -257,6 +257,8 @@ def test_queue_hands_out_the_whole_chunk_before_replanning(tiny_main):
         (lambda o: o.update(proprio=np.array([0, 0, 0, np.inf, 0, 0, 0, 0])), r"proprio.*finite.*inf at index 3"),
         (lambda o: o.update(proprio=np.zeros((1, 8))), r"proprio.*\[8\], got shape \(1, 8\)"),
         (lambda o: o.update(image="a picture"), r"image.*numbers"),
+        (lambda o: o.update(image=None), r"image.*numbers.*NoneType"),
+        (lambda o: o.update(image=[None]), r"image'\]\[0\].*numbers"),
         (lambda o: o.update(image=o["image"].astype(np.int64)), r"image.*uint8.*int64"),
         (lambda o: o.update(instruction="pick up the block " * 600), r"at most 128 prompt tokens.*got 2400"),
     ],
