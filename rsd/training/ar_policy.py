@@ -34,6 +34,7 @@ from rsd.io import writes_artifact
 from rsd.models.ar_actions import ARActionModel, BinActionTokenizer, BinTokenizerConfig, ar_vla_config
 from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
+from rsd.training.schedule import adamw
 
 
 def action_tokens(model: ARActionModel, actions: np.ndarray) -> torch.Tensor:
@@ -65,7 +66,7 @@ def train_ar_policy(data: str | Path, out: str | Path, preset: str = "tiny", tra
     model = ARActionModel(PrismaticVLA(config).to(device), tokenizer, statistics, dataset_key or Path(data).stem)
     targets = action_tokens(model, dataset.all_actions()[:, 0])
     vla = model.vla
-    optimizer = torch.optim.AdamW(vla.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = adamw(vla.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     train_rows = np.flatnonzero(np.isin(dataset.episode_ids, train_eps))
     val_rows = np.flatnonzero(np.isin(dataset.episode_ids, val_eps))
     steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)

@@ -42,7 +42,7 @@ from rsd.io import writes_artifact
 from rsd.models.draft import DraftHead
 from rsd.presets import get_preset
 from rsd.training.features import Features, episode_ids, load_features
-from rsd.training.schedule import one_cycle
+from rsd.training.schedule import adamw, one_cycle
 
 Targets = Literal["main", "ground_truth"]
 
@@ -96,7 +96,7 @@ def train_draft(
     draft = DraftHead(config)
     world = distributed.current()
     model = distributed.Parallel(draft, DraftHead.forward_logits)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = adamw(draft.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / train.batch_size)
     scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
     target_tokens = (feats.main_tokens if targets == "main" else feats.gt_tokens)[:, : tok.coarse_layers]

@@ -47,6 +47,7 @@ from rsd.models.ar_actions import POLICY_FILE, ARActionModel
 from rsd.models.layer_draft import LayerDraft, LayerDraftConfig
 from rsd.models.text_lm import TextLM, load_text_lm
 from rsd.training.ar_policy import action_tokens
+from rsd.training.schedule import adamw
 from rsd.training.text_lm import read_texts, split_files, stdlib_sources
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _optimise(draft: LayerDraft, batches: Any, validate: Any, train: DraftTrainC
     trainable = [p for p in draft.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("train-layer-draft: the draft has nothing to train (transition_size 0 and no knowledge); raise transition_size.")
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = adamw(trainable, lr=train.lr, weight_decay=train.weight_decay)
     history, started = [], time.perf_counter()
     before = validate()
     for step in range(train.steps):

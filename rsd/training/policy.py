@@ -54,7 +54,7 @@ from rsd.models.processor import VLAInputs
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
-from rsd.training.schedule import one_cycle
+from rsd.training.schedule import adamw, one_cycle
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def train_policy(
     world = distributed.current()
     model = distributed.Parallel(main, action_logits, parallel, find_unused_parameters=True)  # the VLA's lm_head is off the action path
     trainable = [p for p in main.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = adamw(trainable, lr=train.lr, weight_decay=train.weight_decay)
     train_rows = np.flatnonzero(np.isin(dataset.episode_ids, train_eps))
     val_rows = np.flatnonzero(np.isin(dataset.episode_ids, val_eps))
     with torch.no_grad():
@@ -196,6 +196,7 @@ def train_policy(
         "cogvla": to_dict(main.vla.config.cogvla),
         "adapter": None if adapter is None else {**to_dict(adapter), "base": str(base)},
         "seconds": time.perf_counter() - started,
+        "steps": steps,
         "fingerprint": world.gather(main.fingerprint)[0],
     }
     if world.is_main:

@@ -38,6 +38,7 @@ from rsd.errors import ConfigError, DataError
 from rsd.io import writes_artifact
 from rsd.models.text_lm import END_OF_TEXT, build_text_lm, load_text_lm, save_text_lm
 from rsd.presets import get_text_lm_preset
+from rsd.training.schedule import adamw
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def train_text_lm(out: str | Path, config: TextLMConfig | str = "qwen3-tiny", tr
     rng = np.random.default_rng(train.seed)
     val_windows = sample_windows(held, train.val_windows, train.seq_len + 1, np.random.default_rng(train.seed + 1))
     model = (previous.model if previous is not None else build_text_lm(config, train.seed)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
+    optimizer = adamw(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
     history: list[dict[str, float]] = []
     log.info("text LM: %.2f M parameters, %d training tokens (%d files), %d held-out tokens (%d files)",
              sum(p.numel() for p in model.parameters()) / 1e6, stream.shape[0], len(train_files), held.shape[0], len(held_files))

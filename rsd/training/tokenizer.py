@@ -37,7 +37,7 @@ from rsd.errors import DataError
 from rsd.io import writes_artifact
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer
-from rsd.training.schedule import one_cycle
+from rsd.training.schedule import adamw, one_cycle
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def train_tokenizer(
                     "(counted in report.json, clipped_values).", clipped_train)
     world = distributed.current()
     model = distributed.Parallel(tokenizer, tokenizer_loss)
-    optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = adamw(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_chunks) / train.batch_size)
     scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(train.seed)

@@ -53,6 +53,18 @@ def test_expert_solves_at_least_95_percent(family):
     assert env.instruction.startswith("pick up" if family == "pick_place" else "put the")
 
 
+def test_next_to_expert_releases_on_the_free_side_nearest_the_target():
+    env = TabletopEnv(task_family="next_to", num_blocks=3)
+    env.reset(0)
+    expert = ScriptedExpert(env)
+    env.blocks = np.array([[0.5, 0.05], [0.0, 0.0], [-0.6, -0.6]])  # target right of the anchor, the third block far away
+    np.testing.assert_allclose(expert.goal(), [0.2, 0.0])
+    env.blocks[2] = [0.25, 0.1]  # now the right side is taken: the nearest free side is above
+    np.testing.assert_allclose(expert.goal(), [0.0, 0.2])
+    env.blocks[1] = [0.75, 0.0]  # anchor at the edge: the side beyond 0.9 is never chosen
+    assert expert.goal()[0] <= 0.9
+
+
 def test_timeout_ends_the_episode_without_success():
     env = TabletopEnv(max_steps=5)
     env.reset(0)

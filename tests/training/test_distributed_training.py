@@ -2,8 +2,10 @@
 
 One pair of ranks, spawned once for the module by `rsd.distributed.run_local` (torch's elastic launcher), runs
 every distributed step in turn (`_on_two_ranks`); the tests compare what they wrote with single-process runs in
-this process: features bit for bit, weights after one epoch with the same global batch within 1e-5. Each rank
-but 0 gets its own output folder, which must stay unwritten.
+this process: features bit for bit, weights after one epoch with the same global batch within `WEIGHT_TOLERANCE`
+(a tenth of one AdamW step at lr 1e-3: Adam divides by the gradient's running scale, so the rounding differences
+of a split batch grow on near-zero gradients, by how much depends on the CPU's kernels: the policy's weights
+differed by under 1e-5 on one machine and by 3.5e-5 on an AMD EPYC). Each rank but 0 gets its own output folder, which must stay unwritten.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 FEATURE_KEYS = ("exit_hidden", "main_logits", "main_tokens", "gt_tokens", "episode_id", "frame_index")
 TRAIN = TrainConfig(epochs=1, batch_size=32, lr=1e-3, val_fraction=0.34)
+WEIGHT_TOLERANCE = 1e-4
 POLICY_OPTIONS = PolicyTrainConfig(rollout_episodes=3, rollout_seed=500)  # 3 seeds: 2 on rank 0, 1 on rank 1
 
 
@@ -130,7 +133,7 @@ def test_a_resumed_run_on_two_ranks_recomputes_only_the_missing_shard(run) -> No
 
 def test_ddp_tokenizer_epoch_equals_the_single_process_epoch(run) -> None:
     root, ranks = run
-    assert _max_difference(root / "tokenizer" / "tokenizer.safetensors", root / "tokenizer_2" / "tokenizer.safetensors") < 1e-5
+    assert _max_difference(root / "tokenizer" / "tokenizer.safetensors", root / "tokenizer_2" / "tokenizer.safetensors") < WEIGHT_TOLERANCE
     assert _only_rank_0_wrote(root, "tokenizer_2")
     single = json.loads((root / "tokenizer" / "report.json").read_text())
     for r in ranks:
@@ -140,7 +143,7 @@ def test_ddp_tokenizer_epoch_equals_the_single_process_epoch(run) -> None:
 def test_ddp_draft_epoch_equals_the_single_process_epoch(run) -> None:
     root, ranks = run
     single = train_draft(root / "features", root / "draft", "tiny", TRAIN, progress=False)
-    assert _max_difference(root / "draft" / "draft.safetensors", root / "draft_2" / "draft.safetensors") < 1e-5
+    assert _max_difference(root / "draft" / "draft.safetensors", root / "draft_2" / "draft.safetensors") < WEIGHT_TOLERANCE
     assert _only_rank_0_wrote(root, "draft_2") and (root / "draft_2" / "metrics.json").is_file()
     for r in ranks:
         assert r["draft"]["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"], rel=1e-5)
@@ -158,7 +161,7 @@ def single_policy(run):
 def test_data_parallel_policy_epoch_equals_the_single_process_epoch(run, single_policy, parallel: str) -> None:
     root, ranks = run
     for part in ("vla/model.safetensors", "head.safetensors"):
-        assert _max_difference(root / "policy_1" / part, root / f"policy_{parallel}" / part) < 1e-5, part
+        assert _max_difference(root / "policy_1" / part, root / f"policy_{parallel}" / part) < WEIGHT_TOLERANCE, part
     assert _only_rank_0_wrote(root, f"policy_{parallel}") and (root / f"policy_{parallel}" / "metrics.json").is_file()
     expected = single_policy["history"][0]
     for r in ranks:

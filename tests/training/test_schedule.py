@@ -10,7 +10,7 @@ import torch
 
 from rsd.errors import DataError
 from rsd.presets import get_preset
-from rsd.training.schedule import one_cycle
+from rsd.training.schedule import adamw, one_cycle
 from rsd.training.tokenizer import train_tokenizer
 
 
@@ -51,3 +51,21 @@ def test_tokenizer_trains_on_a_run_of_exactly_twenty_steps(tmp_path) -> None:
     train = dataclasses.replace(spec.tokenizer_train, epochs=10, batch_size=64, val_fraction=0.34)
     report = train_tokenizer(episodes, spec.tokenizer, train, tmp_path / "tokenizer", progress=False)
     assert report["train_chunks"] == 100 and len(report["history"]) == 10 and np.isfinite(report["val_mse_by_layers"]).all()
+
+
+def test_adamw_is_fused_on_plain_parameters_and_steps_like_torchs_default() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+    copy = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    fused, plain = adamw(model.parameters(), lr=1e-2, weight_decay=0.1), torch.optim.AdamW(copy, lr=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for step in range(5):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        for optimizer, params in ((fused, list(model.parameters())), (plain, copy)):
+            optimizer.zero_grad()
+            h = torch.nn.functional.gelu(x @ params[0].T + params[1]) @ params[2].T + params[3]
+            h.square().mean().backward()
+            optimizer.step()
+    for mine, theirs in zip(model.parameters(), copy, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert not adamw([torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)], lr=1e-3, weight_decay=0.0).defaults["fused"]
