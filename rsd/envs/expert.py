@@ -41,12 +41,9 @@ class ScriptedExpert:
 
     def goal(self) -> np.ndarray:
         """Where the target block should be released `[2]`: the plate's centre, or the free side of the anchor nearest
-        the target block (the side it comes from, which the image shows), else the side with the most clearance.
-
-        The nearest side stays the nearest while the block is carried to it. Until 2026-11-26 the expert took the side
-        with the most clearance from the other blocks: a choice among four that the frame barely shows, so the policy
-        averaged the sides and released 19 of its 27 failed next-to blocks overlapping the anchor.
-        """
+        the target block (the side it comes from, which the image shows, and still the nearest while it is carried),
+        else the side with the most clearance. Choosing by clearance alone is a four-way choice the frame barely shows:
+        a policy averages the sides and releases the block on the anchor (`docs/results.md`)."""
         env = self.env
         if env.anchor is None:
             return env.plate.copy()
