@@ -8,7 +8,7 @@ the bundle's gate and at gates calibrated for other modes and risk levels, on th
 executing the first `replan_every` steps of a chunk (`rsd.bench.frontier`) → report.
 
 Usage:
-    rsd demo                      # about 23 minutes on 2 idle cores (policy training, 19 of them)
+    rsd demo                      # 20-40 minutes on 2 cores, nearly all of it the policy's 12,300 training steps
     rsd demo --quick --out runs/quick    # about 80 s, smaller everything (used by the tests)
 """
 
@@ -243,8 +243,8 @@ def format_demo_report(report: dict[str, Any]) -> str:
 
 
 def _pace(policy_report: dict[str, Any]) -> str:
-    """Steps, seconds and seconds per step of one training run (with selection rollouts and validation): the figure
-    that compares machines."""
+    """Steps, seconds and milliseconds a step of one training run (with selection rollouts and validation): the
+    figure that compares machines."""
     steps, seconds = policy_report["steps"], policy_report["seconds"]
     return f"{steps:,} steps in {seconds:.1f} s ({1000 * seconds / steps:.0f} ms a step)"
 

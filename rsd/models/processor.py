@@ -142,9 +142,8 @@ class VLAProcessor:
             tensor = images
         else:
             array = np.ascontiguousarray(images)
-            if not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)):
-                raise ObservationError(f"VLAProcessor: expected uint8 [B, N, H, W, 3] or float [B, N, 3, S, S] images, "
-                                       f"got an array of dtype {array.dtype} {array.shape}.")
+            if array.dtype.kind not in "biufc":  # objects (None), strings: no tensor holds them; numbers meet the dtype check below
+                raise ObservationError(f"VLAProcessor: expected images of numbers, got an array of dtype {array.dtype} {array.shape}.")
             tensor = torch.from_numpy(array)
         if tensor.ndim != 5 or tensor.shape[1] != config.num_images:
             raise ObservationError(f"VLAProcessor: expected images [B, {config.num_images}, H, W, 3] (uint8) or "
