@@ -115,10 +115,10 @@ def presets(name: str) -> None:
     click.echo(json.dumps({"name": preset.name, "model": to_dict(preset.model), "draft": to_dict(preset.draft())}, indent=2))
 
 
-def _train_config(preset: str, stage: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None) -> TrainConfig:
+def _train_config(preset: str, stage: str, epochs: int | None, batch_size: int | None, lr: float | None, warmup: float | None, seed: int | None) -> TrainConfig:
     """The preset's training defaults for `stage`, with the options the user gave replacing them."""
     base = getattr(get_preset(preset), f"{stage}_train")
-    changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items() if v is not None}
+    changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed}.items() if v is not None}
     return dataclasses.replace(base, **changes)
 
 
@@ -204,6 +204,8 @@ def _train_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--epochs", type=POSITIVE, default=None, help="Epochs (default: the preset's)."),
             click.option("--batch-size", type=POSITIVE, default=None, help="Batch size (default: the preset's)."),
             click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Peak learning rate (default: the preset's)."),
+            click.option("--warmup", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+                         help="Share of the steps warming up to the peak rate (default: the preset's)."),
             click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed of the split, initialisation and shuffling."),
             OVERWRITE,
         ]
@@ -233,13 +235,13 @@ def synthetic_actions_command(episodes: int, seed: int, out: str, overwrite: boo
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Tokenizer folder to write.")
 @_train_options
 def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None,
-                            seed: int | None, overwrite: bool) -> None:
+                            warmup: float | None, seed: int | None, overwrite: bool) -> None:
     """Train the RFSQ action tokenizer; write tokenizer.safetensors/.json and report.json/.md."""
     from rsd.distributed import session
     from rsd.training.tokenizer import train_tokenizer_from_file
 
     with session() as world:
-        report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, seed),
+        report = train_tokenizer_from_file(data, out, preset, _train_config(preset, "tokenizer", epochs, batch_size, lr, warmup, seed),
                                            overwrite=overwrite)
     if world.is_main:
         click.echo(json.dumps({"val_mse_by_layers": report["val_mse_by_layers"], "train_seconds": report["train_seconds"]}))
@@ -258,6 +260,8 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--rollout-replan-every", "rollout_replan_every", type=POSITIVE, default=None,
               help="Steps of each chunk the selection rollouts execute before replanning (default: the whole chunk; use what you deploy).")
 @click.option("--shift", type=NON_NEGATIVE, default=None, help="Random-shift augmentation in pixels, 0 off (default: the preset's).")
+@click.option("--ema-decay", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="Validate, roll out and save a moving average of the weights with this decay, 0 off (default: the preset's).")
 @click.option("--aggregation-tokens", type=int, default=0, show_default=True,
               help="CogVLA: aggregation tokens per ViT whose outputs replace its patches (0: off; CogVLA uses 64 of 256).")
 @click.option("--vit-film", is_flag=True, help="CogVLA: FiLM every ViT block from the mean instruction embedding.")
@@ -273,9 +277,9 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
               help="Go on training this policy folder (same preset and tokenizer; its statistics are kept), e.g. on DAgger's aggregated data.")
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
-                         rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, shift: int | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
+                         rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, shift: int | None, ema_decay: float | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
                          lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str, init: str | None,
-                         preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
+                         preset: str, epochs: int | None, batch_size: int | None, lr: float | None, warmup: float | None, seed: int | None, overwrite: bool) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
     from rsd.config import AdapterConfig, CogVLAConfig
     from rsd.distributed import session
@@ -283,13 +287,13 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
 
     spec = get_preset(preset)
     chosen = {"select_by": select_by, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift,
-              "rollout_replan_every": rollout_replan_every}
+              "rollout_replan_every": rollout_replan_every, "ema_decay": ema_decay}
     options = dataclasses.replace(spec.policy_options, **{name: value for name, value in chosen.items() if value is not None})
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
                           action_tokens=action_tokens)
     adapter = None if lora_rank is None else AdapterConfig(rank=lora_rank, alpha=lora_alpha or float(lora_rank))
     with session() as world:
-        summary = train_policy(_at_image_size(data, spec.model.image_size), tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), freeze_backbone,
+        summary = train_policy(_at_image_size(data, spec.model.image_size), tokenizer, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, warmup, seed), freeze_backbone,
                                options=options, rollout_env=rollout_env, cogvla=cogvla if cogvla.enabled else None, adapter=adapter, base=base,
                                parallel=parallel, init=init, overwrite=overwrite)
     if world.is_main:
@@ -328,13 +332,13 @@ def collect_features_command(policy: str, data: DataSource, exit_layer: int, out
 @click.option("--accept-weight", type=NON_NEGATIVE_FLOAT, default=0.3, show_default=True, help="Weight of the acceptance (total-variation) loss.")
 @_train_options
 def train_draft_command(features: str, out: str, targets: str, kl_weight: float, accept_weight: float, preset: str,
-                        epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None, overwrite: bool) -> None:
+                        epochs: int | None, batch_size: int | None, lr: float | None, warmup: float | None, seed: int | None, overwrite: bool) -> None:
     """Train the draft's input projection and head on collected features."""
     from rsd.distributed import session
     from rsd.training.draft import train_draft
 
     with session() as world:
-        summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, seed), targets, kl_weight,
+        summary = train_draft(features, out, preset, _train_config(preset, "draft", epochs, batch_size, lr, warmup, seed), targets, kl_weight,
                               accept_weight, overwrite=overwrite)
     if world.is_main:
         click.echo(json.dumps({"best": summary["best"], "parameters": summary["parameters"]}))
@@ -813,7 +817,7 @@ def train_layer_draft_command(target: str, layers: str, out: str, data: str | No
 @_train_options
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available; fp32 either way).")
 @click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch threads.")
-def train_ar_policy_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None,
+def train_ar_policy_command(data: str, out: str, preset: str, epochs: int | None, batch_size: int | None, lr: float | None, warmup: float | None, seed: int | None,
                             overwrite: bool, device: str | None, threads: int) -> None:
     """Train PrismaticVLA in OpenVLA's autoregressive action mode (256 bins, 7 tokens per step)."""
     import torch
@@ -821,7 +825,7 @@ def train_ar_policy_command(data: str, out: str, preset: str, epochs: int | None
     from rsd.training.ar_policy import train_ar_policy
 
     torch.set_num_threads(threads)
-    summary = train_ar_policy(data, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, seed), device=device,
+    summary = train_ar_policy(data, out, preset, _train_config(preset, "policy", epochs, batch_size, lr, warmup, seed), device=device,
                               overwrite=overwrite)
     click.echo(json.dumps({"best": summary["best"], "fingerprint": summary["fingerprint"]}))
 

@@ -286,6 +286,7 @@ class TrainConfig:
     epochs: int = 20  # passes over the training split
     batch_size: int = 64  # examples per step
     lr: float = 1e-3  # AdamW peak learning rate (cosine schedule)
+    warmup: float = 0.05  # share of the steps spent warming up to the peak rate
     weight_decay: float = 0.01  # AdamW weight decay
     val_fraction: float = 0.1  # share of episodes held out for validation
     seed: int = 0  # seeds the split, the initialisation and the shuffling
@@ -293,6 +294,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size")
         _check(self.lr > 0, "TrainConfig", "lr", "a positive float", self.lr)
+        _check(0.0 <= self.warmup < 1.0, "TrainConfig", "warmup", "a float in [0, 1)", self.warmup)
         _check(0.0 < self.val_fraction < 1.0, "TrainConfig", "val_fraction", "a float in (0, 1)", self.val_fraction)
 
 
@@ -323,8 +325,11 @@ class PolicyTrainConfig:
     rollout_episodes: int = 20  # episodes per closed-loop evaluation
     rollout_seed: int = 5000  # first seed of the selection episodes (demonstrations use 0.., `rsd eval` 10000..)
     rollout_replan_every: int | None = None  # steps of each chunk the selection rollouts execute before replanning (None: all)
+    ema_decay: float = 0.0  # decay of the weights' moving average that is validated, rolled out and saved (0: the last step's weights)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.ema_decay, float) and 0.0 <= self.ema_decay < 1.0, "PolicyTrainConfig", "ema_decay", "a float in [0, 1)",
+               self.ema_decay)
         _check(isinstance(self.shift, int) and self.shift >= 0, "PolicyTrainConfig", "shift", "an int >= 0", self.shift)
         _check(self.select_by in SELECT_BY, "PolicyTrainConfig", "select_by", f"one of {list(SELECT_BY)}", self.select_by)
         _positive(self, "rollout_every", "rollout_episodes")

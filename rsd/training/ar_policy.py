@@ -34,7 +34,7 @@ from rsd.io import writes_artifact
 from rsd.models.ar_actions import ARActionModel, BinActionTokenizer, BinTokenizerConfig, ar_vla_config
 from rsd.models.vla import PrismaticVLA
 from rsd.presets import get_preset
-from rsd.training.schedule import adamw
+from rsd.training.schedule import adamw, one_cycle
 
 
 def action_tokens(model: ARActionModel, actions: np.ndarray) -> torch.Tensor:
@@ -70,7 +70,7 @@ def train_ar_policy(data: str | Path, out: str | Path, preset: str = "tiny", tra
     train_rows = np.flatnonzero(np.isin(dataset.episode_ids, train_eps))
     val_rows = np.flatnonzero(np.isin(dataset.episode_ids, val_eps))
     steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos")
+    scheduler = one_cycle(optimizer, train.lr, steps, train.warmup)
     rng = np.random.default_rng(train.seed)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None

@@ -98,7 +98,7 @@ def train_draft(
     model = distributed.Parallel(draft, DraftHead.forward_logits)
     optimizer = adamw(draft.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / train.batch_size)
-    scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
+    scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch, train.warmup)
     target_tokens = (feats.main_tokens if targets == "main" else feats.gt_tokens)[:, : tok.coarse_layers]
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from rsd.models.processor import VLAInputs
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
-from rsd.training.schedule import adamw, one_cycle
+from rsd.training.schedule import WeightAverage, adamw, one_cycle
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ def train_policy(
     With `options.select_by == "rollouts"` the policy is run closed-loop every `rollout_every` epochs on
     held-out seeds of `rollout_env` (default: the environment recorded in the data file) and the epoch with the
     highest success (ties: lower validation L1) is kept; otherwise the epoch with the lowest validation L1.
+    With `options.ema_decay` the weights validated, rolled out and saved are a moving average of the trained ones
+    (`rsd.training.schedule.WeightAverage`), which training itself never sees.
     With `init` (a policy folder) training starts from that policy's weights and keeps its normalisation statistics
     (DAgger's usual step: go on training the learner on the aggregated data); its model and tokenizer must be the
     ones this run would build.
@@ -139,7 +142,8 @@ def train_policy(
         targets = tokens_to_layers(action_tokenizer.encode(torch.as_tensor(dataset.all_actions(), dtype=torch.float32)))
     layer_weights = policy_layer_weights(action_tokenizer)
     steps = train.epochs * math.ceil(len(train_rows) / train.batch_size)
-    scheduler = one_cycle(optimizer, train.lr, steps)
+    scheduler = one_cycle(optimizer, train.lr, steps, train.warmup)
+    average = WeightAverage(trainable, options.ema_decay) if options.ema_decay else None
     rng = np.random.default_rng(train.seed)
     augment_rng = np.random.default_rng([train.seed, 1])
     history: list[dict[str, Any]] = []
@@ -165,24 +169,27 @@ def train_policy(
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update()
             losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         train_loss = float(world.sum(torch.tensor(losses, dtype=torch.float64)).mean()) / world.world_size  # the global batches' mean losses
-        with model.gathered():  # FSDP: whole parameters on every rank while they validate different frames and seeds
-            fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
-            metrics = {"epoch": epoch + 1, "train_loss": train_loss, **validate_policy(main, dataset, val_rows, targets),
-                       "train_action_l1_per_dim": fit["val_action_l1_per_dim"], "seconds": time.perf_counter() - started}
-            if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
-                metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
-        history.append(metrics)
-        if rollout_spec is not None and "rollout_success" not in metrics:
-            continue
-        score = (metrics.get("rollout_success", 0.0), -metrics["val_action_l1"])
-        if best_score is None or score > best_score:
-            best, best_score = metrics, score
-            main.eval()
-            if (saved := model.for_saving()) is not None:  # rank 0: `main` itself, or under FSDP its gathered copy
-                main.fingerprint = saved.eval().save(out)
+        with average.applied() if average is not None else nullcontext():  # the weights validated, rolled out and saved
+            with model.gathered():  # FSDP: whole parameters on every rank while they validate different frames and seeds
+                fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
+                metrics = {"epoch": epoch + 1, "train_loss": train_loss, **validate_policy(main, dataset, val_rows, targets),
+                           "train_action_l1_per_dim": fit["val_action_l1_per_dim"], "seconds": time.perf_counter() - started}
+                if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
+                    metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
+            history.append(metrics)
+            if rollout_spec is not None and "rollout_success" not in metrics:
+                continue
+            score = (metrics.get("rollout_success", 0.0), -metrics["val_action_l1"])
+            if best_score is None or score > best_score:
+                best, best_score = metrics, score
+                main.eval()
+                if (saved := model.for_saving()) is not None:  # rank 0: `main` itself, or under FSDP its gathered copy
+                    main.fingerprint = saved.eval().save(out)
     summary = {
         "best": best,
         "history": history,

@@ -85,7 +85,7 @@ def train_tokenizer(
     model = distributed.Parallel(tokenizer, tokenizer_loss)
     optimizer = adamw(tokenizer.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = math.ceil(len(train_chunks) / train.batch_size)
-    scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch)
+    scheduler = one_cycle(optimizer, train.lr, train.epochs * steps_per_epoch, train.warmup)
     generator = torch.Generator().manual_seed(train.seed)
     history = []
     started = time.perf_counter()

@@ -101,3 +101,17 @@ def test_init_goes_on_from_a_policys_weights_and_statistics(demos, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer differs"):
         train_policy(demos / "demos.hdf5", tmp_path / "other_tokenizer", tmp_path / "refused", train=train, options=options, progress=False,
                      init=tmp_path / "first")
+
+
+def test_the_weights_moving_average_is_saved_and_training_never_sees_it(demos, tmp_path):
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=2, batch_size=16, val_fraction=0.34)
+    plain = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "plain", train=train, options=PolicyTrainConfig(select_by="val_l1"),
+                         progress=False)
+    averaged = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "averaged", train=train,
+                            options=PolicyTrainConfig(select_by="val_l1", ema_decay=0.9), progress=False)
+    assert [m["train_loss"] for m in averaged["history"]] == pytest.approx([m["train_loss"] for m in plain["history"]], rel=1e-6)
+    assert [m["val_action_l1"] for m in averaged["history"]] != [m["val_action_l1"] for m in plain["history"]]
+    weights = {name: load_main(tmp_path / name, "cpu", None).state_dict() for name in ("plain", "averaged")}
+    assert not all(torch.allclose(weights["averaged"][k], v) for k, v in weights["plain"].items())
+    with pytest.raises(ConfigError, match="ema_decay"):
+        PolicyTrainConfig(ema_decay=1.0)
