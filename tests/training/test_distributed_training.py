@@ -35,6 +35,8 @@ FEATURE_KEYS = ("exit_hidden", "main_logits", "main_tokens", "gt_tokens", "episo
 TRAIN = TrainConfig(epochs=1, batch_size=32, lr=1e-3, val_fraction=0.34)
 WEIGHT_TOLERANCE = 1e-4
 POLICY_OPTIONS = PolicyTrainConfig(rollout_episodes=3, rollout_seed=500)  # 3 seeds: 2 on rank 0, 1 on rank 1
+AVERAGED = PolicyTrainConfig(select_by="val_l1", ema_decay=0.9)  # the weights' moving average, sharded with them under FSDP
+SMALL_BATCHES = dataclasses.replace(TRAIN, batch_size=8)  # enough steps for the average to lag the weights
 
 
 def _tokenizer(root: Path, out: Path) -> dict:
@@ -48,8 +50,8 @@ def _collect(root: Path, out: Path) -> dict:
     return collect_features(root / "policy", root / "demos.hdf5", 3, out, shard_size=64, progress=False)
 
 
-def _policy(root: Path, out: Path, parallel: str = "ddp") -> dict:
-    return train_policy(root / "demos.hdf5", root / "tokenizer", out, train=TRAIN, options=POLICY_OPTIONS, progress=False, parallel=parallel)
+def _policy(root: Path, out: Path, parallel: str = "ddp", options: PolicyTrainConfig = POLICY_OPTIONS, train: TrainConfig = TRAIN) -> dict:
+    return train_policy(root / "demos.hdf5", root / "tokenizer", out, train=train, options=options, progress=False, parallel=parallel)
 
 
 def _on_two_ranks(root: Path) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def _on_two_ranks(root: Path) -> dict[str, Any]:
         results["draft"] = train_draft(root / "features", own("draft_2"), "tiny", TRAIN, progress=False)
         results["ddp"] = _policy(root, own("policy_ddp"), "ddp")
         results["fsdp"] = _policy(root, own("policy_fsdp"), "fsdp")
+        results["fsdp_averaged"] = _policy(root, own("policy_fsdp_averaged"), "fsdp", AVERAGED, SMALL_BATCHES)
     return results
 
 
@@ -170,3 +173,16 @@ def test_data_parallel_policy_epoch_equals_the_single_process_epoch(run, single_
         assert got["val_action_l1"] == pytest.approx(expected["val_action_l1"], rel=1e-4)
         assert got["rollout_success"] == expected["rollout_success"]
         assert r[parallel]["fingerprint"] == ranks[0][parallel]["fingerprint"] != "unsaved"
+
+
+def test_the_weights_average_under_fsdp_equals_the_single_process_average(run) -> None:
+    """The average lives in the parameters' shards; copied in before they are gathered, it is what rank 0 saves."""
+    root, ranks = run
+    averaged = _policy(root, root / "policy_averaged", options=AVERAGED, train=SMALL_BATCHES)
+    _policy(root, root / "policy_live", options=dataclasses.replace(AVERAGED, ema_decay=0.0), train=SMALL_BATCHES)
+    for part in ("vla/model.safetensors", "head.safetensors"):
+        sharded = _max_difference(root / "policy_averaged" / part, root / "policy_fsdp_averaged" / part)
+        assert sharded < WEIGHT_TOLERANCE, part
+        assert sharded < 0.1 * _max_difference(root / "policy_averaged" / part, root / "policy_live" / part), part
+    assert _only_rank_0_wrote(root, "policy_fsdp_averaged")
+    assert [r["fsdp_averaged"]["history"][0]["train_loss"] for r in ranks] == pytest.approx([averaged["history"][0]["train_loss"]] * 2, rel=1e-5)
