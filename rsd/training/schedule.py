@@ -6,13 +6,13 @@ is evaluated and saved with.
 DTensors keep the default): on the CPU it is one pass over the parameters instead of a dozen tensor ops each, and
 the optimiser step of the `tiny` policy drops from about 12 to 5 ms of a 120 ms training step.
 
-torch's `OneCycleLR` divides by zero when the warm-up is exactly one step (`0.05 * total_steps == 1`: 20 steps in
-all, e.g. 10 epochs of 2 batches on a small dataset), so a short run crashed with ZeroDivisionError. A one-step
+torch's `OneCycleLR` divides by zero when the warm-up is exactly one step (`warmup * total_steps == 1`, e.g. 5 % of
+20 steps: 10 epochs of 2 batches on a small dataset), so a short run crashed with ZeroDivisionError. A one-step
 warm-up is no warm-up: there the schedule starts at the peak rate and anneals; every other length is torch's own.
 
 Usage:
     optimizer = adamw(model.parameters(), lr=1e-3, weight_decay=0.01)
-    scheduler = one_cycle(optimizer, max_lr=1e-3, total_steps=epochs * steps_per_epoch)
+    scheduler = one_cycle(optimizer, max_lr=1e-3, total_steps=epochs * steps_per_epoch, warmup=train.warmup)
     average = WeightAverage(model.parameters(), decay=0.999)   # average.update() after each optimizer.step()
     with average.applied():                                     # the averaged weights, to validate and save
         ...
@@ -29,10 +29,8 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from rsd.errors import ConfigError, DataError
 
-WARMUP = 0.05  # share of the steps spent warming up (TrainConfig.warmup's default)
 
-
-def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int, warmup: float = WARMUP) -> torch.optim.lr_scheduler.OneCycleLR:
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.OneCycleLR:
     """A cosine one-cycle schedule over `total_steps` optimiser steps (at least one: a DataError otherwise), the first
     `warmup` share of them rising to `max_lr`."""
     if total_steps < 1:
