@@ -95,6 +95,7 @@ def export_draft(
             raise CheckpointError(f"{draft}/{DRAFT_FILE}.json: expected a main_fingerprint, found none. Re-train with `rsd train-draft`.")
         gate = _read_calibration(calibration, meta["main_fingerprint"], head.config.exit_layer, tok.config.chunk_len, tok.config.coarse_layers)
         hidden, tokens, inputs_info = parity_inputs(head, tok, meta, features, seed)
+        hidden, tokens = hidden.to(device), tokens.to(device)  # the engines and references run on `device`
         refs = references(head, tok, precision, device)
         engines = [_build_engine(fmt, graph, staging, refs, hidden, tokens, dry_run, opset, device)
                    for fmt in formats for graph in graphs(head, tok, precision, device)]

@@ -1,4 +1,4 @@
-"""CUDA paths (skipped without CUDA): segmented forward, draft and speculative engine on the GPU vs the CPU."""
+"""CUDA paths (skipped without CUDA): segmented forward, draft, speculative engine and bundle engines on the GPU vs the CPU."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_observation, make_tiny_main
+from conftest import make_observation, make_tiny_main, save_tiny_draft_sources
 
+from rsd.export import export_draft
 from rsd.models.draft import DraftHead
 from rsd.presets import get_preset
+from rsd.runtime.bundle import load_bundle_engines
 from rsd.runtime.engines import TorchDecoderEngine, TorchDraftEngine
+from rsd.runtime.gate import Gate
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 from rsd.runtime.speculative import SpeculativeEngine
 
@@ -54,8 +57,8 @@ def test_speculative_engine_on_cuda(dtype):
     draft = DraftHead(get_preset("tiny").draft(3)).to("cuda", dtype).eval()
     tok = main.tokenizer.config
     decoders = {c: TorchDecoderEngine(main.tokenizer.decoder_module(), c) for c in (tok.coarse_layers, tok.num_layers)}
-    reject = SpeculativePolicy(main, SpeculativeEngine(main, TorchDraftEngine(draft), decoders, 3, math.inf))
-    accept = SpeculativePolicy(main, SpeculativeEngine(main, TorchDraftEngine(draft), decoders, 3, 0.0))
+    reject = SpeculativePolicy(main, SpeculativeEngine(main, TorchDraftEngine(draft), decoders, 3, Gate(tau=math.inf)))
+    accept = SpeculativePolicy(main, SpeculativeEngine(main, TorchDraftEngine(draft), decoders, 3, Gate(tau=0.0)))
     baseline = MainOnlyPolicy(main)
     obs = make_observation()
     assert np.array_equal(reject.predict_chunk(obs).actions, baseline.predict_chunk(obs).actions)
@@ -72,3 +75,21 @@ def test_draft_cuda_matches_cpu():
         cpu = draft.forward_logits(x)
         gpu = draft.to("cuda").forward_logits(x.cuda())
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
+
+
+def test_bundle_built_on_cuda_matches_the_cpu_bundle(tmp_path):
+    sources = save_tiny_draft_sources(tmp_path, "gpu-fp")
+    export_draft(sources["draft"], sources["tokenizer"], tmp_path / "cpu", formats=("torchscript",))
+    export_draft(sources["draft"], sources["tokenizer"], tmp_path / "cuda", formats=("torchscript",), device="cuda")
+    cpu_main, gpu_main = make_tiny_main(), _on(make_tiny_main(), "cuda", torch.float32)
+    cpu_main.fingerprint = gpu_main.fingerprint = "gpu-fp"
+    cpu = load_bundle_engines(tmp_path / "cpu", cpu_main, engine="torchscript")
+    gpu = load_bundle_engines(tmp_path / "cuda", gpu_main, engine="torchscript")
+    hidden = torch.randn(16, cpu_main.hidden_size, generator=torch.Generator().manual_seed(0))
+    full = torch.randint(0, 7, (16, 8, 16, 8), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        (want_logits, want_tokens), (logits, tokens) = cpu.draft(hidden), gpu.draft(hidden.cuda())
+        assert tokens.is_cuda and torch.equal(tokens.cpu(), want_tokens)
+        assert (logits.cpu() - want_logits).abs().max() < 1e-4
+        for c in (3, 8):
+            assert (gpu.decoders[c](full[..., :c].cuda()).cpu() - cpu.decoders[c](full[..., :c])).abs().max() < 1e-5
