@@ -37,7 +37,7 @@ import rsd
 from rsd.bundle import BUNDLE_KIND, TOKENIZER_DIR, file_entry, write_manifest
 from rsd.config import to_dict
 from rsd.device import check_device
-from rsd.errors import CheckpointError, ConfigError
+from rsd.errors import CheckpointError, ConfigError, EngineError
 from rsd.export.compile import DECODER_NOTE, EXPORTERS, FORMATS, MAX_BATCH, SUFFIX, TRT_BATCH, Graph, graphs
 from rsd.export.parity import (
     TOLERANCES,
@@ -50,7 +50,7 @@ from rsd.export.parity import (
 )
 from rsd.io import FORMAT_VERSION, read_json, sha256_file, staged_dir
 from rsd.models.draft import DRAFT_FILE, DraftHead
-from rsd.runtime.engines import require_tensorrt
+from rsd.runtime.engines import require_tensorrt, runtime_available
 from rsd.runtime.gate import Gate
 from rsd.tokenizer import ActionTokenizer
 from rsd.tokenizer.rfsq import TOKENIZER_FILE
@@ -83,6 +83,10 @@ def export_draft(
     device = check_device(device, fix="Export with --device cpu.")
     if "tensorrt" in formats and not dry_run:
         require_tensorrt(device)
+    if "onnx" in formats and not runtime_available("onnx", device):
+        raise EngineError(f"export-draft --formats onnx --device {device}: ONNX parity is checked where the engine runs, and this "
+                          "onnxruntime has no provider for that device. Export ONNX on the CPU (the .onnx files run anywhere), "
+                          "install onnxruntime-gpu, or choose --formats torchscript or aotinductor.")
     out = Path(out)
     with staged_dir(out, BUNDLE_KIND, overwrite) as staging:
         sources = _copy_sources(Path(draft), Path(tokenizer), staging)

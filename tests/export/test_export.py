@@ -24,6 +24,7 @@ from rsd.cli import main as cli
 from rsd.errors import CheckpointError, DataError, EngineError, ParityError
 from rsd.export import compile as compile_module
 from rsd.export import export_draft
+from rsd.export import exporter as exporter_module
 from rsd.io import FORMAT_VERSION, sha256_file
 from rsd.models.draft import DraftHead
 from rsd.presets import get_preset
@@ -158,6 +159,14 @@ def test_tensorrt_without_cuda_fails_cleanly(sources: dict[str, Path], tmp_path:
         pytest.skip("CUDA and torch-tensorrt are present here; the refusal is for machines without them")
     with pytest.raises(EngineError, match="--dry-run"):
         export_draft(sources["draft"], sources["tokenizer"], tmp_path / "b", formats=("tensorrt",))
+    assert not (tmp_path / "b").exists()
+
+
+def test_onnx_without_a_provider_for_the_device_is_refused_before_writing(sources: dict[str, Path], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exporter_module, "runtime_available", lambda fmt, device: fmt != "onnx")
+    with pytest.raises(EngineError, match="Export ONNX on the CPU"):
+        export_draft(sources["draft"], sources["tokenizer"], tmp_path / "b", formats=("torchscript", "onnx"))
     assert not (tmp_path / "b").exists()
 
 
