@@ -446,12 +446,16 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
 @click.option("--quick", is_flag=True, help="A smaller run (about 80 s on 2 cores) that exercises every step.")
+@click.option("--short", is_flag=True, help="The shorter training recipe: 2 + 5 epochs, the second on the recovery episodes and 700 "
+              "demonstrations (8,513 steps instead of 12,336; next-to succeeds less, see docs/results.md).")
 @OVERWRITE
-def demo(out: str, quick: bool, overwrite: bool) -> None:
+def demo(out: str, quick: bool, short: bool, overwrite: bool) -> None:
     """Run the whole pipeline on the CPU with built-in data and write OUT/report.md."""
+    if quick and short:
+        raise click.BadParameter("--quick and --short are two different recipes: pass at most one.")
     from rsd.demo import run_demo
 
-    run_demo(out, quick, overwrite=overwrite)
+    run_demo(out, quick, overwrite=overwrite, short=short)
 
 
 @main.command("generate-demos")
@@ -477,12 +481,14 @@ def demo(out: str, quick: bool, overwrite: bool) -> None:
               help="With --policy: the policy acts for 1..N steps (drawn per seed) before the expert takes over.  [default: 40]")
 @click.option("--aggregate", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Write this demonstration file's episodes (same env) first: DAgger's aggregated dataset in one file.")
+@click.option("--aggregate-episodes", type=POSITIVE, default=None,
+              help="With --aggregate: keep only its first N episodes (e.g. part of the demonstrations beside the recovery episodes).")
 @click.option("--replan-every", type=POSITIVE, default=None,
               help="With --policy: steps of each chunk it executes before replanning, as deployed (default: the whole chunk).")
 @OVERWRITE
 def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, image_size: int, task_family: str | None, cameras: tuple[str, ...],
                            tasks: str | None, workers: int, libero_assets: str | None, noise: float, policy: str | None, handover: int | None, aggregate: str | None,
-                           replan_every: int | None, overwrite: bool) -> None:
+                           aggregate_episodes: int | None, replan_every: int | None, overwrite: bool) -> None:
     """Write scripted-expert demonstrations to an HDF5 file (libero: resumable, one shard per episode)."""
     if not env_name.startswith("libero:") and (tasks or workers != 1 or libero_assets):
         raise click.BadParameter(f"--tasks, --workers and --libero-assets apply to libero:* environments, got --env {env_name}.")
@@ -496,6 +502,8 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
         raise click.BadParameter("--handover is the number of steps --policy acts before the expert takes over: pass --policy too.")
     if replan_every is not None and policy is None:
         raise click.BadParameter("--replan-every is how --policy executes its chunks: pass --policy too.")
+    if aggregate_episodes is not None and aggregate is None:
+        raise click.BadParameter("--aggregate-episodes is how many episodes of --aggregate to keep: pass --aggregate too.")
     from rsd.io import refuse_existing_file
 
     refuse_existing_file(out, overwrite)
@@ -509,13 +517,13 @@ def generate_demos_command(env_name: str, episodes: int, out: str, seed: int, im
         from rsd.envs.demos import generate_demos
 
         summary = generate_demos(env_name, episodes, out, seed=seed, image_size=image_size, noise=noise, policy=policy, aggregate=aggregate,
-                                 replan_every=replan_every, **({} if handover is None else {"handover": handover}),
+                                 aggregate_episodes=aggregate_episodes, replan_every=replan_every, **({} if handover is None else {"handover": handover}),
                                  **({} if task_family is None else {"task_family": task_family}),
                                  **({"cameras": list(cameras)} if cameras else {}))
         if policy is not None:
             click.echo(f"the policy ended {summary['learner_done']} episodes before the expert took over (nothing recorded)")
         if summary["aggregated"]:
-            click.echo(f"the file starts with the {summary['aggregated']} episodes of {aggregate}")
+            click.echo(f"the file starts with {summary['aggregated']} episodes of {aggregate}")
     click.echo(
         f"wrote {summary['episodes']} episodes ({summary['failed']} failed, dropped) to {summary['out']}: "
         f"{summary['steps']} steps in {summary['seconds']:.1f} s ({summary['steps_per_second']:.0f} steps/s)"

@@ -9,6 +9,7 @@ executing the first `replan_every` steps of a chunk (`rsd.bench.frontier`) → r
 
 Usage:
     rsd demo                      # 20-40 minutes on 2 cores, nearly all of it the policy's 12,300 training steps
+    rsd demo --short              # 2 + 5 epochs, the second on the recovery episodes and 700 demonstrations: 8,500 steps
     rsd demo --quick --out runs/quick    # about 80 s, smaller everything (used by the tests)
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rsd.config import to_dict
+from rsd.errors import ConfigError
 from rsd.io import staged_dir
 from rsd.presets import get_preset
 
@@ -41,6 +43,8 @@ class DemoConfig:
     recovery_episodes: int = 700  # DAgger: episodes the policy starts (1..handover steps) and the expert finishes, recorded
     handover: int = 40  # most policy steps before the expert takes over
     recovery_epochs: int = 4  # epochs on the aggregated data, from the first policy's weights (0 with no recovery episodes)
+    aggregate_demos: int | None = None  # demonstrations kept beside the recovery episodes (None: all of them)
+    warmup: float = 0.05  # share of each training phase's steps that warm the learning rate up (one-cycle schedule)
     draft_episodes: int = 300  # fresh expert episodes whose features train, calibrate and test the drafts
     replan_every: int = 4  # steps of each chunk executed before replanning, in selection rollouts, DAgger and the sweep
     rollout_episodes: int = 50  # selection rollouts per evaluated epoch
@@ -57,9 +61,11 @@ class DemoConfig:
     seed: int = 0  # seeds everything
 
 
-QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=2, recovery_episodes=10, handover=10, recovery_epochs=1,
+QUICK = DemoConfig(episodes=40, tokenizer_epochs=15, policy_epochs=2, recovery_episodes=10, handover=10, recovery_epochs=1, aggregate_demos=30,
                    draft_episodes=20, rollout_episodes=2, draft_epochs=8, sweep_alphas=(0.3,), eval_episodes=4,
                    bench_iters=10, bench_warmup=3)
+SHORT = DemoConfig(policy_epochs=2, recovery_epochs=5, aggregate_demos=700, warmup=0.2)  # 8,513 training steps instead of 12,336
+RECIPES = {"full": DemoConfig(), "short": SHORT, "quick": QUICK}
 
 
 def _step(name: str, timings: dict[str, float]) -> Any:
@@ -77,16 +83,20 @@ def _step(name: str, timings: dict[str, float]) -> Any:
     return timed()
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "tiny", overwrite: bool = False) -> dict[str, Any]:
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, preset: str = "tiny", overwrite: bool = False, short: bool = False) -> dict[str, Any]:
     """Run every step into `out` and write `out/report.md` and `out/report.json`; return the report.
+
+    `quick` runs the smoke-test sizes (`QUICK`), `short` the shorter training recipe (`SHORT`), neither the full one.
 
     Everything is written into a staging folder beside `out` and moved there at the end (`rsd.io.staged_dir`): an
     interrupted demo leaves no half-made folder, and an earlier demo at `out` (replaced only with `overwrite=True`)
     stays intact until the new one is complete.
     """
+    if quick and short:
+        raise ConfigError("rsd demo: expected at most one of --quick and --short, got both.")
     out = Path(out)
     with staged_dir(out, "demo", overwrite) as stage:
-        report = _run_steps(stage, quick, preset)
+        report = _run_steps(stage, "quick" if quick else "short" if short else "full", preset)
         report = _moved(report, str(stage), str(out))
         (stage / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=True) + "\n")
         (stage / "report.md").write_text(format_demo_report(report))
@@ -103,7 +113,7 @@ def _moved(value: Any, old: str, new: str) -> Any:
     return new + value[len(old):] if isinstance(value, str) and value.startswith(old) else value
 
 
-def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
+def _run_steps(out: Path, recipe: str, preset: str) -> dict[str, Any]:
     """Every step of the demo, writing into the folder `out`; return the report (without writing it)."""
     from rsd.bench.frontier import BASELINE, gate_settings, plot_sweep, run_sweep
     from rsd.bench.latency import run_bench_latency
@@ -118,10 +128,10 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
     from rsd.training.policy import train_policy
     from rsd.training.tokenizer import train_tokenizer
 
-    config = QUICK if quick else DemoConfig()
+    config = RECIPES[recipe]
     spec = get_preset(preset)
     timings: dict[str, float] = {}
-    report: dict[str, Any] = {"config": to_dict(config), "preset": preset, "quick": quick}
+    report: dict[str, Any] = {"config": to_dict(config), "preset": preset, "recipe": recipe}
     data, draft_data = out / "demos.hdf5", out / "draft_demos.hdf5"
     k = spec.model.default_exit_layer
 
@@ -135,7 +145,8 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
         tok_train = dataclasses.replace(spec.tokenizer_train, epochs=config.tokenizer_epochs, seed=config.seed)
         report["tokenizer"] = train_tokenizer([e.actions for e in episodes], spec.tokenizer, tok_train, out / "tokenizer",
                                               episode_ids=[e.episode_id for e in episodes])
-    pol_train = dataclasses.replace(spec.policy_train, epochs=config.policy_epochs, batch_size=config.batch_size, seed=config.seed)
+    pol_train = dataclasses.replace(spec.policy_train, epochs=config.policy_epochs, batch_size=config.batch_size, seed=config.seed,
+                                    warmup=config.warmup)
     options = dataclasses.replace(spec.policy_options, rollout_episodes=config.rollout_episodes, rollout_replan_every=config.replan_every)
     first = "policy_demos" if config.recovery_episodes else "policy"
     with _step("train policy", timings):  # before DAgger only the last epoch is played: it starts the recovery episodes
@@ -145,7 +156,8 @@ def _run_steps(out: Path, quick: bool, preset: str) -> dict[str, Any]:
         with _step("DAgger: recovery demonstrations from the policy's states", timings):
             report["recovery"] = generate_demos("tabletop", episodes=config.recovery_episodes, out=out / "aggregate.hdf5",
                                                 seed=20_000 + config.seed, task_family="any", noise=config.noise, policy=out / first,
-                                                handover=config.handover, aggregate=data, replan_every=config.replan_every, progress=False)
+                                                handover=config.handover, aggregate=data, aggregate_episodes=config.aggregate_demos,
+                                                replan_every=config.replan_every, progress=False)
         with _step("train policy on the aggregated data", timings):
             report["policy"] = train_policy(out / "aggregate.hdf5", out / "tokenizer", out / "policy", preset,
                                             dataclasses.replace(pol_train, epochs=config.recovery_epochs), options=options, init=out / first)
@@ -204,7 +216,8 @@ def _calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
 
 def format_demo_report(report: dict[str, Any]) -> str:
     """The demo's markdown report: times, tokenizer error, draft agreement, acceptance, speed-up, success."""
-    lines = ["# rsd demo report", "", f"Preset `{report['preset']}`{' (quick)' if report['quick'] else ''}.", "", "## Time per step", "",
+    recipe = report["recipe"]
+    lines = ["# rsd demo report", "", f"Preset `{report['preset']}`{'' if recipe == 'full' else f' ({recipe})'}.", "", "## Time per step", "",
              "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in report["timings_s"].items()]
     lines.append(f"| total | {sum(report['timings_s'].values()):.1f} |")
@@ -220,8 +233,9 @@ def format_demo_report(report: dict[str, Any]) -> str:
         rec = report["recovery"]
         lines.append(f"- DAgger: {rec['episodes']} recovery episodes from the states of the policy trained on the demonstrations alone "
                      f"(selection rollouts {_rollouts(report['policy_demos'])}; {rec['learner_done']} episodes it ended alone, "
-                     f"{rec['failed']} the expert failed), then {report['config']['recovery_epochs']} epochs on all "
-                     f"{report['demos']['episodes'] + rec['episodes']} episodes from its weights (selection rollouts {_rollouts(report['policy'])})")
+                     f"{rec['failed']} the expert failed), then {report['config']['recovery_epochs']} epochs on them and "
+                     f"{_share(rec['aggregated'], report['demos']['episodes'])} demonstrations from its weights "
+                     f"(selection rollouts {_rollouts(report['policy'])})")
     lines += ["", _main_success(report["sweep"])]
     lines += ["", "## Drafts by exit layer", "",
               "Each draft's gate is certified by Learn-then-Test on half of its held-out episodes (P(accepted and bad) <= alpha "
@@ -249,6 +263,11 @@ def _pace(policy_report: dict[str, Any]) -> str:
     return f"{steps:,} steps in {seconds:.1f} s ({1000 * seconds / steps:.0f} ms a step)"
 
 
+def _share(kept: int, generated: int) -> str:
+    """How many of the demonstrations the aggregated data kept, e.g. "all 1,500" or "the first 700 of the 1,500"."""
+    return f"all {generated:,}" if kept == generated else f"the first {kept:,} of the {generated:,}"
+
+
 def _rollouts(policy_report: dict[str, Any]) -> str:
     """The selection rollouts' success per evaluated epoch, e.g. "0.10, 0.35 (epoch 2 kept)"."""
     rates = ", ".join(f"{m['rollout_success']:.2f}" for m in policy_report["history"] if "rollout_success" in m)
@@ -273,4 +292,4 @@ def _mse_by_layers(tokenizer_report: dict[str, Any]) -> list[tuple[int, float]]:
     return [(c + 1, float(v)) for c, v in enumerate(values)]
 
 
-__all__ = ["DemoConfig", "QUICK", "run_demo"]
+__all__ = ["DemoConfig", "QUICK", "SHORT", "run_demo"]

@@ -219,7 +219,7 @@ def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left
     result = CliRunner().invoke(main, ["generate-demos", "--episodes", "3", "--seed", "20", "--policy", str(tmp_path / "policy"),
                                        "--handover", "12", "--replan-every", "4", "--aggregate", str(earlier), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "starts with the 2 episodes" in result.output
+    assert "starts with 2 episodes" in result.output
     before, after = read_demos(earlier), read_demos(out)
     assert all(np.array_equal(a.actions, b.actions) for a, b in zip(before, after[:2], strict=True))
     starts = [TabletopEnv().reset(seed)["proprio"] for seed in (20, 21, 22)]

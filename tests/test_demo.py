@@ -41,11 +41,26 @@ def test_demo_quick_end_to_end(tmp_path) -> None:
                  "policy_demos/policy.json", "aggregate.hdf5", "draft_demos.hdf5"):
         assert (out / path).is_file(), path
     recovery = report["recovery"]  # DAgger: the first policy started these episodes, the expert finished them
-    assert recovery["aggregated"] == report["demos"]["episodes"] and recovery["episodes"] + recovery["learner_done"] + recovery["failed"] == 10
+    assert recovery["aggregated"] == min(30, report["demos"]["episodes"])  # the recovery episodes beside the first 30 demonstrations
+    assert recovery["episodes"] + recovery["learner_done"] + recovery["failed"] == 10
     families = report["sweep"]["per_task"]
     assert set(families) <= {"pick_place", "next_to"} and sum(f["episodes"] for f in families.values()) == 4
-    assert "Main-only success" in markdown and "DAgger" in markdown
+    assert "Main-only success" in markdown and f"the first 30 of the {report['demos']['episodes']} demonstrations" in markdown
     first, second = report["policy_demos"], report["policy"]  # the first policy's rollouts: its last epoch only, which starts DAgger
     assert [m["epoch"] for m in first["history"] if "rollout_success" in m] == [2] and first["best"]["epoch"] == 2
     assert [m["epoch"] for m in second["history"] if "rollout_success" in m] == [1]
     assert f"{second['steps']:,} steps in" in markdown and f"before DAgger: {first['steps']:,} steps in" in markdown
+
+
+def test_quick_and_short_are_refused_together(tmp_path) -> None:
+    from rsd.demo import QUICK, SHORT, DemoConfig, run_demo
+    from rsd.errors import ConfigError
+
+    result = CliRunner().invoke(main, ["demo", "--quick", "--short", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 2 and "pass at most one" in result.output
+    with pytest.raises(ConfigError, match="at most one of --quick and --short"):
+        run_demo(tmp_path / "demo", quick=True, short=True)
+    assert not (tmp_path / "demo").exists()
+    full = DemoConfig()  # the short recipe differs from the full one only in how the policy trains
+    assert {k for k in vars(full) if getattr(full, k) != getattr(SHORT, k)} == {"policy_epochs", "recovery_epochs", "aggregate_demos", "warmup"}
+    assert QUICK.aggregate_demos < QUICK.episodes  # the quick run exercises the partial aggregate

@@ -141,6 +141,7 @@ def generate_demos(
     handover: int = 40,
     aggregate: str | Path | None = None,
     replan_every: int | None = None,
+    aggregate_episodes: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run the expert of `env` for `episodes` seeds and write the successful ones to `out`; return counts and speed.
@@ -149,7 +150,8 @@ def generate_demos(
     are recorded in the file with `image_size`. With `policy` (a trained policy folder) the expert takes over
     after up to `handover` of its steps (DAgger-style, see the module docstring), executing `replan_every` steps of
     each chunk as deployed (None: whole chunks); `aggregate` is a demonstration file of the same environment whose
-    episodes are written first. See `record_demos` for the returned figures.
+    episodes are written first (only its first `aggregate_episodes` with that set). See `record_demos` for the
+    returned figures.
     """
     if episodes <= 0:
         raise ConfigError(f"generate-demos --episodes: expected an int > 0, got {episodes}.")
@@ -159,9 +161,12 @@ def generate_demos(
         raise ConfigError(f"generate-demos --handover: expected an int > 0 (the policy's steps before the expert takes over), got {handover}.")
     if replan_every is not None and policy is None:
         raise ConfigError("generate-demos --replan-every: it is how --policy executes its chunks; pass --policy too.")
+    if aggregate_episodes is not None and (aggregate is None or aggregate_episodes <= 0):
+        raise ConfigError(f"generate-demos --aggregate-episodes: expected an int > 0 with --aggregate, got {aggregate_episodes} "
+                          f"with --aggregate {aggregate}.")
     make_expert = expert_factory(env)
     env_kwargs: dict[str, Any] = {"image_size": image_size, **options}
-    earlier, provenance = _aggregated(aggregate, env, env_kwargs) if aggregate is not None else ([], [])
+    earlier, provenance = _aggregated(aggregate, env, env_kwargs, aggregate_episodes) if aggregate is not None else ([], [])
     learner = _learner(policy, replan_every) if policy is not None else None
     world = make_env(env, **env_kwargs)
     try:
@@ -180,10 +185,13 @@ def _learner(policy: str | Path, replan_every: int | None = None) -> Learner:
     return MainOnlyPolicy(load_main(policy, "cpu", None), replan_every)
 
 
-def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any]) -> tuple[list[Episode], list[dict[str, Any]]]:
-    """The episodes and provenance records of demonstration file `path`, which must have been recorded in `env` with
-    `env_kwargs`."""
+def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any], limit: int | None = None) -> tuple[list[Episode], list[dict[str, Any]]]:
+    """The episodes (the first `limit` of them with that set) and provenance records of demonstration file `path`,
+    which must have been recorded in `env` with `env_kwargs`."""
     recorded = read_env_spec(path)
     if recorded != (env, json.loads(json.dumps(env_kwargs))):  # as the file stores them: a tuple of cameras reads back as a list
         raise ConfigError(f"generate-demos --aggregate {path}: expected demonstrations recorded in {env} with {env_kwargs}, got {recorded}.")
-    return read_demos(path), read_provenance(path)
+    episodes, provenance = read_demos(path), read_provenance(path)
+    if limit is None or limit >= len(episodes):
+        return episodes, provenance
+    return episodes[:limit], [*provenance, {"kept_first": limit, "of": len(episodes), "from": str(path)}]

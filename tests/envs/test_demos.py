@@ -155,3 +155,18 @@ def test_aggregate_accepts_the_options_it_was_recorded_with_after_the_json_round
     assert [e.episode_id for e in earlier] == [0]
     with pytest.raises(ConfigError, match="robot0_eye_in_hand"):
         _aggregated(tmp_path / "a.hdf5", "robosuite:Lift", {"cameras": ("agentview", "robot0_eye_in_hand"), "image_size": 8})
+
+
+def test_aggregate_episodes_keeps_the_first_ones_and_says_so(tmp_path):
+    from rsd.data.hdf5 import read_demos, read_provenance
+
+    generate_demos("tabletop", episodes=3, out=tmp_path / "a.hdf5", image_size=32, progress=False)
+    summary = generate_demos("tabletop", episodes=1, out=tmp_path / "b.hdf5", seed=9, image_size=32, aggregate=tmp_path / "a.hdf5",
+                             aggregate_episodes=2, progress=False)
+    before, after = read_demos(tmp_path / "a.hdf5"), read_demos(tmp_path / "b.hdf5")
+    assert summary["aggregated"] == 2 and len(after) == 3
+    assert all(np.array_equal(a.actions, b.actions) for a, b in zip(before[:2], after[:2], strict=True))
+    assert not np.array_equal(after[2].actions[:5], before[2].actions[:5])  # seed 9's episode, not the third of a.hdf5
+    assert read_provenance(tmp_path / "b.hdf5")[1] == {"kept_first": 2, "of": 3, "from": str(tmp_path / "a.hdf5")}
+    with pytest.raises(ConfigError, match="--aggregate-episodes"):
+        generate_demos("tabletop", episodes=1, out=tmp_path / "c.hdf5", image_size=32, aggregate_episodes=2, progress=False)
