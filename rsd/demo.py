@@ -232,7 +232,7 @@ def format_demo_report(report: dict[str, Any]) -> str:
     if "recovery" in report:
         rec = report["recovery"]
         lines.append(f"- DAgger: {rec['episodes']} recovery episodes from the states of the policy trained on the demonstrations alone "
-                     f"(selection rollouts {_rollouts(report['policy_demos'])}; {rec['learner_done']} episodes it ended alone, "
+                     f"(selection rollouts {_rollouts(report['policy_demos'])}; {rec['learner_done']} episode{'' if rec['learner_done'] == 1 else 's'} it ended alone, "
                      f"{rec['failed']} the expert failed), then {report['config']['recovery_epochs']} epochs on them and "
                      f"{_share(rec['aggregated'], report['demos']['episodes'])} demonstrations from its weights "
                      f"(selection rollouts {_rollouts(report['policy'])})")
