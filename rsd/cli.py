@@ -262,6 +262,8 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--shift", type=NON_NEGATIVE, default=None, help="Random-shift augmentation in pixels, 0 off (default: the preset's).")
 @click.option("--ema-decay", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
               help="Validate, roll out and save a moving average of the weights with this decay, 0 off (default: the preset's).")
+@click.option("--object-loss", type=click.FloatRange(0.0), default=None,
+              help="Weight of the auxiliary object-state regression where the data records obs/object, 0 off (default: the preset's).")
 @click.option("--aggregation-tokens", type=int, default=0, show_default=True,
               help="CogVLA: aggregation tokens per ViT whose outputs replace its patches (0: off; CogVLA uses 64 of 256).")
 @click.option("--vit-film", is_flag=True, help="CogVLA: FiLM every ViT block from the mean instruction embedding.")
@@ -277,7 +279,7 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
               help="Go on training this policy folder (same preset and tokenizer; its statistics are kept), e.g. on DAgger's aggregated data.")
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
-                         rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, shift: int | None, ema_decay: float | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
+                         rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, shift: int | None, ema_decay: float | None, object_loss: float | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
                          lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str, init: str | None,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, warmup: float | None, seed: int | None, overwrite: bool) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
@@ -287,7 +289,7 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
 
     spec = get_preset(preset)
     chosen = {"select_by": select_by, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift,
-              "rollout_replan_every": rollout_replan_every, "ema_decay": ema_decay}
+              "rollout_replan_every": rollout_replan_every, "ema_decay": ema_decay, "object_loss": object_loss}
     options = dataclasses.replace(spec.policy_options, **{name: value for name, value in chosen.items() if value is not None})
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
                           action_tokens=action_tokens)
@@ -446,16 +448,14 @@ def bench_latency_command(bundle: str | None, main_dir: str | None, preset: str 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact and report.md.")
 @click.option("--quick", is_flag=True, help="A smaller run (about 80 s on 2 cores) that exercises every step.")
-@click.option("--short", is_flag=True, help="The shorter training recipe: 2 + 5 epochs, the second on the recovery episodes and 700 "
-              "demonstrations (8,513 steps instead of 12,336; next-to succeeds less, see docs/results.md).")
+@click.option("--seed", type=click.IntRange(0), default=None,
+              help="Another run of the recipe: seeds its demonstrations, recovery episodes, initialisation and batches (default 0).")
 @OVERWRITE
-def demo(out: str, quick: bool, short: bool, overwrite: bool) -> None:
+def demo(out: str, quick: bool, seed: int | None, overwrite: bool) -> None:
     """Run the whole pipeline on the CPU with built-in data and write OUT/report.md."""
-    if quick and short:
-        raise click.BadParameter("--quick and --short are two different recipes: pass at most one.")
     from rsd.demo import run_demo
 
-    run_demo(out, quick, overwrite=overwrite, short=short)
+    run_demo(out, quick, overwrite=overwrite, seed=seed)
 
 
 @main.command("generate-demos")

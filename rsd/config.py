@@ -326,8 +326,11 @@ class PolicyTrainConfig:
     rollout_seed: int = 5000  # first seed of the selection episodes (demonstrations use 0.., `rsd eval` 10000..)
     rollout_replan_every: int | None = None  # steps of each chunk the selection rollouts execute before replanning (None: all)
     ema_decay: float = 0.0  # decay of the weights' moving average that is validated, rolled out and saved (0: the last step's weights)
+    object_loss: float = 0.0  # weight of the auxiliary regression of the recorded object state (obs/object) from the query hidden (0: off)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.object_loss, (int, float)) and not isinstance(self.object_loss, bool) and self.object_loss >= 0.0,
+               "PolicyTrainConfig", "object_loss", "a float >= 0", self.object_loss)
         _check(isinstance(self.ema_decay, float) and 0.0 <= self.ema_decay < 1.0, "PolicyTrainConfig", "ema_decay", "a float in [0, 1)",
                self.ema_decay)
         _check(isinstance(self.shift, int) and self.shift >= 0, "PolicyTrainConfig", "shift", "an int >= 0", self.shift)

@@ -105,6 +105,7 @@ def _tiny(vision: str = "keypoints", proprio_dim: int = 8) -> Preset:
         tokenizer_train=TrainConfig(epochs=30, batch_size=64, lr=3e-3),
         policy_train=TrainConfig(epochs=15, batch_size=32, lr=1e-3),
         draft_train=TrainConfig(epochs=40, batch_size=128, lr=1e-3),
+        policy_options=PolicyTrainConfig(object_loss=1.0),  # where the data records obs/object: the policy learns where the named block is far sooner
     )
 
 

@@ -52,15 +52,26 @@ def test_demo_quick_end_to_end(tmp_path) -> None:
     assert f"{second['steps']:,} steps in" in markdown and f"before DAgger: {first['steps']:,} steps in" in markdown
 
 
-def test_quick_and_short_are_refused_together(tmp_path) -> None:
-    from rsd.demo import QUICK, SHORT, DemoConfig, run_demo
+def test_another_seed_draws_other_layouts(tmp_path, monkeypatch) -> None:
+    from rsd.demo import QUICK, run_demo
     from rsd.errors import ConfigError
 
-    result = CliRunner().invoke(main, ["demo", "--quick", "--short", "--out", str(tmp_path / "demo")])
-    assert result.exit_code == 2 and "pass at most one" in result.output
-    with pytest.raises(ConfigError, match="at most one of --quick and --short"):
-        run_demo(tmp_path / "demo", quick=True, short=True)
-    assert not (tmp_path / "demo").exists()
-    full = DemoConfig()  # the short recipe differs from the full one only in how the policy trains
-    assert {k for k in vars(full) if getattr(full, k) != getattr(SHORT, k)} == {"policy_epochs", "recovery_epochs", "aggregate_demos", "warmup"}
+    seeds = []
+
+    class Stop(Exception):
+        """Ends the demo once both demonstration files would have been generated."""
+
+    def generate(env, episodes, out, seed=0, **options):
+        seeds.append(seed)
+        if len(seeds) == 2:
+            raise Stop
+        return {}
+
+    monkeypatch.setattr("rsd.envs.demos.generate_demos", generate)
+    with pytest.raises(Stop):
+        run_demo(tmp_path / "demo", quick=True, seed=2)
+    assert seeds == [200_000, 230_000] and not (tmp_path / "demo").exists()  # demonstrations, then the drafts' episodes
+    assert CliRunner().invoke(main, ["demo", "--seed", "-1", "--out", str(tmp_path / "demo")]).exit_code == 2
+    with pytest.raises(ConfigError, match="--seed"):
+        run_demo(tmp_path / "demo", quick=True, seed=-1)
     assert QUICK.aggregate_demos < QUICK.episodes  # the quick run exercises the partial aggregate

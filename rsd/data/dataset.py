@@ -1,5 +1,10 @@
 """Episodes and the frame dataset every training step reads: images, instruction, proprio, action chunk.
 
+An episode may also carry the simulator's low-dim object state per step (robomimic's `obs/object`: where the
+objects are). A camera-only policy never reads it; training can regress it from the policy's hidden state as an
+auxiliary target (`PolicyTrainConfig.object_loss`), which tells the policy where to look long before the action
+loss alone does.
+
 `Episode` is one demonstration in memory (what `rsd.data.hdf5.read_demos` returns); `FrameDataset` indexes
 every frame of every episode and returns batches with the frame's H-step action chunk (padded at the tail,
 `rsd.data.chunks.chunk_actions`). Cameras are ordered by name so every step sees them in the same order.
@@ -31,6 +36,7 @@ class Episode:
     actions: np.ndarray  # [T, A] float32 actions as executed
     images: dict[str, np.ndarray]  # camera name -> uint8 frames [T, H, W, 3]
     proprio: np.ndarray | None = None  # [T, P] float32 proprioception, or None
+    object_state: np.ndarray | None = None  # [T, S] float32 low-dim object state (training-time supervision only), or None
 
     def __post_init__(self) -> None:
         steps = self.actions.shape[0] if self.actions.ndim == 2 else -1
@@ -48,11 +54,14 @@ class Episode:
                 raise ShapeError(
                     f"episode {self.episode_id} camera {camera!r}: expected uint8 [{steps}, H, W, 3], got {frames.dtype} {frames.shape}."
                 )
-        if self.proprio is not None and (self.proprio.ndim != 2 or self.proprio.shape[0] != steps):
-            raise ShapeError(f"episode {self.episode_id}: expected proprio [{steps}, P], got shape {self.proprio.shape}.")
-        if self.proprio is not None and not np.isfinite(self.proprio).all():
-            step, dim = (int(i) for i in np.argwhere(~np.isfinite(self.proprio))[0])
-            raise DataError(f"episode {self.episode_id}: expected finite proprio, got {self.proprio[step, dim]} at step {step}, dim {dim}.")
+        for name, values in (("proprio", self.proprio), ("object_state", self.object_state)):
+            if values is None:
+                continue
+            if values.ndim != 2 or values.shape[0] != steps:
+                raise ShapeError(f"episode {self.episode_id}: expected {name} [{steps}, D], got shape {values.shape}.")
+            if not np.isfinite(values).all():
+                step, dim = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
+                raise DataError(f"episode {self.episode_id}: expected finite {name}, got {values[step, dim]} at step {step}, dim {dim}.")
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -70,6 +79,7 @@ class FrameBatch:
     images: np.ndarray  # uint8 [B, N, H, W, 3] (N cameras in sorted name order)
     instructions: list[str]  # B instructions
     proprio: np.ndarray | None  # float32 [B, P] or None
+    object_state: np.ndarray | None  # float32 [B, S] or None
     actions: np.ndarray  # float32 [B, H, A] the chunk starting at each frame
     episode_ids: np.ndarray  # int64 [B]
     frame_indices: np.ndarray  # int64 [B] index of the frame inside its episode
@@ -87,9 +97,12 @@ class FrameDataset:
         cameras = {tuple(e.cameras) for e in episodes}
         if len(cameras) != 1:
             raise DataError(f"FrameDataset: expected every episode to have the same cameras, got {sorted(cameras)}.")
-        has_proprio = {e.proprio is not None for e in episodes}
-        if len(has_proprio) != 1:
-            raise DataError("FrameDataset: expected proprio in every episode or in none.")
+        for name in ("proprio", "object_state"):
+            if len({getattr(e, name) is not None for e in episodes}) != 1:
+                raise DataError(f"FrameDataset: expected {name} in every episode or in none.")
+            widths = {getattr(e, name).shape[1] for e in episodes if getattr(e, name) is not None}
+            if len(widths) > 1:
+                raise DataError(f"FrameDataset: expected {name} of one width in every episode, got widths {sorted(widths)}.")
         self.episodes = list(episodes)
         self.chunk_len = chunk_len
         self.cameras = list(next(iter(cameras)))
@@ -105,6 +118,12 @@ class FrameDataset:
         """Every frame's action chunk `[N, H, A]` in frame order."""
         return np.concatenate(self._chunks)
 
+    def all_object_states(self) -> np.ndarray | None:
+        """Every frame's object state `[N, S]` in frame order, or None when the episodes record none."""
+        if self.episodes[0].object_state is None:
+            return None
+        return np.concatenate([e.object_state for e in self.episodes]).astype(np.float32)
+
     def batch(self, rows: Iterable[int]) -> FrameBatch:
         """The frames at dataset rows `rows` with their chunks."""
         rows = np.asarray(list(rows), dtype=np.int64)
@@ -112,13 +131,14 @@ class FrameDataset:
             raise DataError(f"FrameDataset.batch: expected rows in 0..{len(self) - 1}, got {rows.min()}..{rows.max()}.")
         owners, frames = self._owner[rows], self._frame[rows]
         images = np.stack([np.stack([self.episodes[o].images[c][f] for c in self.cameras]) for o, f in zip(owners, frames, strict=False)])
-        proprio = None
-        if self.episodes[0].proprio is not None:
-            proprio = np.stack([self.episodes[o].proprio[f] for o, f in zip(owners, frames, strict=False)]).astype(np.float32)
+        proprio, object_state = (None if getattr(self.episodes[0], name) is None else
+                                 np.stack([getattr(self.episodes[o], name)[f] for o, f in zip(owners, frames, strict=False)]).astype(np.float32)
+                                 for name in ("proprio", "object_state"))
         return FrameBatch(
             images=images,
             instructions=[self.episodes[o].instruction for o in owners],
             proprio=proprio,
+            object_state=object_state,
             actions=np.stack([self._chunks[o][f] for o, f in zip(owners, frames, strict=False)]),
             episode_ids=self.episode_ids[rows],
             frame_indices=frames,

@@ -4,7 +4,8 @@ Layout (LIBERO's `scripts/create_dataset.py`): group `data` with attrs `env_name
 `env_name`, `env_kwargs`), `problem_info` (JSON with `language_instruction`), `bddl_file_name`, `num_demos`,
 `total` (rsd adds `rsd_provenance`, below); one group `data/demo_<i>` per episode with attr `num_samples`, datasets `actions [T, A]`, `dones [T]`
 (last = 1), `rewards [T]`, `obs/<camera>_rgb [T, H, W, 3]` uint8 and proprio `obs/ee_pos [T, 3]`,
-`obs/ee_ori [T, 3]`, `obs/gripper_states [T, 2]` (`obs/joint_states` when present).
+`obs/ee_ori [T, 3]`, `obs/gripper_states [T, 2]` (`obs/joint_states` when present). The simulator's low-dim object
+state, when recorded, is robomimic's `obs/object [T, S]` (`Episode.object_state`: training-time supervision only).
 
 LIBERO stores one instruction per file (its files hold one task); tabletop files mix tasks, so each demo group
 also carries an attr `language_instruction`, which the reader prefers. Files written by robosuite/LIBERO say
@@ -56,6 +57,7 @@ from rsd.io import atomic_file
 
 PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # LIBERO's proprio, 3 + 3 + 2 = 8 dims
 PROPRIO_SPLIT = {"ee_pos": slice(0, 3), "ee_ori": slice(3, 6), "gripper_states": slice(6, 8)}
+OBJECT_KEY = "object"  # robomimic's low-dim object state, obs/object [T, S]
 CAMERA_SUFFIXES = ("_rgb", "_image")  # LIBERO's obs/<camera>_rgb, robomimic's obs/<camera>_image
 DEMO_NAME = re.compile(r"demo_(\d+)")
 IMAGE_CONVENTIONS = ("opengl", "opencv")  # "opengl": stored upside down (robosuite), rotated 180° on reading; "opencv": upright
@@ -124,6 +126,8 @@ def _write_file(path: Path, episodes: Sequence[Episode], env_name: str, env_kwar
             if episode.proprio is not None:
                 for key, part in PROPRIO_SPLIT.items():
                     obs.create_dataset(key, data=episode.proprio[:, part].astype(np.float64))
+            if episode.object_state is not None:
+                obs.create_dataset(OBJECT_KEY, data=episode.object_state.astype(np.float64))
 
 
 @contextmanager
@@ -231,8 +235,14 @@ def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str
             part = part.reshape(steps, -1)
             parts.append(part)
         proprio = np.concatenate(parts, axis=1).astype(np.float32)
+    object_state = None
+    if OBJECT_KEY in obs:
+        object_state = obs[OBJECT_KEY][()]
+        if object_state.ndim == 0 or object_state.shape[0] != steps or not np.issubdtype(object_state.dtype, np.number):
+            raise DataError(f"{path}: expected '{key}/obs/{OBJECT_KEY}' of numbers, shape [{steps}, S], got {object_state.dtype} {object_state.shape}.")
+        object_state = object_state.reshape(steps, -1).astype(np.float32)
     episode_id = int(DEMO_NAME.fullmatch(name).group(1))
-    return Episode(episode_id, instruction or _instruction(path, data, demo), actions.astype(np.float32), images, proprio)
+    return Episode(episode_id, instruction or _instruction(path, data, demo), actions.astype(np.float32), images, proprio, object_state)
 
 
 def _json_attr(path: str | Path, name: str) -> tuple[bool, Any, str]:

@@ -35,7 +35,8 @@ class Env(Protocol):
     cameras: tuple[str, ...]  # camera names, in the order of the observation's images
 
     def reset(self, seed: int) -> dict[str, Any]:
-        """Start the episode fixed by `seed`; return `{"image", "instruction", "proprio"}`."""
+        """Start the episode fixed by `seed`; return `{"image", "instruction", "proprio"}` (and `"object"`, the low-dim
+        object state demonstrations record, where the env knows one)."""
         ...
 
     def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, dict[str, Any]]:

@@ -54,7 +54,8 @@ class Learner(Protocol):
 
 def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Sequence[str], noise: float = 0.0,
             learner: Learner | None = None, handover: int = 0) -> tuple[Episode | None, bool]:
-    """Run one expert episode; return it (frames `[T, H, W, 3]` per camera, proprio `[T, 8]`, actions `[T, 7]`) and its success.
+    """Run one expert episode; return it (frames `[T, H, W, 3]` per camera, proprio `[T, 8]`, actions `[T, 7]`, and the
+    object state `[T, S]` when the env observes one) and its success.
 
     With `noise > 0` the episode is DART-style: the env executes the expert's action plus Gaussian noise of std
     `noise` on the xyz dimensions (clipped to [-1, 1]) while the episode records the expert's clean action, so the
@@ -73,18 +74,21 @@ def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Seque
     expert.reset(seed)
     rng = np.random.default_rng([seed, 1])
     frames: list[list[np.ndarray]] = []
-    proprio, actions = [], []
+    proprio, actions, objects = [], [], []
     while not done:
         action = np.asarray(expert.act(obs), dtype=np.float32)
         frames.append(obs["image"] if len(cameras) > 1 else [obs["image"]])
         proprio.append(obs["proprio"])
+        if "object" in obs:
+            objects.append(obs["object"])
         actions.append(action)
         executed = action.copy()
         if noise > 0:
             executed[:3] = np.clip(executed[:3] + rng.normal(0.0, noise, size=3), -1.0, 1.0)
         obs, _, done, info = env.step(executed)
     images = {camera: np.stack([f[i] for f in frames]) for i, camera in enumerate(cameras)}
-    return Episode(episode_id, obs["instruction"], np.stack(actions), images, np.stack(proprio)), bool(info["success"])
+    object_state = np.stack(objects).astype(np.float32) if objects else None
+    return Episode(episode_id, obs["instruction"], np.stack(actions), images, np.stack(proprio), object_state), bool(info["success"])
 
 
 def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path, env_name: str, env_kwargs: dict[str, Any],

@@ -13,9 +13,13 @@ Tasks (`task_family`): "pick_place" ("pick up the red block and place it on the 
 rests, released, inside the plate) and "next_to" ("put the red block next to the blue block": released, centres
 closer than `NEXT_TO_DISTANCE`, squares not overlapping); "any" draws the family per seed.
 
+The observation's `object` is the low-dim object state demonstrations record for training-time supervision (a
+policy never reads it): the target block's centre, the goal's (the plate, or the reference block of "next_to"), and
+both relative to the gripper, each `(x, y)` in workspace units.
+
 Usage:
     env = TabletopEnv(image_size=64, task_family="any")
-    obs = env.reset(seed=0)                           # {"image": uint8 [64, 64, 3], "instruction", "proprio": [8]}
+    obs = env.reset(seed=0)                           # {"image": uint8 [64, 64, 3], "instruction", "proprio": [8], "object": [8]}
     obs, reward, done, info = env.step(np.zeros(7))   # info["success"], info["steps"]
 """
 
@@ -154,11 +158,17 @@ class TabletopEnv:
         finger = FINGER_MAX * self.opening
         return np.array([*self.gripper, 0.0, 0.0, 0.0, finger, -finger], dtype=np.float32)
 
+    def object_state(self) -> np.ndarray:
+        """float32 `[8]`: target block x, y; goal x, y (plate or reference block); the same two relative to the gripper."""
+        target = self.blocks[self.target]
+        goal = self.plate if self.anchor is None else self.blocks[self.anchor]
+        return np.array([*target, *goal, *(target - self.gripper[:2]), *(goal - self.gripper[:2])], dtype=np.float32)
+
     def close(self) -> None:
         """Nothing to free: the world is plain numpy."""
 
     def _observation(self) -> dict[str, Any]:
-        return {"image": self.render(), "instruction": self.instruction, "proprio": self.proprio()}
+        return {"image": self.render(), "instruction": self.instruction, "proprio": self.proprio(), "object": self.object_state()}
 
     # --- rendering -----------------------------------------------------------------------------------------------
     def render(self) -> np.ndarray:

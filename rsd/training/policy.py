@@ -8,6 +8,11 @@ training saw; proprio statistics come from the training episodes (or the dataset
 proprio must match what the preset's model takes. The validation split is by episode and
 reports per-layer token accuracy and the decoded-action error against the demonstrated chunk. The per-layer
 cross-entropies are weighted by `policy_layer_weights` (coarse layers count more).
+Where the data records the simulator's object state (`obs/object`) and `options.object_loss > 0`, a small head
+(`ObjectStateHead`, training-time only, never saved) regresses it, standardised, from the same query hidden and its
+mean squared error joins the loss at that weight. The action loss alone says "left" or "right" of a target far away
+(the expert's actions saturate); the object state says where the named block is at every frame, so the policy
+learns to localise it with far fewer steps.
 `freeze_backbone=True` trains only the head (for big frozen backbones). `cogvla` adds CogVLA's modules to the preset's
 model; with `adapter` and `base` the base policy is fine-tuned the CogVLA way instead (LoRA on the LLM via peft, new
 modules and the head in full, vision frozen; `rsd.models.lora`) and `out/lora` holds the three-part checkpoint.
@@ -49,6 +54,7 @@ from rsd.data.stats import DatasetStatistics
 from rsd.envs.base import is_env_name
 from rsd.errors import ConfigError, DataError
 from rsd.io import writes_artifact
+from rsd.models.heads import ObjectStateHead
 from rsd.models.lora import build_policy_model
 from rsd.models.main import MainModel
 from rsd.models.processor import VLAInputs
@@ -133,11 +139,14 @@ def train_policy(
     if freeze_backbone:
         main.vla.requires_grad_(False)
     world = distributed.current()
-    model = distributed.Parallel(main, action_logits, parallel, find_unused_parameters=True)  # the VLA's lm_head is off the action path
-    trainable = [p for p in main.parameters() if p.requires_grad]
-    optimizer = adamw(trainable, lr=train.lr, weight_decay=train.weight_decay)
     train_rows = np.flatnonzero(np.isin(dataset.episode_ids, train_eps))
     val_rows = np.flatnonzero(np.isin(dataset.episode_ids, val_eps))
+    object_targets = _object_targets(dataset, train_rows, source.path) if options.object_loss > 0 else None
+    if object_targets is not None:  # training-time only: `MainModel.save` writes the VLA and the RFSQ head, not this
+        main.object_head = ObjectStateHead(main.hidden_size, object_targets.shape[1])
+    model = distributed.Parallel(main, training_outputs, parallel, find_unused_parameters=True)  # the VLA's lm_head is off the action path
+    trainable = [p for p in main.parameters() if p.requires_grad]
+    optimizer = adamw(trainable, lr=train.lr, weight_decay=train.weight_decay)
     with torch.no_grad():
         targets = tokens_to_layers(action_tokenizer.encode(torch.as_tensor(dataset.all_actions(), dtype=torch.float32)))
     layer_weights = policy_layer_weights(action_tokenizer)
@@ -154,7 +163,7 @@ def train_policy(
         main.train()
         main.tokenizer.eval()
         order = rng.permutation(train_rows)
-        losses = []
+        losses, object_losses = [], []
         bar = tqdm(range(0, len(order), train.batch_size), desc=f"train-policy epoch {epoch + 1}/{train.epochs}", unit="batch", disable=not (progress and world.is_main))
         for start in bar:
             rows = order[start : start + train.batch_size]
@@ -162,8 +171,13 @@ def train_policy(
             images = random_shift(batch.images, options.shift, augment_rng)  # the whole batch: every rank draws the same shifts
             mine, weight = world.batch_share(len(rows))
             proprio = None if batch.proprio is None else batch.proprio[mine]
-            logits = model(main.prepare(images[mine], [batch.instructions[i] for i in mine], proprio))
-            loss = token_loss(logits, targets[rows[mine]], layer_weights) * weight  # this rank's share of the batch mean, x world_size
+            logits, objects = model(main.prepare(images[mine], [batch.instructions[i] for i in mine], proprio))
+            loss = token_loss(logits, targets[rows[mine]], layer_weights)
+            if objects is not None:
+                object_loss = F.mse_loss(objects, object_targets[rows[mine]])
+                object_losses.append(object_loss.detach().item())
+                loss = loss + options.object_loss * object_loss
+            loss = loss * weight  # this rank's share of the batch mean, x world_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -176,9 +190,12 @@ def train_policy(
         train_loss = float(world.sum(torch.tensor(losses, dtype=torch.float64)).mean()) / world.world_size  # the global batches' mean losses
         with average.applied() if average is not None else nullcontext():  # the weights validated, rolled out and saved
             with model.gathered():  # FSDP: whole parameters on every rank while they validate different frames and seeds
-                fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
-                metrics = {"epoch": epoch + 1, "train_loss": train_loss, **validate_policy(main, dataset, val_rows, targets),
+                fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets, object_targets=object_targets)
+                metrics = {"epoch": epoch + 1, "train_loss": train_loss,
+                           **validate_policy(main, dataset, val_rows, targets, object_targets=object_targets),
                            "train_action_l1_per_dim": fit["val_action_l1_per_dim"], "seconds": time.perf_counter() - started}
+                if object_targets is not None:
+                    metrics["train_object_mse"] = float(world.sum(torch.tensor(object_losses, dtype=torch.float64)).mean()) / world.world_size
                 if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
                     metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
             history.append(metrics)
@@ -200,6 +217,7 @@ def train_policy(
         "rollout_env": None if rollout_spec is None else {"env": rollout_spec[0], "env_kwargs": rollout_spec[1]},
         "preset": preset,
         "freeze_backbone": freeze_backbone,
+        "object_state_dims": None if object_targets is None else int(object_targets.shape[1]),
         "cogvla": to_dict(main.vla.config.cogvla),
         "adapter": None if adapter is None else {**to_dict(adapter), "base": str(base)},
         "seconds": time.perf_counter() - started,
@@ -253,9 +271,23 @@ def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: P
     return float(world.sum(torch.tensor([successes], dtype=torch.float64))[0]) / len(seeds)
 
 
-def action_logits(main: MainModel, inputs: VLAInputs) -> torch.Tensor:
-    """The training step's forward: RFSQ logits `[B, L, H*d, V]` of prepared inputs."""
-    return main.head(main.vla(inputs))
+def training_outputs(main: MainModel, inputs: VLAInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training step's forward: RFSQ logits `[B, L, H*d, V]` of prepared inputs, and the predicted object state
+    `[B, S]` where training gave the model an `object_head` (else None)."""
+    hidden = main.vla(inputs)
+    object_head = getattr(main, "object_head", None)
+    return main.head(hidden), None if object_head is None else object_head(hidden)
+
+
+def _object_targets(dataset: FrameDataset, train_rows: np.ndarray, path: str | Path) -> torch.Tensor | None:
+    """Every frame's object state `[N, S]` standardised by the training frames' mean and std, or None (logged) when
+    the data records none."""
+    states = dataset.all_object_states()
+    if states is None:
+        log.info("train-policy: %s records no object state (obs/object); training without the object-state loss.", path)
+        return None
+    mean, std = states[train_rows].mean(axis=0), states[train_rows].std(axis=0)
+    return torch.as_tensor((states - mean) / np.maximum(std, 1e-6), dtype=torch.float32)
 
 
 def _check_proprio(source: DataSource, dataset: FrameDataset, proprio_dim: int, preset: str) -> None:
@@ -287,24 +319,32 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, layer_weights: torch
 
 
 @torch.inference_mode()
-def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, targets: torch.Tensor, batch_size: int = 128) -> dict[str, Any]:
-    """Per-layer token accuracy and decoded-action L1 (normalised units) of `main` on frames `rows` (spread over the ranks)."""
+def validate_policy(main: MainModel, dataset: FrameDataset, rows: np.ndarray, targets: torch.Tensor, batch_size: int = 128,
+                    object_targets: torch.Tensor | None = None) -> dict[str, Any]:
+    """Per-layer token accuracy and decoded-action L1 (normalised units) of `main` on frames `rows` (spread over the ranks);
+    with `object_targets` `[N, S]` and a training-time `object_head`, also its mean squared error (standardised units)."""
     main.eval()
     world = distributed.current()
     rows = np.asarray(world.shard(rows), dtype=np.int64)
     correct = torch.zeros(main.tokenizer.config.num_layers)
     action_error, count = torch.zeros(main.tokenizer.config.action_dim, dtype=torch.float64), 0
+    object_error = torch.zeros((), dtype=torch.float64)
     scale = main.tokenizer.stats.normalized_scale()
     for start in range(0, len(rows), batch_size):
         index = rows[start : start + batch_size]
         batch = dataset.batch(index)
-        logits = main.head(main.vla(main.prepare(batch.images, batch.instructions, batch.proprio)))
+        logits, objects = training_outputs(main, main.prepare(batch.images, batch.instructions, batch.proprio))
         correct += (logits.argmax(-1) == targets[index]).float().mean(dim=2).sum(dim=0)
         predicted = main.decode_logits(logits)
         truth = torch.as_tensor(batch.actions, dtype=torch.float32)
         action_error += ((predicted - truth).abs() * scale).mean(dim=1).sum(dim=0).double()
+        if objects is not None and object_targets is not None:
+            object_error += ((objects - object_targets[index]) ** 2).mean(dim=1).sum().double()
         count += len(index)
     correct, action_error, count = world.sum(correct), world.sum(action_error), int(world.sum(torch.tensor(count)))
     per_dim = action_error / count
-    return {"val_layer_accuracy": [float(c) / count for c in correct], "val_action_l1": float(per_dim.mean()),
-            "val_action_l1_per_dim": [round(float(v), 4) for v in per_dim]}
+    metrics = {"val_layer_accuracy": [float(c) / count for c in correct], "val_action_l1": float(per_dim.mean()),
+               "val_action_l1_per_dim": [round(float(v), 4) for v in per_dim]}
+    if object_targets is not None and getattr(main, "object_head", None) is not None:
+        metrics["val_object_mse"] = float(world.sum(object_error)) / count
+    return metrics

@@ -7,7 +7,7 @@ import pytest
 
 from rsd.data.chunks import chunk_actions, split_episodes
 from rsd.data.dataset import Episode, FrameDataset, compute_statistics
-from rsd.errors import DataError
+from rsd.errors import DataError, ShapeError
 
 
 def make_episode(episode_id: int, steps: int, offset: float = 0.0) -> Episode:
@@ -43,6 +43,23 @@ def test_frame_batch_shapes():
     assert dataset.all_actions().shape == (10, 8, 7)
     with pytest.raises(DataError, match="rows"):
         dataset.batch([10])
+
+
+def test_object_states_travel_with_their_frames():
+    episodes = [make_episode(0, 4), make_episode(1, 6)]
+    for episode in episodes:  # the state at step t is (episode id, t)
+        episode.object_state = np.stack([np.full(len(episode), episode.episode_id), np.arange(len(episode))], axis=1).astype(np.float32)
+    dataset = FrameDataset(episodes, chunk_len=8)
+    assert dataset.batch([0, 5, 9]).object_state.tolist() == [[0, 0], [1, 1], [1, 5]]
+    assert dataset.all_object_states().shape == (10, 2) and FrameDataset([make_episode(2, 3)], 8).all_object_states() is None
+    with pytest.raises(DataError, match="object_state in every episode or in none"):
+        FrameDataset([episodes[0], make_episode(2, 3)], chunk_len=8)
+    wider = make_episode(3, 3)
+    wider.object_state = np.zeros((3, 5), dtype=np.float32)
+    with pytest.raises(DataError, match="one width"):
+        FrameDataset([episodes[0], wider], chunk_len=8)
+    with pytest.raises(ShapeError, match="object_state"):
+        Episode(4, "task", np.zeros((3, 7), np.float32), {"agentview": np.zeros((3, 8, 8, 3), np.uint8)}, None, np.zeros((2, 4), np.float32))
 
 
 def test_split_episodes_is_disjoint_and_deterministic():

@@ -73,6 +73,7 @@ def test_round_trip_of_generated_episodes(tmp_path):
     for a, b in zip(episodes, read_demos(tmp_path / "copy.hdf5"), strict=True):
         assert (a.episode_id, a.instruction) == (b.episode_id, b.instruction)
         assert np.array_equal(a.actions, b.actions) and np.array_equal(a.proprio, b.proprio)
+        assert a.object_state.shape == (len(a), 8) and np.array_equal(a.object_state, b.object_state)
         assert a.images.keys() == b.images.keys() == {"agentview"}
         assert np.array_equal(a.images["agentview"], b.images["agentview"])
     with h5py.File(path, "r") as file:
@@ -80,6 +81,24 @@ def test_round_trip_of_generated_episodes(tmp_path):
         assert json.loads(data.attrs["env_args"])["env_name"] == "tabletop"
         assert data.attrs["total"] == sum(len(e) for e in episodes)
         assert file["data/demo_0/dones"][-1] == 1 and file["data/demo_0/obs/ee_pos"].shape[1] == 3
+        assert file["data/demo_0/obs/object"].shape == (len(episodes[0]), 8)
+
+
+def test_robomimics_object_state_is_read_from_a_file_rsd_did_not_write(tmp_path):
+    path = tmp_path / "robomimic.hdf5"
+    write_libero_file(path, demos=(0, 1))
+    assert read_demos(path)[0].object_state is None  # LIBERO's files record none
+    with h5py.File(path, "a") as file:  # robomimic's obs/object: cube position, quaternion, gripper-to-cube (Lift)
+        for index in (0, 1):
+            file[f"data/demo_{index}/obs"].create_dataset("object", data=np.full((4, 10), float(index)))
+    episodes = read_demos(path)
+    assert [e.object_state.shape for e in episodes] == [(4, 10), (4, 10)] and episodes[1].object_state.dtype == np.float32
+    assert np.all(episodes[1].object_state == 1.0)
+    with h5py.File(path, "a") as file:
+        del file["data/demo_1/obs/object"]
+        file["data/demo_1/obs"].create_dataset("object", data=np.zeros((3, 10)))
+    with pytest.raises(DataError, match="demo_1/obs/object"):
+        read_demos(path)
 
 
 def test_mixed_instructions_are_kept_per_episode(tmp_path):

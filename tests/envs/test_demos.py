@@ -98,6 +98,21 @@ def test_generated_file_records_its_environment(tmp_path):
     assert read_env_spec(path) == ("tabletop", {"image_size": 64})
 
 
+def test_the_recorded_object_state_is_the_worlds_at_each_frame():
+    env = TabletopEnv()
+    for seed in (0, 1, 2, 3):  # both task families
+        episode, success = rollout(env, ScriptedExpert(env), seed=seed, episode_id=0, cameras=("agentview",), noise=0.1)
+        state, gripper = episode.object_state, episode.proprio[:, :2]
+        assert success and state.shape == (len(episode), 8) and state.dtype == np.float32
+        np.testing.assert_allclose(state[:, 4:6], state[:, 0:2] - gripper, atol=1e-6)  # target relative to the gripper
+        np.testing.assert_allclose(state[:, 6:8], state[:, 2:4] - gripper, atol=1e-6)  # goal relative to the gripper
+        env.reset(seed)
+        goal = env.plate if env.anchor is None else env.blocks[env.anchor]
+        np.testing.assert_allclose(state[0, :4], [*env.blocks[env.target], *goal], atol=1e-6)
+        assert np.allclose(state[:, 2:4], goal)  # the goal never moves; the target moves only while carried
+        assert not np.allclose(state[:, 0:2], state[0, 0:2])
+
+
 class ScriptedLearner:
     """A learner that drives right and closes the gripper on nothing: a missed grasp the expert must recover from."""
 
@@ -123,6 +138,7 @@ def test_handover_records_the_expert_from_the_state_the_learner_left():
     for _ in range(6):
         obs, *_ = replay.step(learner.act({}))
     assert np.array_equal(episode.images["agentview"][0], obs["image"]) and np.array_equal(episode.proprio[0], obs["proprio"])
+    assert np.array_equal(episode.object_state[0], obs["object"])  # the object state of the frame it stands beside
     assert replay.opening == 0.0 and replay.held is None  # the expert starts from a gripper closed on nothing ...
     assert success and episode.actions[0, 6] == -1.0  # ... reopens it and still solves the task
 

@@ -26,7 +26,8 @@ def rollout(env: TabletopEnv, seed: int) -> tuple[list[np.ndarray], list[np.ndar
 def test_observation_shapes_and_dtypes():
     env = TabletopEnv(image_size=64)
     obs = env.reset(0)
-    assert set(obs) == {"image", "instruction", "proprio"}
+    assert set(obs) == {"image", "instruction", "proprio", "object"}
+    assert obs["object"].shape == (8,) and obs["object"].dtype == np.float32
     assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
     assert obs["proprio"].shape == (8,) and obs["proprio"].dtype == np.float32
     assert obs["instruction"] == env.instruction and env.task_family in ("pick_place", "next_to")

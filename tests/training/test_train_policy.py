@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,39 @@ def test_the_weights_moving_average_is_saved_and_training_never_sees_it(demos, t
     assert not all(torch.allclose(weights["averaged"][k], v) for k, v in weights["plain"].items())
     with pytest.raises(ConfigError, match="ema_decay"):
         PolicyTrainConfig(ema_decay=1.0)
+
+
+def test_the_object_state_loss_trains_a_head_the_saved_policy_does_not_hold(demos, tmp_path):
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=2, batch_size=16, val_fraction=0.34)
+    plain = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "plain", train=train, options=PolicyTrainConfig(select_by="val_l1"),
+                         progress=False)
+    options = PolicyTrainConfig(select_by="val_l1", object_loss=1.0)
+    supervised = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "supervised", train=train, options=options, progress=False)
+    assert plain["object_state_dims"] is None and supervised["object_state_dims"] == 8
+    assert "train_object_mse" not in plain["history"][0] and "val_object_mse" not in plain["history"][0]
+    assert all(m["train_object_mse"] > 0 and m["val_object_mse"] > 0 for m in supervised["history"])
+    assert [m["train_loss"] for m in supervised["history"]] != pytest.approx([m["train_loss"] for m in plain["history"]])
+    loaded = {name: load_main(tmp_path / name, "cpu", None) for name in ("plain", "supervised")}
+    assert set(loaded["plain"].state_dict()) == set(loaded["supervised"].state_dict())  # the head is training's alone
+    assert not hasattr(loaded["supervised"], "object_head")
+    without = tmp_path / "without.hdf5"  # data recording no object state: trained without the loss, and said so in the summary
+    with h5py.File(demos / "demos.hdf5", "r") as source, h5py.File(without, "w") as target:
+        source.copy("data", target)
+        for name in target["data"]:
+            del target[f"data/{name}/obs/object"]
+    summary = train_policy(without, demos / "tokenizer", tmp_path / "p3", train=train, options=options, progress=False)
+    assert summary["object_state_dims"] is None and "train_object_mse" not in summary["history"][0]
+
+
+def test_object_targets_are_standardised_on_the_training_frames(demos):
+    from rsd.data.dataset import FrameDataset
+    from rsd.training.policy import _object_targets
+
+    dataset = FrameDataset(read_demos(demos / "demos.hdf5"), 8)
+    rows = np.flatnonzero(dataset.episode_ids != dataset.episode_ids[-1])
+    targets = _object_targets(dataset, rows, "demos.hdf5").numpy()
+    assert targets.shape == (len(dataset), 8)
+    np.testing.assert_allclose(targets[rows].mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(targets[rows].std(axis=0), 1.0, atol=1e-3)
+    with pytest.raises(ConfigError, match="object_loss"):
+        PolicyTrainConfig(object_loss=-1.0)
