@@ -79,7 +79,6 @@ class FrameBatch:
     images: np.ndarray  # uint8 [B, N, H, W, 3] (N cameras in sorted name order)
     instructions: list[str]  # B instructions
     proprio: np.ndarray | None  # float32 [B, P] or None
-    object_state: np.ndarray | None  # float32 [B, S] or None
     actions: np.ndarray  # float32 [B, H, A] the chunk starting at each frame
     episode_ids: np.ndarray  # int64 [B]
     frame_indices: np.ndarray  # int64 [B] index of the frame inside its episode
@@ -119,7 +118,8 @@ class FrameDataset:
         return np.concatenate(self._chunks)
 
     def all_object_states(self) -> np.ndarray | None:
-        """Every frame's object state `[N, S]` in frame order, or None when the episodes record none."""
+        """Every frame's object state `[N, S]` in frame order (dataset rows index it), or None when the episodes record
+        none. Training reads it once, standardised, rather than per batch."""
         if self.episodes[0].object_state is None:
             return None
         return np.concatenate([e.object_state for e in self.episodes]).astype(np.float32)
@@ -131,14 +131,13 @@ class FrameDataset:
             raise DataError(f"FrameDataset.batch: expected rows in 0..{len(self) - 1}, got {rows.min()}..{rows.max()}.")
         owners, frames = self._owner[rows], self._frame[rows]
         images = np.stack([np.stack([self.episodes[o].images[c][f] for c in self.cameras]) for o, f in zip(owners, frames, strict=False)])
-        proprio, object_state = (None if getattr(self.episodes[0], name) is None else
-                                 np.stack([getattr(self.episodes[o], name)[f] for o, f in zip(owners, frames, strict=False)]).astype(np.float32)
-                                 for name in ("proprio", "object_state"))
+        proprio = None
+        if self.episodes[0].proprio is not None:
+            proprio = np.stack([self.episodes[o].proprio[f] for o, f in zip(owners, frames, strict=False)]).astype(np.float32)
         return FrameBatch(
             images=images,
             instructions=[self.episodes[o].instruction for o in owners],
             proprio=proprio,
-            object_state=object_state,
             actions=np.stack([self._chunks[o][f] for o, f in zip(owners, frames, strict=False)]),
             episode_ids=self.episode_ids[rows],
             frame_indices=frames,

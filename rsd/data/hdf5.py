@@ -229,20 +229,19 @@ def _read_episode(path: Path, data: h5py.Group, name: str, cameras: Sequence[str
         for k in keys:
             if k not in obs:
                 raise DataError(f"{path}: expected proprio dataset '{key}/obs/{k}' [{steps}, D], got keys {sorted(obs)}.")
-            part = obs[k][()]
-            if part.ndim == 0 or part.shape[0] != steps or not np.issubdtype(part.dtype, np.number):
-                raise DataError(f"{path}: expected '{key}/obs/{k}' of numbers, shape [{steps}, D], got {part.dtype} {part.shape}.")
-            part = part.reshape(steps, -1)
-            parts.append(part)
+            parts.append(_per_step(path, obs, key, k, steps, "D"))
         proprio = np.concatenate(parts, axis=1).astype(np.float32)
-    object_state = None
-    if OBJECT_KEY in obs:
-        object_state = obs[OBJECT_KEY][()]
-        if object_state.ndim == 0 or object_state.shape[0] != steps or not np.issubdtype(object_state.dtype, np.number):
-            raise DataError(f"{path}: expected '{key}/obs/{OBJECT_KEY}' of numbers, shape [{steps}, S], got {object_state.dtype} {object_state.shape}.")
-        object_state = object_state.reshape(steps, -1).astype(np.float32)
+    object_state = _per_step(path, obs, key, OBJECT_KEY, steps, "S").astype(np.float32) if OBJECT_KEY in obs else None
     episode_id = int(DEMO_NAME.fullmatch(name).group(1))
     return Episode(episode_id, instruction or _instruction(path, data, demo), actions.astype(np.float32), images, proprio, object_state)
+
+
+def _per_step(path: Path, obs: h5py.Group, key: str, name: str, steps: int, width: str) -> np.ndarray:
+    """Dataset `obs/name` of a demo as numbers `[steps, width]` (trailing dims flattened); a DataError naming it otherwise."""
+    values = obs[name][()]
+    if values.ndim == 0 or values.shape[0] != steps or not np.issubdtype(values.dtype, np.number):
+        raise DataError(f"{path}: expected '{key}/obs/{name}' of numbers, shape [{steps}, {width}], got {values.dtype} {values.shape}.")
+    return values.reshape(steps, -1)
 
 
 def _json_attr(path: str | Path, name: str) -> tuple[bool, Any, str]:

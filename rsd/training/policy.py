@@ -175,7 +175,7 @@ def train_policy(
             loss = token_loss(logits, targets[rows[mine]], layer_weights)
             if objects is not None:
                 object_loss = F.mse_loss(objects, object_targets[rows[mine]])
-                object_losses.append(object_loss.detach().item())
+                object_losses.append(object_loss.detach().item() * weight)  # weighted as `losses`: their ranks' sum is the batch mean
                 loss = loss + options.object_loss * object_loss
             loss = loss * weight  # this rank's share of the batch mean, x world_size
             optimizer.zero_grad(set_to_none=True)
@@ -187,15 +187,15 @@ def train_policy(
                 average.update()
             losses.append(loss.detach().item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        train_loss = float(world.sum(torch.tensor(losses, dtype=torch.float64)).mean()) / world.world_size  # the global batches' mean losses
+        train_loss = _global_mean(losses)  # the global batches' mean losses
         with average.applied() if average is not None else nullcontext():  # the weights validated, rolled out and saved
             with model.gathered():  # FSDP: whole parameters on every rank while they validate different frames and seeds
-                fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets, object_targets=object_targets)
+                fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
                 metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                            **validate_policy(main, dataset, val_rows, targets, object_targets=object_targets),
                            "train_action_l1_per_dim": fit["val_action_l1_per_dim"], "seconds": time.perf_counter() - started}
                 if object_targets is not None:
-                    metrics["train_object_mse"] = float(world.sum(torch.tensor(object_losses, dtype=torch.float64)).mean()) / world.world_size
+                    metrics["train_object_mse"] = _global_mean(object_losses)
                 if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
                     metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
             history.append(metrics)
@@ -277,6 +277,12 @@ def training_outputs(main: MainModel, inputs: VLAInputs) -> tuple[torch.Tensor, 
     hidden = main.vla(inputs)
     object_head = getattr(main, "object_head", None)
     return main.head(hidden), None if object_head is None else object_head(hidden)
+
+
+def _global_mean(values: list[float]) -> float:
+    """The mean over the epoch's global batches of per-rank values already weighted by `World.batch_share`."""
+    world = distributed.current()
+    return float(world.sum(torch.tensor(values, dtype=torch.float64)).mean()) / world.world_size
 
 
 def _object_targets(dataset: FrameDataset, train_rows: np.ndarray, path: str | Path) -> torch.Tensor | None:

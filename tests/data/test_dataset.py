@@ -50,7 +50,8 @@ def test_object_states_travel_with_their_frames():
     for episode in episodes:  # the state at step t is (episode id, t)
         episode.object_state = np.stack([np.full(len(episode), episode.episode_id), np.arange(len(episode))], axis=1).astype(np.float32)
     dataset = FrameDataset(episodes, chunk_len=8)
-    assert dataset.batch([0, 5, 9]).object_state.tolist() == [[0, 0], [1, 1], [1, 5]]
+    assert dataset.all_object_states()[[0, 5, 9]].tolist() == [[0, 0], [1, 1], [1, 5]]  # indexed by the rows `batch` takes
+    assert dataset.batch([0, 5, 9]).frame_indices.tolist() == [0, 1, 5]
     assert dataset.all_object_states().shape == (10, 2) and FrameDataset([make_episode(2, 3)], 8).all_object_states() is None
     with pytest.raises(DataError, match="object_state in every episode or in none"):
         FrameDataset([episodes[0], make_episode(2, 3)], chunk_len=8)
