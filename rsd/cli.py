@@ -253,7 +253,10 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Policy folder to write.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the RFSQ head on a frozen backbone.")
 @click.option("--select-by", type=click.Choice(["rollouts", "val_l1"]), default=None,
-              help="Keep the epoch with the best closed-loop success or validation L1 (default: the preset's).")
+              help="Keep the epoch by closed-loop success (see --select-alpha) or the lowest validation L1 (default: the preset's).")
+@click.option("--select-alpha", type=click.FloatRange(0.0, 0.5, max_open=True), default=None,
+              help="Rollouts: a later epoch replaces the kept one unless the kept one succeeded on significantly more of the same seeds "
+                   "(sign test, p < this); 0 keeps the last evaluated epoch (default: the preset's).")
 @click.option("--rollout-env", default=None, help="Environment of the selection rollouts (default: the one an HDF5 file records).")
 @click.option("--rollout-every", type=POSITIVE, default=None, help="Epochs between selection rollouts (default: the preset's).")
 @click.option("--rollout-episodes", type=POSITIVE, default=None, help="Episodes per selection rollout (default: the preset's).")
@@ -278,7 +281,8 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @click.option("--init", type=click.Path(exists=True, file_okay=False), default=None,
               help="Go on training this policy folder (same preset and tokenizer; its statistics are kept), e.g. on DAgger's aggregated data.")
 @_train_options
-def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, rollout_env: str | None,
+def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, select_alpha: float | None,
+                         rollout_env: str | None,
                          rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, shift: int | None, ema_decay: float | None, object_loss: float | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
                          lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str, init: str | None,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, warmup: float | None, seed: int | None, overwrite: bool) -> None:
@@ -288,7 +292,7 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
     from rsd.training.policy import train_policy
 
     spec = get_preset(preset)
-    chosen = {"select_by": select_by, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift,
+    chosen = {"select_by": select_by, "select_alpha": select_alpha, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift,
               "rollout_replan_every": rollout_replan_every, "ema_decay": ema_decay, "object_loss": object_loss}
     options = dataclasses.replace(spec.policy_options, **{name: value for name, value in chosen.items() if value is not None})
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),

@@ -320,7 +320,9 @@ class PolicyTrainConfig:
     """What train-policy does besides optimisation: image augmentation and how the kept epoch is chosen."""
 
     shift: int = 4  # DrQ random-shift augmentation: frames shifted by up to this many pixels (0: off)
-    select_by: str = "rollouts"  # keep the epoch with the best closed-loop success ("rollouts") or validation L1 ("val_l1")
+    select_by: str = "rollouts"  # keep the epoch by closed-loop success ("rollouts", see select_alpha) or the lowest validation L1 ("val_l1")
+    select_alpha: float = 0.05  # "rollouts": a later evaluated epoch replaces the kept one unless the kept one succeeded on significantly
+    # more of the same selection seeds (one-sided exact sign test on the seeds where they differ, p < select_alpha); 0: the last evaluated epoch
     rollout_every: int = 1  # epochs between closed-loop evaluations (the last epoch is always evaluated)
     rollout_episodes: int = 20  # episodes per closed-loop evaluation
     rollout_seed: int = 5000  # first seed of the selection episodes (demonstrations use 0.., `rsd eval` 10000..)
@@ -335,6 +337,8 @@ class PolicyTrainConfig:
                self.ema_decay)
         _check(isinstance(self.shift, int) and self.shift >= 0, "PolicyTrainConfig", "shift", "an int >= 0", self.shift)
         _check(self.select_by in SELECT_BY, "PolicyTrainConfig", "select_by", f"one of {list(SELECT_BY)}", self.select_by)
+        _check(isinstance(self.select_alpha, float) and 0.0 <= self.select_alpha < 0.5, "PolicyTrainConfig", "select_alpha",
+               "a float in [0, 0.5)", self.select_alpha)
         _positive(self, "rollout_every", "rollout_episodes")
         _check(isinstance(self.rollout_seed, int) and self.rollout_seed >= 0, "PolicyTrainConfig", "rollout_seed", "an int >= 0", self.rollout_seed)
         _check(self.rollout_replan_every is None or (isinstance(self.rollout_replan_every, int) and self.rollout_replan_every > 0),

@@ -40,8 +40,8 @@ class DemoConfig:
 
     episodes: int = 1500  # expert demonstrations generated
     noise: float = 0.1  # DART: std of the noise added to the executed (not the recorded) xyz actions
-    tokenizer_epochs: int = 5  # tokenizer training epochs (1,500 episodes: plenty of chunks per epoch)
-    policy_epochs: int = 2  # policy training epochs on the expert demonstrations
+    tokenizer_epochs: int = 3  # tokenizer training epochs (1,500 episodes: plenty of chunks per epoch)
+    policy_epochs: int = 1  # policy training epochs on the expert demonstrations
     batch_size: int = 32  # policy training batch (both phases); 2 + 2 epochs at 16 (as many steps, half the frames) failed
     recovery_episodes: int = 700  # DAgger: episodes the policy starts (1..handover steps) and the expert finishes, recorded
     handover: int = 40  # most policy steps before the expert takes over
@@ -51,7 +51,7 @@ class DemoConfig:
     draft_episodes: int = 300  # fresh expert episodes whose features train, calibrate and test the drafts
     replan_every: int = 4  # steps of each chunk executed before replanning, in selection rollouts, DAgger and the sweep
     rollout_episodes: int = 50  # selection rollouts per evaluated epoch
-    draft_epochs: int = 40  # draft training epochs
+    draft_epochs: int = 25  # draft training epochs
     extra_exit_layers: tuple[int, ...] = ()  # other exit layers whose drafts are reported (each costs about 1.5 min)
     gate_mode: str = "prefix"  # the bundle's gate: "prefix" (confident leading steps) or "chunk"
     min_steps: int = 6  # prefix gate: fewest leading steps worth accepting

@@ -251,11 +251,12 @@ def test_train_policy_options_reach_the_trainer(monkeypatch, tmp_path) -> None:
     (tmp_path / "tok").mkdir()
     result = CliRunner().invoke(main, ["train-policy", "--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "p"),
                                        "--shift", "2", "--rollout-every", "4", "--rollout-episodes", "10", "--batch-size", "64",
-                                       "--rollout-replan-every", "4", "--warmup", "0.3", "--ema-decay", "0.99", "--object-loss", "0.5"])
+                                       "--rollout-replan-every", "4", "--warmup", "0.3", "--ema-decay", "0.99", "--object-loss", "0.5",
+                                       "--select-alpha", "0.1"])
     assert result.exit_code == 0, result.output
     options = seen["options"]
     assert (options.shift, options.rollout_every, options.rollout_episodes, options.select_by, seen["batch"]) == (2, 4, 10, "rollouts", 64)
-    assert (options.rollout_replan_every, options.ema_decay, seen["warmup"], options.object_loss) == (4, 0.99, 0.3, 0.5)
+    assert (options.rollout_replan_every, options.ema_decay, seen["warmup"], options.object_loss, options.select_alpha) == (4, 0.99, 0.3, 0.5, 0.1)
 
 
 def test_eval_replans_after_the_steps_asked_for(tmp_path) -> None:

@@ -52,7 +52,7 @@ from rsd.data.hdf5 import read_env_spec
 from rsd.data.source import DataSource, as_source, read_episodes, source_statistics
 from rsd.data.stats import DatasetStatistics
 from rsd.envs.base import is_env_name
-from rsd.errors import ConfigError, DataError
+from rsd.errors import ConfigError, DataError, ShapeError
 from rsd.io import writes_artifact
 from rsd.models.heads import ObjectStateHead
 from rsd.models.lora import build_policy_model
@@ -61,6 +61,7 @@ from rsd.models.processor import VLAInputs
 from rsd.presets import get_preset
 from rsd.tokenizer import ActionTokenizer, tokens_to_layers
 from rsd.training.augment import random_shift
+from rsd.training.risk import binomial_cdf
 from rsd.training.schedule import WeightAverage, adamw, one_cycle
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ def train_policy(
     """Train the main policy on the demonstrations in `data` and save the selected epoch to `out`.
 
     With `options.select_by == "rollouts"` the policy is run closed-loop every `rollout_every` epochs on
-    held-out seeds of `rollout_env` (default: the environment recorded in the data file) and the epoch with the
-    highest success (ties: lower validation L1) is kept; otherwise the epoch with the lowest validation L1.
+    held-out seeds of `rollout_env` (default: the environment recorded in the data file), and each evaluated epoch
+    replaces the kept one unless the kept one succeeded on significantly more of the same seeds
+    (`significantly_better`, `options.select_alpha`): the latest epoch the rollouts cannot tell apart from the best is
+    kept, not the winner of a noisy comparison; otherwise the epoch with the lowest validation L1.
     With `options.ema_decay` the weights validated, rolled out and saved are a moving average of the trained ones
     (`rsd.training.schedule.WeightAverage`), which training itself never sees.
     With `init` (a policy folder) training starts from that policy's weights and keeps its normalisation statistics
@@ -157,7 +160,6 @@ def train_policy(
     augment_rng = np.random.default_rng([train.seed, 1])
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    best_score: tuple[float, float] | None = None
     started = time.perf_counter()
     for epoch in range(train.epochs):
         main.train()
@@ -197,13 +199,18 @@ def train_policy(
                 if object_targets is not None:
                     metrics["train_object_mse"] = _global_mean(object_losses)
                 if rollout_spec is not None and ((epoch + 1) % options.rollout_every == 0 or epoch + 1 == train.epochs):
-                    metrics["rollout_success"] = rollout_success(main, rollout_spec, options)
+                    outcomes = rollout_outcomes(main, rollout_spec, options)
+                    metrics["rollout_success"] = float(outcomes.mean())
+                    metrics["rollout_outcomes"] = [int(o) for o in outcomes]
             history.append(metrics)
             if rollout_spec is not None and "rollout_success" not in metrics:
                 continue
-            score = (metrics.get("rollout_success", 0.0), -metrics["val_action_l1"])
-            if best_score is None or score > best_score:
-                best, best_score = metrics, score
+            if rollout_spec is not None:
+                keep = best is None or not significantly_better(np.array(best["rollout_outcomes"]), outcomes, options.select_alpha)
+            else:
+                keep = best is None or metrics["val_action_l1"] < best["val_action_l1"]
+            if keep:
+                best = metrics
                 main.eval()
                 if (saved := model.for_saving()) is not None:  # rank 0: `main` itself, or under FSDP its gathered copy
                     main.fingerprint = saved.eval().save(out)
@@ -255,8 +262,9 @@ def _rollout_env(source: DataSource, rollout_env: str | None) -> tuple[str, dict
     return recorded
 
 
-def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: PolicyTrainConfig) -> float:
-    """Closed-loop success rate of `main` (main-only) on `options.rollout_episodes` selection seeds of `env`."""
+def rollout_outcomes(main: MainModel, env: tuple[str, dict[str, Any]], options: PolicyTrainConfig) -> np.ndarray:
+    """Closed-loop success `[N]` (1 or 0, in seed order) of `main` (main-only) on the `N = options.rollout_episodes` selection
+    seeds of `env`."""
     from rsd.envs.evaluate import evaluate
     from rsd.runtime.policy import MainOnlyPolicy
 
@@ -265,10 +273,22 @@ def rollout_success(main: MainModel, env: tuple[str, dict[str, Any]], options: P
     world = distributed.current()  # each rank plays its share of the seeds
     mine = world.shard(seeds)
     report = evaluate(MainOnlyPolicy(main, options.rollout_replan_every), env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
-    successes = 0 if report is None else report.successes
+    outcomes = torch.zeros(len(seeds), dtype=torch.float64)  # this rank's seeds filled in; the sum over ranks fills every one
+    for episode in [] if report is None else report.episodes:
+        outcomes[seeds.index(episode.seed)] = float(episode.success)
     main.train()
     main.tokenizer.eval()
-    return float(world.sum(torch.tensor([successes], dtype=torch.float64))[0]) / len(seeds)
+    return world.sum(outcomes).numpy()
+
+
+def significantly_better(kept: np.ndarray, later: np.ndarray, alpha: float) -> bool:
+    """Whether the kept epoch's selection rollouts `kept [N]` beat a later epoch's `later [N]` (1/0 on the same seeds) beyond
+    their noise: a one-sided exact sign test on the seeds where the two differ, p < `alpha` (never, with alpha 0)."""
+    if kept.shape != later.shape:
+        raise ShapeError(f"significantly_better: expected outcomes on the same seeds, got shapes {kept.shape} and {later.shape}.")
+    only_kept, only_later = int(np.sum((kept > 0) & (later <= 0))), int(np.sum((later > 0) & (kept <= 0)))
+    differing = only_kept + only_later
+    return only_kept > 0 and 1.0 - binomial_cdf(only_kept - 1, differing, 0.5) < alpha
 
 
 def training_outputs(main: MainModel, inputs: VLAInputs) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -12,10 +12,10 @@ import torch
 from rsd.config import PolicyTrainConfig
 from rsd.data.hdf5 import read_demos, write_demos
 from rsd.envs.demos import generate_demos
-from rsd.errors import ConfigError
+from rsd.errors import ConfigError, ShapeError
 from rsd.presets import get_preset
 from rsd.runtime.policy import MainOnlyPolicy, load_main
-from rsd.training.policy import train_policy
+from rsd.training.policy import significantly_better, train_policy
 from rsd.training.tokenizer import train_tokenizer
 
 
@@ -31,16 +31,48 @@ def demos(tmp_path_factory):
     return root
 
 
-def test_rollout_selection_keeps_the_most_successful_epoch(demos, tmp_path):
+def test_rollout_selection_records_each_seed_and_keeps_the_last_epoch_two_episodes_cannot_beat(demos, tmp_path):
     train = dataclasses.replace(get_preset("tiny").policy_train, epochs=3, batch_size=64, val_fraction=0.34)
     options = PolicyTrainConfig(rollout_every=2, rollout_episodes=2, rollout_seed=500)
     summary = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "policy", train=train, options=options, progress=False)
     evaluated = [m for m in summary["history"] if "rollout_success" in m]
     assert [m["epoch"] for m in evaluated] == [2, 3]  # every 2nd epoch, and always the last
-    best = max(evaluated, key=lambda m: (m["rollout_success"], -m["val_action_l1"]))
-    assert summary["best"]["epoch"] == best["epoch"]
+    assert all(len(m["rollout_outcomes"]) == 2 and np.mean(m["rollout_outcomes"]) == m["rollout_success"] for m in evaluated)
+    assert summary["best"]["epoch"] == 3  # on two seeds no difference is significant at 5 %: the later epoch wins
     assert summary["rollout_env"] == {"env": "tabletop", "env_kwargs": {"image_size": 64}}
     assert len(summary["best"]["val_action_l1_per_dim"]) == 7 and len(summary["best"]["train_action_l1_per_dim"]) == 7
+
+
+def test_rollout_selection_keeps_an_earlier_epoch_only_when_it_is_significantly_better(demos, tmp_path, monkeypatch):
+    """Scripted outcomes on 20 seeds: epoch 2 (all fail) loses to epoch 1 (all succeed); epoch 3 (18/20) is within noise of
+    epoch 1 and replaces it; epoch 4 (8/20, failing ten seeds epoch 3 won) does not."""
+    scripted = iter([np.ones(20), np.zeros(20), np.r_[np.ones(18), np.zeros(2)], np.r_[np.ones(8), np.zeros(12)]])
+    monkeypatch.setattr("rsd.training.policy.rollout_outcomes", lambda main, env, options: next(scripted))
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=4, batch_size=64, val_fraction=0.34)
+    summary = train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "policy", train=train,
+                           options=PolicyTrainConfig(rollout_episodes=20), progress=False)
+    assert [m["rollout_success"] for m in summary["history"]] == [1.0, 0.0, 0.9, 0.4]
+    assert summary["best"]["epoch"] == 3
+
+
+@pytest.mark.parametrize(("only_kept", "only_later", "alpha", "expected"), [
+    (5, 0, 0.05, True),  # p = 1/32
+    (4, 0, 0.05, False),  # p = 1/16
+    (9, 2, 0.05, True),  # p = 0.033
+    (8, 2, 0.05, False),  # p = 0.055
+    (6, 0, 0.0, False),  # alpha 0: never; the later epoch always replaces the kept one
+    (0, 5, 0.05, False),
+    (0, 0, 0.05, False),
+])
+def test_significantly_better_is_a_one_sided_sign_test(only_kept, only_later, alpha, expected):
+    both = 7  # seeds both succeed on, and seeds both fail on: they do not count
+    kept = np.r_[np.ones(only_kept + both), np.zeros(only_later + both)]
+    later = np.r_[np.zeros(only_kept), np.ones(both), np.ones(only_later), np.zeros(both)]
+    assert significantly_better(kept, later, alpha) is expected
+    with pytest.raises(ConfigError, match="select_alpha"):
+        PolicyTrainConfig(select_alpha=0.5)  # a p-value of 0.5 is no evidence
+    with pytest.raises(ShapeError, match="same seeds"):
+        significantly_better(kept, later[:-1], alpha)
 
 
 def test_rollout_selection_needs_an_environment(demos, tmp_path):
