@@ -152,8 +152,8 @@ def _run_steps(out: Path, recipe: str, preset: str, seed: int | None = None) -> 
                                     warmup=config.warmup)
     options = dataclasses.replace(spec.policy_options, rollout_episodes=config.rollout_episodes, rollout_replan_every=config.replan_every)
     first = "policy_demos" if config.recovery_episodes else "policy"
-    with _step("train policy", timings):  # before DAgger only the last epoch is played: it starts the recovery episodes
-        first_options = dataclasses.replace(options, rollout_every=config.policy_epochs) if config.recovery_episodes else options
+    with _step("train policy", timings):  # before DAgger no rollouts (a policy that fails plays whole episodes): it only starts DAgger's
+        first_options = dataclasses.replace(options, select_by="val_l1") if config.recovery_episodes else options
         report[first] = train_policy(data, out / "tokenizer", out / first, preset, pol_train, options=first_options)
     if config.recovery_episodes:
         with _step("DAgger: recovery demonstrations from the policy's states", timings):
@@ -235,7 +235,8 @@ def format_demo_report(report: dict[str, Any]) -> str:
     if "recovery" in report:
         rec = report["recovery"]
         lines.append(f"- DAgger: {rec['episodes']} recovery episodes from the states of the policy trained on the demonstrations alone "
-                     f"(selection rollouts {_rollouts(report['policy_demos'])}; {rec['learner_done']} episode{'' if rec['learner_done'] == 1 else 's'} it ended alone, "
+                     f"(epoch {report['policy_demos']['best']['epoch']}, validation L1 {report['policy_demos']['best']['val_action_l1']:.4f}; "
+                     f"{rec['learner_done']} episode{'' if rec['learner_done'] == 1 else 's'} it ended alone, "
                      f"{rec['failed']} the expert failed), then {report['config']['recovery_epochs']} epochs on them and "
                      f"{_share(rec['aggregated'], report['demos']['episodes'])} demonstrations from its weights "
                      f"(selection rollouts {_rollouts(report['policy'])})")

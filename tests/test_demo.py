@@ -46,8 +46,9 @@ def test_demo_quick_end_to_end(tmp_path) -> None:
     families = report["sweep"]["per_task"]
     assert set(families) <= {"pick_place", "next_to"} and sum(f["episodes"] for f in families.values()) == 4
     assert "Main-only success" in markdown and f"the first 30 of the {report['demos']['episodes']} demonstrations" in markdown
-    first, second = report["policy_demos"], report["policy"]  # the first policy's rollouts: its last epoch only, which starts DAgger
-    assert [m["epoch"] for m in first["history"] if "rollout_success" in m] == [2] and first["best"]["epoch"] == 2
+    first, second = report["policy_demos"], report["policy"]  # the first policy is kept by validation L1: it only starts DAgger
+    assert not [m for m in first["history"] if "rollout_success" in m] and first["options"]["select_by"] == "val_l1"
+    assert first["best"]["val_action_l1"] == min(m["val_action_l1"] for m in first["history"])
     assert [m["epoch"] for m in second["history"] if "rollout_success" in m] == [1]
     assert f"{second['steps']:,} steps in" in markdown and f"before DAgger: {first['steps']:,} steps in" in markdown
 
