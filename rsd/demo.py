@@ -152,7 +152,7 @@ def _run_steps(out: Path, recipe: str, preset: str, seed: int | None = None) -> 
                                     warmup=config.warmup)
     options = dataclasses.replace(spec.policy_options, rollout_episodes=config.rollout_episodes, rollout_replan_every=config.replan_every)
     first = "policy_demos" if config.recovery_episodes else "policy"
-    with _step("train policy", timings):  # before DAgger no rollouts (a policy that fails plays whole episodes): it only starts DAgger's
+    with _step("train policy", timings):  # no rollouts (a failing policy plays whole episodes): it only starts the recovery episodes
         first_options = dataclasses.replace(options, select_by="val_l1") if config.recovery_episodes else options
         report[first] = train_policy(data, out / "tokenizer", out / first, preset, pol_train, options=first_options)
     if config.recovery_episodes:
