@@ -11,7 +11,7 @@ The policy learns where the named block is from the object state the demonstrati
 tiny preset's `object_loss`), which halved the training steps a given success needs.
 
 Usage:
-    rsd demo                      # about 20 minutes on 2 cores, most of it the policy's 5,800 training steps
+    rsd demo                      # 14-17 minutes on 2 cores, most of it the policy's 4,850 training steps
     rsd demo --seed 1             # another run: other demonstrations, recovery episodes, initialisation and batches
     rsd demo --quick --out runs/quick    # about 80 s, smaller everything (used by the tests)
 """

@@ -206,7 +206,8 @@ def train_policy(
             if rollout_spec is not None and "rollout_success" not in metrics:
                 continue
             if rollout_spec is not None:
-                keep = best is None or not significantly_better(np.array(best["rollout_outcomes"]), outcomes, options.select_alpha)
+                keep = best is None or not significantly_better(np.array(best["rollout_outcomes"]), np.array(metrics["rollout_outcomes"]),
+                                                                options.select_alpha)
             else:
                 keep = best is None or metrics["val_action_l1"] < best["val_action_l1"]
             if keep:
