@@ -327,6 +327,7 @@ class PolicyTrainConfig:
     rollout_episodes: int = 20  # episodes per closed-loop evaluation
     rollout_seed: int = 5000  # first seed of the selection episodes (demonstrations use 0.., `rsd eval` 10000..)
     rollout_replan_every: int | None = None  # steps of each chunk the selection rollouts execute before replanning (None: all)
+    rollout_batch: int = 1  # selection episodes played side by side, one env each, their chunks predicted in one batch (same outcomes)
     ema_decay: float = 0.0  # decay of the weights' moving average that is validated, rolled out and saved (0: the last step's weights)
     object_loss: float = 0.0  # weight of the auxiliary regression of the recorded object state (obs/object) from the query hidden (0: off)
 
@@ -339,7 +340,7 @@ class PolicyTrainConfig:
         _check(self.select_by in SELECT_BY, "PolicyTrainConfig", "select_by", f"one of {list(SELECT_BY)}", self.select_by)
         _check(isinstance(self.select_alpha, float) and 0.0 <= self.select_alpha < 0.5, "PolicyTrainConfig", "select_alpha",
                "a float in [0, 0.5)", self.select_alpha)
-        _positive(self, "rollout_every", "rollout_episodes")
+        _positive(self, "rollout_every", "rollout_episodes", "rollout_batch")
         _check(isinstance(self.rollout_seed, int) and self.rollout_seed >= 0, "PolicyTrainConfig", "rollout_seed", "an int >= 0", self.rollout_seed)
         _check(self.rollout_replan_every is None or (isinstance(self.rollout_replan_every, int) and self.rollout_replan_every > 0),
                "PolicyTrainConfig", "rollout_replan_every", "None or an int > 0", self.rollout_replan_every)

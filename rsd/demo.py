@@ -51,6 +51,7 @@ class DemoConfig:
     draft_episodes: int = 300  # fresh expert episodes whose features train, calibrate and test the drafts
     replan_every: int = 4  # steps of each chunk executed before replanning, in selection rollouts, DAgger and the sweep
     rollout_episodes: int = 50  # selection rollouts per evaluated epoch
+    rollout_batch: int = 50  # DAgger's and the selection's episodes played side by side, their chunks predicted in one batch
     draft_epochs: int = 25  # draft training epochs
     extra_exit_layers: tuple[int, ...] = ()  # other exit layers whose drafts are reported (each costs about 1.5 min)
     gate_mode: str = "prefix"  # the bundle's gate: "prefix" (confident leading steps) or "chunk"
@@ -150,7 +151,8 @@ def _run_steps(out: Path, recipe: str, preset: str, seed: int | None = None) -> 
                                               episode_ids=[e.episode_id for e in episodes])
     pol_train = dataclasses.replace(spec.policy_train, epochs=config.policy_epochs, batch_size=config.batch_size, seed=config.seed,
                                     warmup=config.warmup)
-    options = dataclasses.replace(spec.policy_options, rollout_episodes=config.rollout_episodes, rollout_replan_every=config.replan_every)
+    options = dataclasses.replace(spec.policy_options, rollout_episodes=config.rollout_episodes, rollout_replan_every=config.replan_every,
+                                  rollout_batch=config.rollout_batch)
     first = "policy_demos" if config.recovery_episodes else "policy"
     with _step("train policy", timings):  # no rollouts (a failing policy plays whole episodes): it only starts the recovery episodes
         first_options = dataclasses.replace(options, select_by="val_l1") if config.recovery_episodes else options
@@ -160,7 +162,7 @@ def _run_steps(out: Path, recipe: str, preset: str, seed: int | None = None) -> 
             report["recovery"] = generate_demos("tabletop", episodes=config.recovery_episodes, out=out / "aggregate.hdf5",
                                                 seed=base + 20_000, task_family="any", noise=config.noise, policy=out / first,
                                                 handover=config.handover, aggregate=data, aggregate_episodes=config.aggregate_demos,
-                                                replan_every=config.replan_every, progress=False)
+                                                replan_every=config.replan_every, batch=config.rollout_batch, progress=False)
         with _step("train policy on the aggregated data", timings):
             report["policy"] = train_policy(out / "aggregate.hdf5", out / "tokenizer", out / "policy", preset,
                                             dataclasses.replace(pol_train, epochs=config.recovery_epochs), options=options, init=out / first)

@@ -105,7 +105,9 @@ def _tiny(vision: str = "keypoints", proprio_dim: int = 8) -> Preset:
         tokenizer_train=TrainConfig(epochs=30, batch_size=64, lr=3e-3),
         policy_train=TrainConfig(epochs=15, batch_size=32, lr=1e-3),
         draft_train=TrainConfig(epochs=40, batch_size=128, lr=1e-3),
-        policy_options=PolicyTrainConfig(object_loss=1.0),  # where the data records obs/object: the policy learns where the named block is far sooner
+        # object_loss where the data records obs/object: the policy learns where the named block is far sooner; the selection
+        # episodes play side by side (50 of them in 1.9 s against 7.6 s one at a time on 2 cores)
+        policy_options=PolicyTrainConfig(object_loss=1.0, rollout_batch=50),
     )
 
 

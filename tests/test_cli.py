@@ -217,7 +217,7 @@ def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left
     earlier, out = tmp_path / "earlier.hdf5", tmp_path / "dagger.hdf5"
     assert CliRunner().invoke(main, ["generate-demos", "--episodes", "2", "--out", str(earlier)]).exit_code == 0
     result = CliRunner().invoke(main, ["generate-demos", "--episodes", "3", "--seed", "20", "--policy", str(tmp_path / "policy"),
-                                       "--handover", "12", "--replan-every", "4", "--aggregate", str(earlier), "--out", str(out)])
+                                       "--handover", "12", "--replan-every", "4", "--aggregate", str(earlier), "--out", str(out), "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert "starts with 2 episodes" in result.output
     before, after = read_demos(earlier), read_demos(out)
@@ -233,6 +233,8 @@ def test_dagger_demos_aggregate_the_earlier_file_and_start_where_the_policy_left
     assert result.exit_code == 2 and "pass --policy too" in result.output
     result = CliRunner().invoke(main, ["generate-demos", "--replan-every", "4", "--out", str(tmp_path / "x.hdf5")])
     assert result.exit_code == 2 and "pass --policy too" in result.output
+    result = CliRunner().invoke(main, ["generate-demos", "--batch", "4", "--out", str(tmp_path / "x.hdf5")])
+    assert result.exit_code == 2 and "--batch is how many of --policy's episodes" in result.output
     from rsd.envs.demos import _learner
 
     assert _learner(tmp_path / "policy", 4).replan_every == 4 and _learner(tmp_path / "policy").replan_every == 8  # the steering policy's horizon
@@ -252,11 +254,12 @@ def test_train_policy_options_reach_the_trainer(monkeypatch, tmp_path) -> None:
     result = CliRunner().invoke(main, ["train-policy", "--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "p"),
                                        "--shift", "2", "--rollout-every", "4", "--rollout-episodes", "10", "--batch-size", "64",
                                        "--rollout-replan-every", "4", "--warmup", "0.3", "--ema-decay", "0.99", "--object-loss", "0.5",
-                                       "--select-alpha", "0.1"])
+                                       "--select-alpha", "0.1", "--rollout-batch", "8"])
     assert result.exit_code == 0, result.output
     options = seen["options"]
     assert (options.shift, options.rollout_every, options.rollout_episodes, options.select_by, seen["batch"]) == (2, 4, 10, "rollouts", 64)
     assert (options.rollout_replan_every, options.ema_decay, seen["warmup"], options.object_loss, options.select_alpha) == (4, 0.99, 0.3, 0.5, 0.1)
+    assert options.rollout_batch == 8
 
 
 def test_eval_replans_after_the_steps_asked_for(tmp_path) -> None:
@@ -272,6 +275,13 @@ def test_eval_replans_after_the_steps_asked_for(tmp_path) -> None:
         report = json.loads(out.read_text())["baseline"]
         chunks[replan] = (report["chunks"], sum(-(-e["length"] // (replan or 8)) for e in report["episodes"]))
     assert chunks[None][0] == chunks[None][1] and chunks[3][0] == chunks[3][1] > chunks[None][0]
+    out = tmp_path / "batch.json"
+    result = CliRunner().invoke(main, ["eval", "--policy", str(tmp_path / "policy"), "--episodes", "2", "--seed", "300", "--device", "cpu",
+                                       "--json", str(out), "--replan-every", "3", "--batch", "2"])  # both episodes side by side
+    assert result.exit_code == 0, result.output
+    batched = json.loads(out.read_text())["baseline"]
+    assert batched["episodes"] == json.loads((tmp_path / "replan3.json").read_text())["baseline"]["episodes"]
+    assert batched["chunks"] == chunks[3][0] and batched["latency_ms"] is None
 
 
 def test_eval_renders_at_the_policy_image_size(monkeypatch, tmp_path) -> None:

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -38,6 +38,9 @@ from rsd.data.dataset import Episode
 from rsd.data.hdf5 import read_demos, read_env_spec, read_provenance, write_demos
 from rsd.envs.base import Env, Expert, expert_factory, make_env
 from rsd.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from rsd.runtime.policy import MainOnlyPolicy
 
 
 class Learner(Protocol):
@@ -64,17 +67,24 @@ def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Seque
     the learner's steps already ended it.
     """
     obs = env.reset(seed)
-    done, info = False, {}
     if learner is not None:
         learner.reset()
         for _ in range(handover):
             obs, _, done, info = env.step(np.asarray(learner.act(obs), dtype=np.float32))
             if done:
                 return None, bool(info["success"])
+    return expert_episode(env, expert, obs, seed, episode_id, cameras, noise)
+
+
+def expert_episode(env: Env, expert: Expert, obs: dict[str, Any], seed: int, episode_id: int, cameras: Sequence[str],
+                   noise: float = 0.0) -> tuple[Episode, bool]:
+    """The recorded part of `rollout`: the expert (reset for `seed`) acts from observation `obs` of `env` until the
+    episode ends; the episode and its success."""
     expert.reset(seed)
     rng = np.random.default_rng([seed, 1])
     frames: list[list[np.ndarray]] = []
     proprio, actions, objects = [], [], []
+    done, info = False, {}
     while not done:
         action = np.asarray(expert.act(obs), dtype=np.float32)
         frames.append(obs["image"] if len(cameras) > 1 else [obs["image"]])
@@ -91,13 +101,51 @@ def rollout(env: Env, expert: Expert, seed: int, episode_id: int, cameras: Seque
     return Episode(episode_id, obs["instruction"], np.stack(actions), images, np.stack(proprio), object_state), bool(info["success"])
 
 
-def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path, env_name: str, env_kwargs: dict[str, Any],
-                 cameras: Sequence[str], progress: bool = True, noise: float = 0.0, learner: Learner | None = None,
-                 handover: int = 0, earlier: Sequence[Episode] = (), provenance: Sequence[dict[str, Any]] = (),
-                 learner_info: dict[str, Any] | None = None) -> dict[str, Any]:
+def recovery_rollouts(worlds: Sequence[Env], experts: Sequence[Expert], learners: Sequence[Any], seeds: Sequence[int],
+                      leads: Sequence[int], cameras: Sequence[str], noise: float = 0.0) -> Iterator[tuple[int, Episode | None, bool]]:
+    """`rollout` with a learner for every seed, `len(worlds)` episodes side by side: the learners (replicas on one engine,
+    `rsd.runtime.policy.act_batch`) act in one batch for the first `leads[i]` steps of seed i, then that slot's
+    expert records the rest and the slot takes the next seed. Yields `(seed, episode or None, success)` as episodes
+    end (episode ids 0: the caller numbers them); every seed's episode is the one `rollout` records alone."""
+    from rsd.runtime.policy import act_batch
+
+    if not (len(worlds) == len(experts) == len(learners) > 0) or len(seeds) != len(leads):
+        raise ConfigError(f"recovery_rollouts: expected one expert and learner per env and one lead per seed, got {len(worlds)} envs, "
+                          f"{len(experts)} experts, {len(learners)} learners, {len(seeds)} seeds and {len(leads)} leads.")
+    waiting = list(zip(seeds, leads, strict=True))[::-1]
+    playing: dict[int, list[Any]] = {}  # slot -> [seed, lead, steps taken, observation]
+
+    def start(slot: int) -> None:
+        seed, lead = waiting.pop()
+        learners[slot].reset()
+        playing[slot] = [int(seed), int(lead), 0, worlds[slot].reset(int(seed))]
+
+    for slot in range(min(len(worlds), len(waiting))):
+        start(slot)
+    while playing:
+        slots = list(playing)
+        for slot, action in zip(slots, act_batch([learners[slot] for slot in slots], [playing[slot][3] for slot in slots]), strict=True):
+            seed, lead, steps, _ = playing[slot]
+            obs, _, done, info = worlds[slot].step(np.asarray(action, dtype=np.float32))
+            playing[slot][2:] = [steps + 1, obs]
+            if done or steps + 1 == lead:
+                episode, success = (None, bool(info["success"])) if done else expert_episode(worlds[slot], experts[slot], obs, seed, 0, cameras, noise)
+                del playing[slot]
+                if waiting:
+                    start(slot)
+                yield seed, episode, success
+
+
+def record_demos(env: Env | Sequence[Env], expert: Expert | Sequence[Expert], seeds: Sequence[int], out: str | Path, env_name: str,
+                 env_kwargs: dict[str, Any], cameras: Sequence[str], progress: bool = True, noise: float = 0.0,
+                 learner: Learner | Sequence[Any] | None = None, handover: int = 0, earlier: Sequence[Episode] = (),
+                 provenance: Sequence[dict[str, Any]] = (), learner_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `expert` on every seed (with DART execution `noise`; after up to `handover` steps of `learner`, drawn per
     seed; see `rollout`), write `earlier` and then the successful episodes to `out` (LIBERO layout); return counts
     and speed.
+
+    Lists of envs, experts and learners (replicas on one engine) play that many recovery episodes side by side
+    (`recovery_rollouts`); the file is the same, episodes in seed order.
 
     The file's provenance is `provenance` (the records of `earlier`) followed by this run's record: its demo ids,
     seeds, noise and, for recovery episodes, `learner_info` (what the learner is, e.g. its folder) and `handover`.
@@ -106,21 +154,31 @@ def record_demos(env: Env, expert: Expert, seeds: Sequence[int], out: str | Path
     ended before its handover (nothing to record); `steps_per_second` is over the whole call.
     """
     started = time.perf_counter()
+    leads = [int(np.random.default_rng([seed, 2]).integers(1, handover + 1)) if learner is not None else 0 for seed in seeds]
+    if isinstance(env, Sequence):
+        if learner is None:
+            raise ConfigError("record_demos: several envs play recovery episodes side by side; expected learners too, got none.")
+        outcomes = recovery_rollouts(env, expert, learner, seeds, leads, cameras, noise)
+    else:
+        outcomes = ((seed, *rollout(env, expert, seed, 0, cameras, noise, learner, lead)) for seed, lead in zip(seeds, leads, strict=True))
+    ended: dict[int, tuple[Episode | None, bool]] = {}
+    succeeded = failed = steps = learner_done = 0
+    bar = tqdm(total=len(seeds), desc=f"generate-demos {env_name}", unit="episode", disable=not progress)
+    for seed, episode, success in outcomes:
+        ended[seed] = episode, success
+        learner_done += episode is None
+        succeeded += episode is not None and success
+        failed += episode is not None and not success
+        steps += 0 if episode is None else len(episode)
+        bar.update()
+        bar.set_postfix(kept=succeeded, failed=failed)
+    bar.close()
     kept: list[Episode] = list(earlier)
-    failed = steps = learner_done = 0
-    bar = tqdm(seeds, desc=f"generate-demos {env_name}", unit="episode", disable=not progress)
-    for episode_seed in bar:
-        lead = int(np.random.default_rng([episode_seed, 2]).integers(1, handover + 1)) if learner is not None else 0
-        episode, success = rollout(env, expert, episode_seed, len(kept), cameras, noise, learner, lead)
-        if episode is None:
-            learner_done += 1
-            continue
-        steps += len(episode)
-        if success:
+    for seed in seeds:
+        episode, success = ended[int(seed)]
+        if episode is not None and success:
+            episode.episode_id = len(kept)
             kept.append(episode)
-        else:
-            failed += 1
-        bar.set_postfix(kept=len(kept) - len(earlier), failed=failed)
     if len(kept) == len(earlier):
         raise DataError(f"generate-demos {env_name}: expected at least one successful episode, got {failed} failures "
                         f"(and {learner_done} episodes the policy ended) out of {len(seeds)}.")
@@ -146,6 +204,7 @@ def generate_demos(
     aggregate: str | Path | None = None,
     replan_every: int | None = None,
     aggregate_episodes: int | None = None,
+    batch: int = 1,
     **options: Any,
 ) -> dict[str, Any]:
     """Run the expert of `env` for `episodes` seeds and write the successful ones to `out`; return counts and speed.
@@ -168,21 +227,31 @@ def generate_demos(
     if aggregate_episodes is not None and (aggregate is None or aggregate_episodes <= 0):
         raise ConfigError(f"generate-demos --aggregate-episodes: expected an int > 0 with --aggregate, got {aggregate_episodes} "
                           f"with --aggregate {aggregate}.")
+    if not isinstance(batch, int) or batch < 1 or (batch > 1 and policy is None):
+        raise ConfigError(f"generate-demos --batch: expected an int >= 1 (above 1 only with --policy: the policy's episodes play side by side), "
+                          f"got {batch!r} with --policy {policy}.")
     make_expert = expert_factory(env)
     env_kwargs: dict[str, Any] = {"image_size": image_size, **options}
     earlier, provenance = _aggregated(aggregate, env, env_kwargs, aggregate_episodes) if aggregate is not None else ([], [])
     learner = _learner(policy, replan_every) if policy is not None else None
-    world = make_env(env, **env_kwargs)
+    worlds = [make_env(env, **env_kwargs) for _ in range(min(batch, episodes))]
     try:
-        if not world.cameras:
+        if not worlds[0].cameras:
             raise ConfigError(f"generate-demos {env}: expected at least one camera (demonstrations store frames), got none.")
-        return record_demos(world, make_expert(world), range(seed, seed + episodes), out, env, env_kwargs, world.cameras, progress, noise,
-                            learner, handover, earlier, provenance, None if policy is None else {"policy": str(policy), "replan_every": replan_every})
+        experts = [make_expert(world) for world in worlds]
+        info = None if policy is None else {"policy": str(policy), "replan_every": replan_every}
+        if learner is not None and len(worlds) > 1:
+            learners = [learner] + [learner.replica() for _ in worlds[1:]]
+            return record_demos(worlds, experts, range(seed, seed + episodes), out, env, env_kwargs, worlds[0].cameras, progress, noise,
+                                learners, handover, earlier, provenance, info)
+        return record_demos(worlds[0], experts[0], range(seed, seed + episodes), out, env, env_kwargs, worlds[0].cameras, progress, noise,
+                            learner, handover, earlier, provenance, info)
     finally:
-        world.close()
+        for world in worlds:
+            world.close()
 
 
-def _learner(policy: str | Path, replan_every: int | None = None) -> Learner:
+def _learner(policy: str | Path, replan_every: int | None = None) -> MainOnlyPolicy:
     """The main-only policy of a trained policy folder, on the CPU (it only steers the episodes' first steps)."""
     from rsd.runtime.policy import MainOnlyPolicy, load_main
 

@@ -21,6 +21,8 @@ Usage:
     policy = SpeculativePolicy.from_bundle("runs/demo/bundle", main="runs/demo/policy", compile="auto")
     policy.reset()
     action = policy.act({"image": rgb_uint8_hw3, "instruction": "pick up the red block", "proprio": p})
+    policies = [policy] + [policy.replica() for _ in range(7)]   # 8 episodes side by side, one batch per replan
+    actions = act_batch(policies, observations)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from rsd.device import resolve_device_dtype
-from rsd.errors import ConfigError, ObservationError
+from rsd.errors import ConfigError, ObservationError, ShapeError
 from rsd.models.main import MainModel
 from rsd.models.processor import observation_batch
 from rsd.runtime.bundle import load_bundle_engines
@@ -60,7 +63,7 @@ class ActionChunk:
     steps: int  # leading steps of `actions` to execute (H unless a prefix of the draft was accepted)
     confidence: float  # the draft's gate statistic (nan for the main-only policy)
     tokens: np.ndarray  # [H, d, L] the decoded tokens (layers past C are the zero level when accepted)
-    timings: dict[str, float]  # ms per stage: vision, prefix, draft, gate, suffix, head, decode (or llm)
+    timings: dict[str, float]  # ms per stage: vision, prefix, draft, gate, suffix, head, decode (or llm); of the whole call in `act_batch`
     agreement: float | None = None  # share of coarse tokens where draft == main (verify="always")
 
     @property
@@ -90,43 +93,77 @@ class _ChunkPolicy:
 
     def predict_chunk(self, obs: dict[str, Any]) -> ActionChunk:
         """Check one observation (through the model's processor) and predict its action chunk `[H, A]`."""
-        check_observation(obs, self.main.vla.config.proprio_dim)
-        images, instructions, proprio = observation_batch(obs, self.main.vla.config.proprio_dim)
-        inputs = self.main.prepare(images, instructions, proprio)
-        prompt_tokens = int(inputs.text_mask.sum())
+        chunk = self._predict([obs])[0]
+        self._record(chunk, latency=True)
+        return chunk
+
+    def _predict(self, observations: Sequence[dict[str, Any]]) -> list[ActionChunk]:
+        """The chunks of `observations` (each checked as `predict_chunk` checks one) from one engine call on their batch,
+        unrecorded; every chunk carries the call's stage timings."""
+        proprio_dim = self.main.vla.config.proprio_dim
+        for obs in observations:
+            check_observation(obs, proprio_dim)
+        parts = [observation_batch(obs, proprio_dim) for obs in observations]
+        shapes = {part[0].shape[1:] for part in parts}
+        if len(shapes) != 1:
+            raise ObservationError(f"observations of one batch: expected frames of one shape [N, H, W, 3], got {sorted(shapes)}.")
+        if len({part[2] is None for part in parts}) != 1:
+            raise ObservationError("observations of one batch: expected proprio in all of them or in none, got a mix.")
+        proprio = None if parts[0][2] is None else np.concatenate([part[2] for part in parts])
+        inputs = self.main.prepare(np.concatenate([part[0] for part in parts]), [part[1][0] for part in parts], proprio)
+        prompt_tokens = int(inputs.text_mask.sum(dim=1).max())
         if prompt_tokens > MAX_PROMPT_TOKENS:
             raise ObservationError(f"observation['instruction']: expected at most {MAX_PROMPT_TOKENS} prompt tokens (MAX_PROMPT_TOKENS: the "
                                    f"instruction in the prompt template), got {prompt_tokens}. Shorten the instruction.")
         result = self.engine.run(inputs)
-        chunk = ActionChunk(
-            actions=result.actions[0].float().cpu().numpy(),
-            accepted=bool(result.accepted[0]),
-            steps=int(result.steps[0]),
-            confidence=float(result.confidence[0]),
-            tokens=result.tokens[0].cpu().numpy(),
+        actions, tokens = result.actions.float().cpu().numpy(), result.tokens.cpu().numpy()
+        return [ActionChunk(
+            actions=actions[row],
+            accepted=bool(result.accepted[row]),
+            steps=int(result.steps[row]),
+            confidence=float(result.confidence[row]),
+            tokens=tokens[row],
             timings=result.timings,
-            agreement=None if result.agreement is None else float(result.agreement[0]),
-        )
-        self._record(chunk)
-        return chunk
+            agreement=None if result.agreement is None else float(result.agreement[row]),
+        ) for row in range(len(parts))]
 
-    def _record(self, chunk: ActionChunk) -> None:
+    def _record(self, chunk: ActionChunk, latency: bool) -> None:
+        """Count a chunk; its stage timings join the latency statistics only when they are its own (`latency`)."""
         self._calls += 1
         self._accepted += int(chunk.accepted)
         self._accepted_steps += chunk.steps if chunk.accepted else 0
         if chunk.agreement is not None:
             self._agreements.append(chunk.agreement)
-        self._stats.add({**chunk.timings, "total": chunk.total_ms})
+        if latency:
+            self._stats.add({**chunk.timings, "total": chunk.total_ms})
+
+    def _needs_chunk(self) -> bool:
+        """Whether the next action needs a new chunk (the queue is empty or `replan_every` steps were executed)."""
+        return not self._queue or self._since_plan >= self.replan_every
+
+    def _start(self, chunk: ActionChunk) -> None:
+        """Queue a new chunk's executable steps (at most `replan_every`)."""
+        self._queue = deque(chunk.actions[: min(self.replan_every, chunk.steps)])
+        self._since_plan = 0
+
+    def _pop(self) -> np.ndarray:
+        """The next queued action `[A]`."""
+        self._since_plan += 1
+        return self._queue.popleft()
 
     def act(self, obs: dict[str, Any]) -> np.ndarray:
         """One action `[A]`: from the queue, replanning when it is empty (after the chunk's executable steps, at
         most `replan_every`)."""
-        if not self._queue or self._since_plan >= self.replan_every:
-            chunk = self.predict_chunk(obs)
-            self._queue = deque(chunk.actions[: min(self.replan_every, chunk.steps)])
-            self._since_plan = 0
-        self._since_plan += 1
-        return self._queue.popleft()
+        if self._needs_chunk():
+            self._start(self.predict_chunk(obs))
+        return self._pop()
+
+    def replica(self) -> _ChunkPolicy:
+        """A policy of the same class on the same model and engine with its own action queue and statistics: one per
+        episode played side by side (`act_batch`)."""
+        twin = object.__new__(type(self))
+        _ChunkPolicy.__init__(twin, self.main, self.engine, self.replan_every)
+        return twin
 
     def reset(self) -> None:
         """Forget queued actions (start of an episode); statistics are kept."""
@@ -203,6 +240,28 @@ class SpeculativePolicy(_ChunkPolicy):
         if spec.segments.compiled:
             spec.warm_up()  # every graph compiled (and CUDA graphs captured) before the first observation
         return cls(main_model, spec, replan_every)
+
+
+def act_batch(policies: Sequence[_ChunkPolicy], observations: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+    """One action `[A]` per policy for its observation, as each policy's `act` would return it; the chunks of all the
+    policies that replan come from one engine call on their batch, so the policies must share one engine (`replica`).
+
+    The stage timings of a batched call are not one chunk's latency: they stay out of the policies' statistics
+    (calls and acceptance are counted).
+    """
+    if len(policies) != len(observations):
+        raise ShapeError(f"act_batch: expected one observation per policy, got {len(observations)} for {len(policies)} policies.")
+    if not policies:
+        return []
+    engine = policies[0].engine
+    if any(policy.engine is not engine for policy in policies):
+        raise ConfigError("act_batch: expected policies on one engine (made by `policy.replica()`), got policies on different engines.")
+    replanning = [row for row, policy in enumerate(policies) if policy._needs_chunk()]
+    if replanning:
+        for row, chunk in zip(replanning, policies[0]._predict([observations[row] for row in replanning]), strict=True):
+            policies[row]._record(chunk, latency=False)
+            policies[row]._start(chunk)
+    return [policy._pop() for policy in policies]
 
 
 def check_observation(obs: Any, proprio_dim: int) -> None:

@@ -273,7 +273,8 @@ def rollout_outcomes(main: MainModel, env: tuple[str, dict[str, Any]], options: 
     seeds = list(range(options.rollout_seed, options.rollout_seed + options.rollout_episodes))
     world = distributed.current()  # each rank plays its share of the seeds
     mine = world.shard(seeds)
-    report = evaluate(MainOnlyPolicy(main, options.rollout_replan_every), env[0], mine, progress=False, env_kwargs=env[1]) if mine else None
+    report = evaluate(MainOnlyPolicy(main, options.rollout_replan_every), env[0], mine, progress=False, env_kwargs=env[1],
+                      batch=options.rollout_batch) if mine else None
     outcomes = torch.zeros(len(seeds), dtype=torch.float64)  # this rank's seeds filled in; the sum over ranks fills every one
     for episode in [] if report is None else report.episodes:
         outcomes[seeds.index(episode.seed)] = float(episode.success)

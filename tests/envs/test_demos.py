@@ -186,3 +186,21 @@ def test_aggregate_episodes_keeps_the_first_ones_and_says_so(tmp_path):
     assert read_provenance(tmp_path / "b.hdf5")[1] == {"kept_first": 2, "of": 3, "from": str(tmp_path / "a.hdf5")}
     with pytest.raises(ConfigError, match="--aggregate-episodes"):
         generate_demos("tabletop", episodes=1, out=tmp_path / "c.hdf5", image_size=32, aggregate_episodes=2, progress=False)
+
+
+def test_recovery_episodes_side_by_side_are_the_episodes_recorded_alone(tmp_path, tiny_main):
+    """`generate_demos(policy=..., batch=3)`: the same file as one episode at a time (a policy of random weights: its
+    states are odd, the expert recovers from most)."""
+    tiny_main.save(tmp_path / "policy")
+    options = {"episodes": 5, "seed": 40, "noise": 0.1, "policy": tmp_path / "policy", "handover": 12, "replan_every": 4, "progress": False}
+    alone = generate_demos("tabletop", out=tmp_path / "alone.hdf5", **options)
+    together = generate_demos("tabletop", out=tmp_path / "together.hdf5", batch=3, **options)
+    assert {k: alone[k] for k in ("episodes", "failed", "steps", "learner_done")} == {k: together[k] for k in ("episodes", "failed", "steps", "learner_done")}
+    a, b = read_demos(tmp_path / "alone.hdf5"), read_demos(tmp_path / "together.hdf5")
+    assert [e.episode_id for e in b] == list(range(alone["episodes"])) and alone["episodes"] > 0
+    for x, y in zip(a, b, strict=True):
+        assert x.instruction == y.instruction and np.array_equal(x.actions, y.actions)
+        assert np.array_equal(x.images["agentview"], y.images["agentview"]) and np.array_equal(x.object_state, y.object_state)
+    assert read_provenance(tmp_path / "alone.hdf5") == read_provenance(tmp_path / "together.hdf5")
+    with pytest.raises(ConfigError, match="--batch"):
+        generate_demos("tabletop", episodes=2, out=tmp_path / "c.hdf5", batch=2, progress=False)

@@ -124,3 +124,57 @@ def test_merged_shares_equal_one_run_per_seed_with_acceptance_weighted_by_chunks
     with pytest.raises(ConfigError, match="disjoint"):
         merge_reports([parts[0], parts[0]])
 
+
+
+class LoggingEnv(TabletopEnv):
+    """The tabletop world with a per-seed time limit (so episodes side by side end at different steps), logging every
+    executed action under its seed."""
+
+    def __init__(self, log: dict) -> None:
+        super().__init__(max_steps=30)
+        self.log = log
+
+    def reset(self, seed: int | None = None) -> dict:
+        self.max_steps, self.seed_now = 5 + 3 * (seed % 4), seed
+        self.log[seed] = []
+        return super().reset(seed)
+
+    def step(self, action: np.ndarray):
+        self.log[self.seed_now].append(np.array(action))
+        return super().step(action)
+
+
+def test_episodes_side_by_side_are_the_episodes_alone(tiny_main):
+    """`play_batch` and `evaluate(batch=N)`: every seed executes the actions it executes alone (slots refilled as
+    episodes of different lengths end), results in the order of the seeds, chunks counted, no latency."""
+    from rsd.envs.evaluate import play_batch, play_episode
+    from rsd.runtime.policy import MainOnlyPolicy
+
+    seeds = [3, 8, 1, 6, 4, 7, 2]
+    alone_log, together_log = {}, {}
+    world = LoggingEnv(alone_log)
+    alone = [play_episode(MainOnlyPolicy(tiny_main, 3), world, seed) for seed in seeds]
+    first = MainOnlyPolicy(tiny_main, 3)
+    together = play_batch([first, first.replica(), first.replica()], [LoggingEnv(together_log) for _ in range(3)], seeds)
+    assert together == alone and len({e.length for e in together}) == 4
+    for seed in seeds:
+        np.testing.assert_allclose(np.stack(together_log[seed]), np.stack(alone_log[seed]), atol=1e-6)
+    env_kwargs = {"image_size": 64, "max_steps": 7}
+    one = evaluate(MainOnlyPolicy(tiny_main, 3), "tabletop", seeds, progress=False, env_kwargs=env_kwargs)
+    batched = evaluate(MainOnlyPolicy(tiny_main, 3), "tabletop", seeds, progress=False, env_kwargs=env_kwargs, batch=4)
+    assert batched.episodes == one.episodes and batched.chunks == one.chunks == 7 * 3
+    assert batched.latency_ms is None and one.latency_ms is not None and batched.acceptance_rate is None
+
+
+def test_batched_evaluation_refuses_what_it_cannot_do(tiny_main, tmp_path):
+    from rsd.runtime.policy import MainOnlyPolicy
+
+    policy = MainOnlyPolicy(tiny_main)
+    with pytest.raises(ConfigError, match="env's name"):
+        evaluate(policy, TabletopEnv(), [0, 1], progress=False, batch=2)
+    with pytest.raises(ConfigError, match="videos"):
+        evaluate(policy, "tabletop", [0, 1], progress=False, batch=2, video_dir=tmp_path)
+    with pytest.raises(ConfigError, match="replica"):
+        evaluate(ExpertPolicy(TabletopEnv()), "tabletop", [0, 1], progress=False, batch=2)
+    with pytest.raises(ConfigError, match="batch"):
+        evaluate(policy, "tabletop", [0, 1], progress=False, batch=0)

@@ -93,3 +93,19 @@ def test_bundle_built_on_cuda_matches_the_cpu_bundle(tmp_path):
         assert (logits.cpu() - want_logits).abs().max() < 1e-4
         for c in (3, 8):
             assert (gpu.decoders[c](full[..., :c].cuda()).cpu() - cpu.decoders[c](full[..., :c])).abs().max() < 1e-5
+
+
+def test_replicas_in_one_batch_on_cuda_act_as_policies_alone():
+    """`act_batch` on CUDA (fp32): four episodes side by side get the actions each gets alone."""
+    from rsd.runtime.policy import act_batch
+
+    main = _on(make_tiny_main(), "cuda", torch.float32)
+    streams = [[make_observation(10 * slot + step) for step in range(6)] for slot in range(4)]
+    alone = []
+    for stream in streams:
+        policy = MainOnlyPolicy(main, replan_every=3)
+        alone.append(np.stack([policy.act(obs) for obs in stream]))
+    first = MainOnlyPolicy(main, replan_every=3)
+    replicas = [first] + [first.replica() for _ in range(3)]
+    together = np.stack([act_batch(replicas, [stream[step] for stream in streams]) for step in range(6)], axis=1)
+    np.testing.assert_allclose(together, np.stack(alone), atol=1e-4)

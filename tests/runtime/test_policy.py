@@ -341,3 +341,45 @@ def _rss_kb() -> int:
     """Current resident set size in kB (Linux /proc)."""
     with open("/proc/self/status") as handle:
         return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("kind", ["main-only", "speculative"])
+def test_replicas_acting_in_one_batch_act_as_policies_alone(tiny_main, kind):
+    """`act_batch`: four episodes side by side get the actions each gets alone; the batch's timings stay out of the latency."""
+    from rsd.runtime.policy import act_batch
+
+    def build():
+        return MainOnlyPolicy(tiny_main, replan_every=3) if kind == "main-only" else speculative(tiny_main, 0.5, replan_every=3)[0]
+
+    instructions = ["pick up the red block and place it on the plate", "put the blue block next to the green block"]
+    streams = [[make_observation(10 * slot + step, instructions[slot % 2]) for step in range(10)] for slot in range(4)]
+    alone = []
+    for stream in streams:
+        policy = build()
+        alone.append([policy.act(obs) for obs in stream])
+    first = build()
+    replicas = [first] + [first.replica() for _ in range(3)]
+    together = [act_batch(replicas, [stream[step] for stream in streams]) for step in range(10)]
+    for slot in range(4):
+        np.testing.assert_allclose(np.stack([actions[slot] for actions in together]), np.stack(alone[slot]), atol=1e-6)
+    assert [p.stats()["calls"] for p in replicas] == [4, 4, 4, 4]  # steps 0, 3, 6, 9 replan
+    assert all(p.stats()["stages"] == {} for p in replicas) and first.engine is replicas[3].engine
+    replicas[1].reset()
+    act_batch(replicas, [stream[0] for stream in streams])
+    assert [p.stats()["calls"] for p in replicas] == [4, 5, 4, 4]  # only the reset one replans at step 10
+
+
+def test_act_batch_refuses_mismatched_arguments(tiny_main):
+    from rsd.errors import ShapeError
+    from rsd.runtime.policy import act_batch
+
+    policy = MainOnlyPolicy(tiny_main)
+    with pytest.raises(ShapeError, match="one observation per policy"):
+        act_batch([policy, policy.replica()], [make_observation()])
+    with pytest.raises(ConfigError, match="one engine"):
+        act_batch([policy, MainOnlyPolicy(tiny_main)], [make_observation(), make_observation(1)])
+    small = make_observation(1)
+    small["image"] = small["image"][:32, :32]
+    with pytest.raises(DataError, match="one shape"):
+        act_batch([policy, policy.replica()], [make_observation(), small])
+    assert act_batch([], []) == []

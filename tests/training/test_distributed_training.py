@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 FEATURE_KEYS = ("exit_hidden", "main_logits", "main_tokens", "gt_tokens", "episode_id", "frame_index")
 TRAIN = TrainConfig(epochs=1, batch_size=32, lr=1e-3, val_fraction=0.34)
 WEIGHT_TOLERANCE = 1e-4
-POLICY_OPTIONS = PolicyTrainConfig(rollout_episodes=3, rollout_seed=500, object_loss=1.0)  # 3 seeds: 2 on rank 0, 1 on rank 1; the object head too
+POLICY_OPTIONS = PolicyTrainConfig(rollout_episodes=3, rollout_seed=500, object_loss=1.0, rollout_batch=2)  # 3 seeds: 2 on rank 0 (side by side), 1 on rank 1; the object head too
 AVERAGED = PolicyTrainConfig(select_by="val_l1", ema_decay=0.9)  # the weights' moving average, sharded with them under FSDP
 SMALL_BATCHES = dataclasses.replace(TRAIN, batch_size=8)  # enough steps for the average to lag the weights
 

@@ -71,6 +71,8 @@ def test_significantly_better_is_a_one_sided_sign_test(only_kept, only_later, al
     assert significantly_better(kept, later, alpha) is expected
     with pytest.raises(ConfigError, match="select_alpha"):
         PolicyTrainConfig(select_alpha=0.5)  # a p-value of 0.5 is no evidence
+    with pytest.raises(ConfigError, match="rollout_batch"):
+        PolicyTrainConfig(rollout_batch=0)
     with pytest.raises(ShapeError, match="same seeds"):
         significantly_better(kept, later[:-1], alpha)
 
