@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -101,6 +102,16 @@ def expert_episode(env: Env, expert: Expert, obs: dict[str, Any], seed: int, epi
     return Episode(episode_id, obs["instruction"], np.stack(actions), images, np.stack(proprio), object_state), bool(info["success"])
 
 
+@dataclass
+class _LeadIn:
+    """The learner's part of one recovery episode in a slot of `recovery_rollouts`."""
+
+    seed: int
+    lead: int  # learner steps before the expert takes over
+    obs: dict[str, Any]
+    steps: int = 0
+
+
 def recovery_rollouts(worlds: Sequence[Env], experts: Sequence[Expert], learners: Sequence[Any], seeds: Sequence[int],
                       leads: Sequence[int], cameras: Sequence[str], noise: float = 0.0) -> Iterator[tuple[int, Episode | None, bool]]:
     """`rollout` with a learner for every seed, `len(worlds)` episodes side by side: the learners (replicas on one engine,
@@ -113,27 +124,28 @@ def recovery_rollouts(worlds: Sequence[Env], experts: Sequence[Expert], learners
         raise ConfigError(f"recovery_rollouts: expected one expert and learner per env and one lead per seed, got {len(worlds)} envs, "
                           f"{len(experts)} experts, {len(learners)} learners, {len(seeds)} seeds and {len(leads)} leads.")
     waiting = list(zip(seeds, leads, strict=True))[::-1]
-    playing: dict[int, list[Any]] = {}  # slot -> [seed, lead, steps taken, observation]
+    playing: dict[int, _LeadIn] = {}
 
     def start(slot: int) -> None:
         seed, lead = waiting.pop()
         learners[slot].reset()
-        playing[slot] = [int(seed), int(lead), 0, worlds[slot].reset(int(seed))]
+        playing[slot] = _LeadIn(int(seed), int(lead), worlds[slot].reset(int(seed)))
 
     for slot in range(min(len(worlds), len(waiting))):
         start(slot)
     while playing:
         slots = list(playing)
-        for slot, action in zip(slots, act_batch([learners[slot] for slot in slots], [playing[slot][3] for slot in slots]), strict=True):
-            seed, lead, steps, _ = playing[slot]
-            obs, _, done, info = worlds[slot].step(np.asarray(action, dtype=np.float32))
-            playing[slot][2:] = [steps + 1, obs]
-            if done or steps + 1 == lead:
-                episode, success = (None, bool(info["success"])) if done else expert_episode(worlds[slot], experts[slot], obs, seed, 0, cameras, noise)
+        for slot, action in zip(slots, act_batch([learners[slot] for slot in slots], [playing[slot].obs for slot in slots]), strict=True):
+            episode = playing[slot]
+            episode.obs, _, done, info = worlds[slot].step(np.asarray(action, dtype=np.float32))
+            episode.steps += 1
+            if done or episode.steps == episode.lead:
+                recorded = (None, bool(info["success"])) if done else expert_episode(worlds[slot], experts[slot], episode.obs, episode.seed, 0,
+                                                                                     cameras, noise)
                 del playing[slot]
                 if waiting:
                     start(slot)
-                yield seed, episode, success
+                yield episode.seed, *recorded
 
 
 def record_demos(env: Env | Sequence[Env], expert: Expert | Sequence[Expert], seeds: Sequence[int], out: str | Path, env_name: str,
