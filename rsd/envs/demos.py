@@ -171,6 +171,8 @@ def record_demos(env: Env | Sequence[Env], expert: Expert | Sequence[Expert], se
         if learner is None:
             raise ConfigError("record_demos: several envs play recovery episodes side by side; expected learners too, got none.")
         outcomes = recovery_rollouts(env, expert, learner, seeds, leads, cameras, noise)
+    elif isinstance(learner, Sequence) or isinstance(expert, Sequence):
+        raise ConfigError("record_demos: lists of learners or experts play side by side in a list of envs; expected one of each with one env.")
     else:
         outcomes = ((seed, *rollout(env, expert, seed, 0, cameras, noise, learner, lead)) for seed, lead in zip(seeds, leads, strict=True))
     ended: dict[int, tuple[Episode | None, bool]] = {}

@@ -204,3 +204,10 @@ def test_recovery_episodes_side_by_side_are_the_episodes_recorded_alone(tmp_path
     assert read_provenance(tmp_path / "alone.hdf5") == read_provenance(tmp_path / "together.hdf5")
     with pytest.raises(ConfigError, match="--batch"):
         generate_demos("tabletop", episodes=2, out=tmp_path / "c.hdf5", batch=2, progress=False)
+    from rsd.envs.demos import record_demos
+
+    world = TabletopEnv()
+    with pytest.raises(ConfigError, match="one of each with one env"):
+        record_demos(world, [ScriptedExpert(world)], [0], tmp_path / "d.hdf5", "tabletop", {}, ("agentview",), progress=False)
+    with pytest.raises(ConfigError, match="expected learners too"):
+        record_demos([world], [ScriptedExpert(world)], [0], tmp_path / "d.hdf5", "tabletop", {}, ("agentview",), progress=False)
