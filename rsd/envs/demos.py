@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,50 +101,19 @@ def expert_episode(env: Env, expert: Expert, obs: dict[str, Any], seed: int, epi
     return Episode(episode_id, obs["instruction"], np.stack(actions), images, np.stack(proprio), object_state), bool(info["success"])
 
 
-@dataclass
-class _LeadIn:
-    """The learner's part of one recovery episode in a slot of `recovery_rollouts`."""
-
-    seed: int
-    lead: int  # learner steps before the expert takes over
-    obs: dict[str, Any]
-    steps: int = 0
-
-
 def recovery_rollouts(worlds: Sequence[Env], experts: Sequence[Expert], learners: Sequence[Any], seeds: Sequence[int],
                       leads: Sequence[int], cameras: Sequence[str], noise: float = 0.0) -> Iterator[tuple[int, Episode | None, bool]]:
-    """`rollout` with a learner for every seed, `len(worlds)` episodes side by side: the learners (replicas on one engine,
-    `rsd.runtime.policy.act_batch`) act in one batch for the first `leads[i]` steps of seed i, then that slot's
+    """`rollout` with a learner for every seed, `len(worlds)` episodes side by side (`rsd.envs.evaluate.side_by_side`):
+    the learners (replicas on one engine) act in one batch for the first `leads[i]` steps of seed i, then that slot's
     expert records the rest and the slot takes the next seed. Yields `(seed, episode or None, success)` as episodes
     end (episode ids 0: the caller numbers them); every seed's episode is the one `rollout` records alone."""
-    from rsd.runtime.policy import act_batch
+    from rsd.envs.evaluate import side_by_side
 
-    if not (len(worlds) == len(experts) == len(learners) > 0) or len(seeds) != len(leads):
-        raise ConfigError(f"recovery_rollouts: expected one expert and learner per env and one lead per seed, got {len(worlds)} envs, "
-                          f"{len(experts)} experts, {len(learners)} learners, {len(seeds)} seeds and {len(leads)} leads.")
-    waiting = list(zip(seeds, leads, strict=True))[::-1]
-    playing: dict[int, _LeadIn] = {}
-
-    def start(slot: int) -> None:
-        seed, lead = waiting.pop()
-        learners[slot].reset()
-        playing[slot] = _LeadIn(int(seed), int(lead), worlds[slot].reset(int(seed)))
-
-    for slot in range(min(len(worlds), len(waiting))):
-        start(slot)
-    while playing:
-        slots = list(playing)
-        for slot, action in zip(slots, act_batch([learners[slot] for slot in slots], [playing[slot].obs for slot in slots]), strict=True):
-            episode = playing[slot]
-            episode.obs, _, done, info = worlds[slot].step(np.asarray(action, dtype=np.float32))
-            episode.steps += 1
-            if done or episode.steps == episode.lead:
-                recorded = (None, bool(info["success"])) if done else expert_episode(worlds[slot], experts[slot], episode.obs, episode.seed, 0,
-                                                                                     cameras, noise)
-                del playing[slot]
-                if waiting:
-                    start(slot)
-                yield episode.seed, *recorded
+    if len(experts) != len(worlds):
+        raise ConfigError(f"recovery_rollouts: expected one expert per env, got {len(experts)} experts for {len(worlds)} envs.")
+    for index, slot, obs, _, done, info in side_by_side(learners, worlds, seeds, leads):
+        seed = int(seeds[index])
+        yield seed, *((None, bool(info["success"])) if done else expert_episode(worlds[slot], experts[slot], obs, seed, 0, cameras, noise))
 
 
 def record_demos(env: Env | Sequence[Env], expert: Expert | Sequence[Expert], seeds: Sequence[int], out: str | Path, env_name: str,

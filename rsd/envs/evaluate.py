@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import multiprocessing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -223,50 +223,57 @@ def play_episode(policy: Any, world: Env, seed: int, video_dir: str | Path | Non
 
 @dataclass
 class _Playing:
-    """One episode in progress in a slot of `play_batch`."""
+    """One episode in progress in a slot of `side_by_side`."""
 
-    seed: int
-    obs: dict[str, Any]
-    instruction: str
-    task_family: str
-    length: int = 0
-    success: bool = False
+    index: int  # position of its seed
+    obs: dict[str, Any]  # the latest observation
+    steps: int = 0
 
 
-def play_batch(policies: Sequence[Any], worlds: Sequence[Env], seeds: Sequence[int]) -> list[EpisodeResult]:
-    """The episodes of `seeds` played side by side, one per slot (a policy replica on a shared engine and its own env):
-    each step predicts the chunks of every replanning slot in one batch (`rsd.runtime.policy.act_batch`), and a slot
-    takes the next seed when its episode ends. Each episode is `play_episode`'s for its seed; the results are in the
-    order of `seeds`.
+def side_by_side(policies: Sequence[Any], worlds: Sequence[Env], seeds: Sequence[int],
+                 limits: Sequence[int] | None = None) -> Iterator[tuple[int, int, dict[str, Any], int, bool, dict[str, Any]]]:
+    """Play one episode per seed, one per slot (a policy replica on a shared engine and its own env) side by side: each
+    step predicts the chunks of every replanning slot in one batch (`rsd.runtime.policy.act_batch`).
+
+    An episode ends when its env says done or after `limits[i]` steps (None: the env's `max_steps`); then this yields
+    `(i, slot, last observation, steps, done, info)`, with the slot's env as the episode left it, and the slot takes
+    the next seed once the caller asks for the next item. Each episode is the one its policy plays alone.
     """
     from rsd.runtime.policy import act_batch
 
     if not policies or len(policies) != len(worlds):
-        raise ConfigError(f"play_batch: expected one env per policy and at least one, got {len(policies)} policies and {len(worlds)} envs.")
-    waiting = list(enumerate(int(seed) for seed in seeds))[::-1]
-    playing: dict[int, tuple[int, _Playing]] = {}  # slot -> (position in seeds, episode)
-    results: list[EpisodeResult | None] = [None] * len(waiting)
+        raise ConfigError(f"side_by_side: expected one env per policy and at least one, got {len(policies)} policies and {len(worlds)} envs.")
+    if limits is not None and len(limits) != len(seeds):
+        raise ConfigError(f"side_by_side: expected one step limit per seed, got {len(limits)} for {len(seeds)} seeds.")
+    waiting = list(range(len(seeds)))[::-1]
+    playing: dict[int, _Playing] = {}
 
     def start(slot: int) -> None:
-        position, seed = waiting.pop()
-        obs = worlds[slot].reset(seed)
+        index = waiting.pop()
         policies[slot].reset()
-        playing[slot] = position, _Playing(seed, obs, obs["instruction"], str(worlds[slot].task_family))
+        playing[slot] = _Playing(index, worlds[slot].reset(int(seeds[index])))
 
     for slot in range(min(len(policies), len(waiting))):
         start(slot)
     while playing:
         slots = list(playing)
-        for slot, action in zip(slots, act_batch([policies[slot] for slot in slots], [playing[slot][1].obs for slot in slots]), strict=True):
-            position, episode = playing[slot]
-            episode.obs, _, done, info = worlds[slot].step(action)
-            episode.length += 1
-            episode.success = bool(info["success"])
-            if done or episode.length >= worlds[slot].max_steps:  # the env ends the episode by max_steps at the latest
-                results[position] = EpisodeResult(episode.seed, episode.instruction, episode.task_family, episode.success, episode.length)
+        for slot, action in zip(slots, act_batch([policies[slot] for slot in slots], [playing[slot].obs for slot in slots]), strict=True):
+            episode = playing[slot]
+            episode.obs, _, done, info = worlds[slot].step(np.asarray(action, dtype=np.float32))
+            episode.steps += 1
+            if done or episode.steps >= (worlds[slot].max_steps if limits is None else limits[episode.index]):
                 del playing[slot]
+                yield episode.index, slot, episode.obs, episode.steps, done, info
                 if waiting:
                     start(slot)
+
+
+def play_batch(policies: Sequence[Any], worlds: Sequence[Env], seeds: Sequence[int]) -> list[EpisodeResult]:
+    """The episodes of `seeds` played side by side (`side_by_side`), each ended by its env (success or max_steps) as
+    `play_episode` ends it; the results in the order of `seeds`."""
+    results: list[EpisodeResult | None] = [None] * len(seeds)
+    for index, slot, obs, steps, _, info in side_by_side(policies, worlds, seeds):
+        results[index] = EpisodeResult(int(seeds[index]), obs["instruction"], str(worlds[slot].task_family), bool(info["success"]), steps)
     return [result for result in results if result is not None]
 
 
@@ -324,8 +331,9 @@ def _evaluate_batched(policy: Any, env: str | Env, seeds: Sequence[int], video_d
     finally:
         for world in worlds:
             world.close()
-    counts = [_accepted_chunks(b, p.stats()) for b, p in zip(before, policies, strict=True)]
-    chunks = sum(int(p.stats()["calls"]) - int(b["calls"]) for b, p in zip(before, policies, strict=True))
+    after = [p.stats() for p in policies]
+    counts = [_accepted_chunks(b, a) for b, a in zip(before, after, strict=True)]
+    chunks = sum(int(a["calls"]) - int(b["calls"]) for b, a in zip(before, after, strict=True))
     accepted = sum(c[0] for c in counts if c is not None)
     acceptance = None if type(policy).__name__ == "MainOnlyPolicy" or not chunks else accepted / chunks
     return EvalReport(results, acceptance, None, type(policy).__name__, chunks)
