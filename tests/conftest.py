@@ -94,6 +94,20 @@ def tiny_main():
     return make_tiny_main()
 
 
+SEGMENTS_EXIT, SEGMENTS_PROMPT = 3, 24  # the exit layer and padded prompt of the session's packaged segments
+
+
+@pytest.fixture(scope="session")
+def tiny_segments(tmp_path_factory: pytest.TempPathFactory):
+    """`make_tiny_main()`'s segments at exit layer 3, prompt 24, exported once per run as AOTInductor packages (compiling
+    five graphs is about a minute and a half on two cores): the export tests read it, the compiled runtime runs it."""
+    from rsd.export.segments import export_main_segments
+
+    out = tmp_path_factory.mktemp("segments") / "k3"
+    export_main_segments(make_tiny_main(), SEGMENTS_EXIT, out, prompt_tokens=SEGMENTS_PROMPT)
+    return out
+
+
 def two_vit_config(cogvla=None):
     """The tiny-vit model with a second, narrower ViT (16 patches each), as OpenVLA fuses DINOv2 and SigLIP; `cogvla` set if given."""
     import dataclasses

@@ -1,8 +1,9 @@
 """export-segments: the main model's segments for one exit layer as AOTInductor `.pt2` packages, parity-checked and hashed.
 
 The draft and decoders ship in the bundle; the milliseconds are in the main model. This packages its segments —
-vision + embeddings, the prefix (layers 0..k-1), the suffix (layers k..N-1 with the final norm and readout) and
-the RFSQ head — with `torch.export` + AOTInductor at static shapes (prompt padded to `prompt_tokens`, a fixed
+vision + embeddings, the prefix (layers 0..k-1), the suffix (layers k..N-1 with the final norm and readout), the
+main-only path (layers 0..N-1 with the readout: the baseline `MainOnlyPolicy` runs the same packages) and the RFSQ
+head — with `torch.export` + AOTInductor at static shapes (prompt padded to `prompt_tokens`, a fixed
 batch), so a deployment runs them without the model's Python code (the processor and the dataset statistics
 still come from the policy folder). Each package is loaded back and compared with the eager segment on two
 inputs (hidden states within the export-parity tolerance of the model's precision, identical head tokens);
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 @torch.inference_mode()
 def export_main_segments(main: MainModel, exit_layer: int, out: str | Path, prompt_tokens: int = 48, batch: int = 1,
                          overwrite: bool = False) -> dict[str, Any]:
-    """Package embed, prefix(k), suffix(k) and head of `main` as `.pt2` files in `out`; check parity; return the manifest."""
+    """Package embed, prefix(k), suffix(k), the main-only path and head of `main` as `.pt2` files in `out`; check parity;
+    return the manifest."""
     if not 1 <= exit_layer < main.num_layers:
         raise ConfigError(f"export-segments --exit-layer: expected an int in 1..{main.num_layers - 1}, got {exit_layer}.")
     started = time.perf_counter()
@@ -52,15 +54,17 @@ def export_main_segments(main: MainModel, exit_layer: int, out: str | Path, prom
         parity: dict[str, float] = {"hidden_max_abs": 0.0, "query_hidden_max_abs": 0.0, "token_agreement": 1.0}
         for seed in (0, 1):
             inputs = packaged.prepare(main.vla.random_inputs(batch=batch, prompt_len=prompt_tokens, seed=seed))
-            got = packaged.advance(packaged.embed(inputs), exit_layer)
-            want = eager.advance(eager.embed(inputs), exit_layer)
-            got_hidden, want_hidden = packaged.resume(got), eager.resume(want)
+            got_start, want_start = packaged.embed(inputs), eager.embed(inputs)
+            got, want = packaged.advance(got_start, exit_layer), eager.advance(want_start, exit_layer)
             parity["hidden_max_abs"] = max(parity["hidden_max_abs"], (got.hidden - want.hidden).abs().max().item())
-            parity["query_hidden_max_abs"] = max(parity["query_hidden_max_abs"], (got_hidden - want_hidden).abs().max().item())
-            agree = (packaged.head(got_hidden) == eager.head(want_hidden)).float().mean().item()
-            parity["token_agreement"] = min(parity["token_agreement"], agree)
+            for got_state, want_state in ((got, want), (got_start, want_start)):  # the speculative suffix, the main-only path
+                got_hidden, want_hidden = packaged.resume(got_state), eager.resume(want_state)
+                parity["query_hidden_max_abs"] = max(parity["query_hidden_max_abs"], (got_hidden - want_hidden).abs().max().item())
+                agree = (packaged.head(got_hidden) == eager.head(want_hidden)).float().mean().item()
+                parity["token_agreement"] = min(parity["token_agreement"], agree)
         _check(parity, precision)
-        names = [segment_name(key) for key in (("embed",), ("layers", 0, exit_layer), ("readout", exit_layer), ("head",))]
+        keys = (("embed",), ("layers", 0, exit_layer), ("readout", exit_layer), ("readout", 0), ("head",))
+        names = [segment_name(key) for key in keys]
         manifest = {
             "kind": SEGMENTS_KIND,
             "format_version": FORMAT_VERSION,

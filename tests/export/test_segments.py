@@ -1,7 +1,7 @@
 """export-segments: the tiny main model's embed, prefix, suffix and head as AOTInductor packages, loaded without the
 model's Python code by the runtime, parity-checked, hashed, and refused when changed or made for another model.
 
-The four packages are exported once per module (about a minute on two cores with a warm inductor cache, hence `slow`).
+The five packages are exported once per run (conftest's `tiny_segments`, about a minute and a half on two cores, hence `slow`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_observation, make_tiny_main
+from conftest import SEGMENTS_EXIT, SEGMENTS_PROMPT, make_observation, make_tiny_main
 
 from rsd.cli import main as cli
 from rsd.errors import CheckpointError, EngineError
 from rsd.export.parity import ACTION_TOLERANCE, TOLERANCES
-from rsd.export.segments import export_main_segments
 from rsd.models.draft import DraftHead
 from rsd.models.processor import observation_batch
 from rsd.presets import get_preset
@@ -28,15 +27,13 @@ from rsd.runtime.gate import Gate
 from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine
 
 pytestmark = pytest.mark.slow
-EXIT, PROMPT = 3, 24
+EXIT, PROMPT = SEGMENTS_EXIT, SEGMENTS_PROMPT
 
 
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny main model's segments at exit layer 3, packaged."""
-    out = tmp_path_factory.mktemp("segments") / "k3"
-    export_main_segments(make_tiny_main(), EXIT, out, prompt_tokens=PROMPT)
-    return out
+@pytest.fixture()
+def packages(tiny_segments: Path) -> Path:
+    """The tiny main model's segments at exit layer 3, packaged (once per run)."""
+    return tiny_segments
 
 
 def _engines(main, segments):
@@ -50,7 +47,7 @@ def _engines(main, segments):
 def test_manifest_records_files_hashes_shapes_and_parity(packages: Path) -> None:
     manifest = json.loads((packages / "segments.json").read_text())
     assert manifest["kind"] == "main_segments" and manifest["exit_layer"] == EXIT and manifest["prompt_tokens"] == PROMPT
-    assert [f["name"] for f in manifest["files"]] == ["embed", "layers_0_3", "readout_3", "head"]
+    assert [f["name"] for f in manifest["files"]] == ["embed", "layers_0_3", "readout_3", "readout_0", "head"]
     assert all(len(f["sha256"]) == 64 and (packages / f["path"]).is_file() for f in manifest["files"])
     assert manifest["parity"]["token_agreement"] == 1.0
     assert manifest["parity"]["hidden_max_abs"] <= TOLERANCES["fp32"]["logits_max_abs"]
@@ -67,8 +64,12 @@ def test_packaged_segments_match_eager_without_compiling(packages: Path) -> None
         assert torch.equal(got.accepted, want.accepted) and torch.equal(got.tokens, want.tokens)
         assert (got.actions - want.actions).abs().max() <= ACTION_TOLERANCE
     assert segments.describe()["graphs"] == 4 and segments.recompiles == 0
-    with pytest.raises(EngineError, match="expected a packaged segment 'readout_0'"):
-        MainOnlyEngine(main, TorchDecoderEngine(main.tokenizer.decoder_module(), 8), segments).run(inputs)
+    decoder = TorchDecoderEngine(main.tokenizer.decoder_module(), 8)
+    got, want = MainOnlyEngine(main, decoder, segments).run(inputs), MainOnlyEngine(main, decoder).run(inputs)
+    assert torch.equal(got.tokens, want.tokens) and (got.actions - want.actions).abs().max() <= ACTION_TOLERANCE
+    assert segments.describe()["graphs"] == 5  # the main-only path's readout_0 as well
+    with pytest.raises(EngineError, match="expected a packaged segment 'layers_0_2'"):
+        segments.advance(segments.embed(segments.prepare(inputs)), 2)
 
 
 def test_changed_package_or_another_model_is_refused(packages: Path, tmp_path: Path) -> None:

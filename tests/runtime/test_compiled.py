@@ -1,9 +1,10 @@
 """The compiled runtime on the tiny preset (CPU; torch.compile and AOTInductor): parity with eager, the same acceptance
 decisions, no recompilation over varying instructions, and the static-shape refusals.
 
-One `CompiledSegments` per mode is compiled per module and shared by its tests (compiling is the slow part: half a
-minute (inductor) to a minute and a half (aot) on two cores with a warm inductor cache, more with a cold one, hence
-`slow`); the checks that need no compiled graph run without the mark.
+One `CompiledSegments` per mode is built per module and shared by its tests: "inductor" compiles its graphs here
+(half a minute on two cores with a warm inductor cache, hence `slow`), "aot" runs the AOTInductor packages of the
+session's `tiny_segments` (exported once per run, the same `_compile` path, and read by tests/export/test_segments.py
+as well) with the draft and decoders as built; the checks that need no compiled graph run without the mark.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_observation, make_tiny_main
+from conftest import SEGMENTS_EXIT, SEGMENTS_PROMPT, make_observation, make_tiny_main
 
 from rsd.errors import ConfigError, ObservationError, ShapeError
 from rsd.export.parity import ACTION_TOLERANCE, TOLERANCES
@@ -26,7 +27,7 @@ from rsd.runtime.gate import Gate
 from rsd.runtime.policy import MainOnlyPolicy, SpeculativePolicy
 from rsd.runtime.speculative import MainOnlyEngine, SpeculativeEngine
 
-EXIT = 3
+EXIT = SEGMENTS_EXIT
 INSTRUCTIONS = ["pick up the red block", "put the blue block next to the red block", "push the green cube to the left edge of the table",
                 "open the drawer", "stack the yellow block on top of the red block and then go back home"]
 
@@ -50,7 +51,8 @@ def parts(request):
     eager_always = SpeculativeEngine(main, draft, decoders, EXIT, Gate(tau=0.0), verify="always")
     confidences = [float(eager_always.run(_inputs(main, s, INSTRUCTIONS[s % 5])).confidence[0]) for s in range(10)]
     gate = Gate(tau=float(np.median(confidences)))
-    segments = CompiledSegments(main, CompileConfig(mode=request.param, prompt_tokens=24))
+    packages = str(request.getfixturevalue("tiny_segments")) if request.param == "aot" else None
+    segments = CompiledSegments(main, CompileConfig(mode=request.param, prompt_tokens=SEGMENTS_PROMPT, packages=packages))
     compiled = SpeculativeEngine(main, draft, decoders, EXIT, gate, verify="always", segments=segments)
     compiled.warm_up()
     baseline = MainOnlyEngine(main, decoders[tok.num_layers], segments)
