@@ -157,6 +157,14 @@ def _demo_names(path: Path, data: h5py.Group) -> list[str]:
     return sorted(names, key=lambda name: int(DEMO_NAME.fullmatch(name).group(1)))
 
 
+def count_demos(path: str | Path) -> int:
+    """How many `data/demo_<i>` groups the robomimic/LIBERO file `path` holds, without reading them."""
+    with open_hdf5(Path(path)) as file:
+        if "data" not in file:
+            raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
+        return len(_demo_names(Path(path), file["data"]))
+
+
 def _instruction(path: Path, data: h5py.Group, demo: h5py.Group) -> str:
     """The demo's `language_instruction` attr, else the file's `problem_info["language_instruction"]`."""
     if demo.attrs.get("language_instruction"):
@@ -297,8 +305,10 @@ def libero_gripper_to_policy(gripper: np.ndarray) -> np.ndarray:
 
 
 def read_demos(path: str | Path, cameras: Sequence[str] | None = None, proprio_keys: Sequence[str] | None = None, action_key: str = "actions",
-               image_convention: str | None = None, instruction: str | None = None, image_size: int | None = None) -> list[Episode]:
-    """Read every `data/demo_<i>` of a robomimic/LIBERO file as Episodes, in numeric demo order.
+               image_convention: str | None = None, instruction: str | None = None, image_size: int | None = None,
+               first: int | None = None) -> list[Episode]:
+    """Read every `data/demo_<i>` of a robomimic/LIBERO file (only the first `first` when set) as Episodes, in numeric
+    demo order.
 
     `cameras`: camera names to load (`agentview` for `obs/agentview_rgb`; default all). `proprio_keys`: obs
     datasets concatenated into proprio (default ee_pos + ee_ori + gripper_states when all exist, none when none
@@ -311,13 +321,15 @@ def read_demos(path: str | Path, cameras: Sequence[str] | None = None, proprio_k
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: expected an HDF5 demonstration file, got no such file.")
+    if first is not None and first < 1:
+        raise DataError(f"{path}: expected first >= 1 episodes to read (or None for all), got {first}.")
     with open_hdf5(path) as file:
         if "data" not in file:
             raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
         data = file["data"]
         rotate = _convention(path, data, image_convention) == "opengl"
         episodes = [_read_episode(path, data, name, cameras, proprio_keys, rotate, action_key, image_size, instruction)
-                    for name in _demo_names(path, data)]
+                    for name in _demo_names(path, data)[:first]]
         libero = recorded_by_libero(data)
     if libero and episodes[0].actions.shape[1] == LIBERO_ACTION_DIM:
         log.info("%s: recorded by LIBERO: gripper actions (-1 open / +1 close) mapped to rsd's LIBERO units (1 open / 0 closed).", path)

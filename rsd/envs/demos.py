@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rsd.data.dataset import Episode
-from rsd.data.hdf5 import read_demos, read_env_spec, read_provenance, write_demos
+from rsd.data.hdf5 import count_demos, read_demos, read_env_spec, read_provenance, write_demos
 from rsd.envs.base import Env, Expert, expert_factory, make_env
 from rsd.errors import ConfigError, DataError
 
@@ -246,7 +246,8 @@ def _aggregated(path: str | Path, env: str, env_kwargs: dict[str, Any], limit: i
     recorded = read_env_spec(path)
     if recorded != (env, json.loads(json.dumps(env_kwargs))):  # as the file stores them: a tuple of cameras reads back as a list
         raise ConfigError(f"generate-demos --aggregate {path}: expected demonstrations recorded in {env} with {env_kwargs}, got {recorded}.")
-    episodes, provenance = read_demos(path), read_provenance(path)
-    if limit is None or limit >= len(episodes):
+    total, provenance = count_demos(path), read_provenance(path)
+    episodes = read_demos(path, first=limit)  # only the episodes kept are read
+    if limit is None or limit >= total:
         return episodes, provenance
-    return episodes[:limit], [*provenance, {"kept_first": limit, "of": len(episodes), "from": str(path)}]
+    return episodes, [*provenance, {"kept_first": limit, "of": total, "from": str(path)}]

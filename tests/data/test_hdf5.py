@@ -10,7 +10,7 @@ import pytest
 
 from rsd.data.actions import load_action_episodes
 from rsd.data.dataset import Episode
-from rsd.data.hdf5 import read_demos, read_provenance, write_demos
+from rsd.data.hdf5 import count_demos, read_demos, read_provenance, write_demos
 from rsd.data.source import DataSource, read_episodes
 from rsd.envs.demos import generate_demos
 from rsd.errors import ConfigError, DataError
@@ -229,6 +229,16 @@ def test_demos_are_sorted_by_number(tmp_path):
     episodes = read_demos(path)
     assert [e.episode_id for e in episodes] == [0, 1, 2, 9, 10]
     assert [float(e.actions[0, 0]) for e in episodes] == [0.0, 1.0, 2.0, 9.0, 10.0]
+
+
+def test_the_first_episodes_are_read_in_numeric_order_and_counted_without_reading(tmp_path):
+    path = tmp_path / "many.hdf5"
+    write_libero_file(path, demos=(10, 2, 9, 0, 1))
+    assert count_demos(path) == 5
+    assert [e.episode_id for e in read_demos(path, first=3)] == [0, 1, 2]
+    assert [e.episode_id for e in read_demos(path, first=9)] == [0, 1, 2, 9, 10]
+    with pytest.raises(DataError, match="expected first >= 1 episodes to read"):
+        read_demos(path, first=0)
 
 
 @pytest.mark.parametrize(
