@@ -14,14 +14,20 @@ Usage:
 
 from __future__ import annotations
 
-import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from rsd.data.hdf5 import LIBERO_ACTION_DIM, libero_gripper_to_policy, open_hdf5, recorded_by_libero
+from rsd.data.hdf5 import (
+    LIBERO_ACTION_DIM,
+    data_group,
+    demo_names,
+    libero_gripper_to_policy,
+    open_hdf5,
+    recorded_by_libero,
+)
 from rsd.errors import DataError
 from rsd.io import atomic_file
 
@@ -84,20 +90,17 @@ def _read_npz(path: Path) -> tuple[list[np.ndarray], list[int]]:
 
 def _read_hdf5(path: Path) -> tuple[list[np.ndarray], list[int]]:
     with open_hdf5(path) as handle:
-        if "data" not in handle:
-            raise DataError(f"{path}: expected a 'data' group (robomimic/LIBERO layout), got keys {sorted(handle)}.")
-        names = sorted((n for n in handle["data"] if re.fullmatch(r"demo_\d+", n)), key=lambda n: int(n.split("_")[1]))
-        if not names:
-            raise DataError(f"{path}: expected groups data/demo_<i>, found none.")
+        data = data_group(path, handle)
+        names = demo_names(path, data)
         episodes = []
         for name in names:
-            if "actions" not in handle["data"][name]:
+            if "actions" not in data[name]:
                 raise DataError(f"{path}: data/{name} has no 'actions' dataset.")
-            actions = handle["data"][name]["actions"][()]
+            actions = data[name]["actions"][()]
             if actions.ndim != 2 or actions.shape[0] == 0:
                 raise DataError(f"{path}: data/{name}/actions expected [T, A] with T > 0, got shape {actions.shape}.")
             episodes.append(actions.astype(np.float32))
-        if recorded_by_libero(handle["data"]) and episodes[0].shape[1] == LIBERO_ACTION_DIM:  # as `read_demos` reads them
+        if recorded_by_libero(data) and episodes[0].shape[1] == LIBERO_ACTION_DIM:  # as `read_demos` reads them
             for actions in episodes:
                 actions[:, -1] = libero_gripper_to_policy(actions[:, -1])
     return episodes, [int(n.split("_")[1]) for n in names]

@@ -149,7 +149,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _demo_names(path: Path, data: h5py.Group) -> list[str]:
+def data_group(path: str | Path, file: h5py.File) -> h5py.Group:
+    """The `data` group of the open robomimic/LIBERO file `file` read from `path`; a DataError naming the keys if absent."""
+    if "data" not in file:
+        raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
+    return file["data"]
+
+
+def demo_names(path: str | Path, data: h5py.Group) -> list[str]:
     """The `demo_<i>` group names in numeric order (demo_10 after demo_9)."""
     names = [name for name in data if DEMO_NAME.fullmatch(name)]
     if not names:
@@ -160,9 +167,7 @@ def _demo_names(path: Path, data: h5py.Group) -> list[str]:
 def count_demos(path: str | Path) -> int:
     """How many `data/demo_<i>` groups the robomimic/LIBERO file `path` holds, without reading them."""
     with open_hdf5(Path(path)) as file:
-        if "data" not in file:
-            raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
-        return len(_demo_names(Path(path), file["data"]))
+        return len(demo_names(path, data_group(path, file)))
 
 
 def _instruction(path: Path, data: h5py.Group, demo: h5py.Group) -> str:
@@ -324,12 +329,10 @@ def read_demos(path: str | Path, cameras: Sequence[str] | None = None, proprio_k
     if first is not None and first < 1:
         raise DataError(f"{path}: expected first >= 1 episodes to read (or None for all), got {first}.")
     with open_hdf5(path) as file:
-        if "data" not in file:
-            raise DataError(f"{path}: expected a group 'data' (robomimic/LIBERO layout), got keys {sorted(file)}.")
-        data = file["data"]
+        data = data_group(path, file)
         rotate = _convention(path, data, image_convention) == "opengl"
         episodes = [_read_episode(path, data, name, cameras, proprio_keys, rotate, action_key, image_size, instruction)
-                    for name in _demo_names(path, data)[:first]]
+                    for name in demo_names(path, data)[:first]]
         libero = recorded_by_libero(data)
     if libero and episodes[0].actions.shape[1] == LIBERO_ACTION_DIM:
         log.info("%s: recorded by LIBERO: gripper actions (-1 open / +1 close) mapped to rsd's LIBERO units (1 open / 0 closed).", path)
