@@ -270,6 +270,9 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
               help="Validate, roll out and save a moving average of the weights with this decay, 0 off (default: the preset's).")
 @click.option("--object-loss", type=click.FloatRange(0.0), default=None,
               help="Weight of the auxiliary object-state regression where the data records obs/object, 0 off (default: the preset's).")
+@click.option("--compile/--no-compile", "compile_forward", default=None,
+              help="torch.compile the LLM's decoder layers for the training steps (inductor): fused kernels, the same model; a CPU "
+                   "needs a C++ compiler and Python.h (default: the preset's).")
 @click.option("--aggregation-tokens", type=int, default=0, show_default=True,
               help="CogVLA: aggregation tokens per ViT whose outputs replace its patches (0: off; CogVLA uses 64 of 256).")
 @click.option("--vit-film", is_flag=True, help="CogVLA: FiLM every ViT block from the mean instruction embedding.")
@@ -286,7 +289,7 @@ def train_tokenizer_command(data: DataSource, out: str, preset: str, epochs: int
 @_train_options
 def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_backbone: bool, select_by: str | None, select_alpha: float | None,
                          rollout_env: str | None,
-                         rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, rollout_batch: int | None, shift: int | None, ema_decay: float | None, object_loss: float | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
+                         rollout_every: int | None, rollout_episodes: int | None, rollout_replan_every: int | None, rollout_batch: int | None, shift: int | None, ema_decay: float | None, object_loss: float | None, compile_forward: bool | None, aggregation_tokens: int, vit_film: bool, moe: bool, lfp_layers: str | None, action_tokens: int,
                          lora_rank: int | None, lora_alpha: float | None, base: str | None, parallel: str, init: str | None,
                          preset: str, epochs: int | None, batch_size: int | None, lr: float | None, warmup: float | None, seed: int | None, overwrite: bool) -> None:
     """Train PrismaticVLA + RFSQ head by behaviour cloning on RFSQ tokens (optionally with CogVLA's modules, or LoRA on --base)."""
@@ -296,7 +299,8 @@ def train_policy_command(data: DataSource, tokenizer: str, out: str, freeze_back
 
     spec = get_preset(preset)
     chosen = {"select_by": select_by, "select_alpha": select_alpha, "rollout_every": rollout_every, "rollout_episodes": rollout_episodes, "shift": shift,
-              "rollout_replan_every": rollout_replan_every, "rollout_batch": rollout_batch, "ema_decay": ema_decay, "object_loss": object_loss}
+              "rollout_replan_every": rollout_replan_every, "rollout_batch": rollout_batch, "ema_decay": ema_decay, "object_loss": object_loss,
+              "compile": compile_forward}
     options = dataclasses.replace(spec.policy_options, **{name: value for name, value in chosen.items() if value is not None})
     cogvla = CogVLAConfig(aggregation_tokens=aggregation_tokens, film=vit_film, moe=moe, lfp_layers=tuple(_int_list(lfp_layers) or ()),
                           action_tokens=action_tokens)

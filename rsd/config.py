@@ -330,8 +330,11 @@ class PolicyTrainConfig:
     rollout_batch: int = 1  # selection episodes played side by side, one env each, their chunks predicted in one batch (same outcomes)
     ema_decay: float = 0.0  # decay of the weights' moving average that is validated, rolled out and saved (0: the last step's weights)
     object_loss: float = 0.0  # weight of the auxiliary regression of the recorded object state (obs/object) from the query hidden (0: off)
+    compile: bool = False  # torch.compile the LLM's decoder layers for training at one static shape (full batches, prompts padded):
+    # fused kernels, the same model; on a CPU inductor needs a C++ compiler and Python.h (20-30 s there the first time, then cached)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.compile, bool), "PolicyTrainConfig", "compile", "a bool", self.compile)
         _check(isinstance(self.object_loss, (int, float)) and not isinstance(self.object_loss, bool) and self.object_loss >= 0.0,
                "PolicyTrainConfig", "object_loss", "a float >= 0", self.object_loss)
         _check(isinstance(self.ema_decay, float) and 0.0 <= self.ema_decay < 1.0, "PolicyTrainConfig", "ema_decay", "a float in [0, 1)",

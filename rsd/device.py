@@ -11,6 +11,10 @@ Usage:
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sysconfig
+from pathlib import Path
 
 import torch
 
@@ -25,6 +29,14 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 def cuda_usable(device: torch.device) -> bool:
     """Whether `device` is a CUDA device that this machine can run on."""
     return device.type == "cuda" and torch.cuda.is_available()
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor builds CPU kernels with ($CXX, else g++), or None where there is none
+    or Python's headers (Python.h), which those kernels include, are missing."""
+    if not (Path(sysconfig.get_path("include")) / "Python.h").exists():
+        return None
+    return shutil.which(os.environ.get("CXX", "g++"))
 
 
 def check_device(device: str | torch.device, fix: str = "") -> torch.device:

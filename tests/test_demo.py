@@ -21,6 +21,7 @@ def test_demo_quick_end_to_end(tmp_path) -> None:
     for section in ("Time per step", "Tokenizer", "Drafts by exit layer", "Latency", "Closed-loop sweep"):
         assert section in markdown
     assert len(report["tokenizer"]["val_mse_by_layers"]) == 8
+    assert report["compiled_training"] is False and "; eager" in markdown  # --quick trains eagerly: compiling would cost more than it saves
     assert report["bench"]["baseline_p50"] > 0
     assert report["bench"]["replay"]["speedup"] > 0 and 0.0 <= report["bench"]["replay"]["acceptance"] <= 1.0
     for layer in report["bench"]["speedup"].values():

@@ -51,6 +51,7 @@ from rsd.data.dataset import FrameDataset, compute_statistics
 from rsd.data.hdf5 import read_env_spec
 from rsd.data.source import DataSource, as_source, read_episodes, source_statistics
 from rsd.data.stats import DatasetStatistics
+from rsd.device import cpu_compiler
 from rsd.envs.base import is_env_name
 from rsd.errors import ConfigError, DataError, ShapeError
 from rsd.io import writes_artifact
@@ -147,7 +148,14 @@ def train_policy(
     object_targets = _object_targets(dataset, train_rows, source.path) if options.object_loss > 0 else None
     if object_targets is not None:  # training-time only: `MainModel.save` writes the VLA and the RFSQ head, not this
         main.object_head = ObjectStateHead(main.hidden_size, object_targets.shape[1])
-    model = distributed.Parallel(main, training_outputs, parallel, find_unused_parameters=True)  # the VLA's lm_head is off the action path
+    forward = training_outputs
+    if options.compile:
+        if next(main.parameters()).device.type == "cpu" and cpu_compiler() is None:
+            raise ConfigError("train-policy --compile: torch.compile builds CPU kernels with a C++ compiler ($CXX or g++) against "
+                              "Python's headers (Python.h), and one of them is missing; install them or train without --compile.")
+        full_batch = len(world.batch_share(min(train.batch_size, len(train_rows)))[0])
+        forward = static_compiled(main, training_outputs, full_batch, prompt_length(main, {e.instruction for e in episodes}))
+    model = distributed.Parallel(main, forward, parallel, find_unused_parameters=True)  # the VLA's lm_head is off the action path
     trainable = [p for p in main.parameters() if p.requires_grad]
     optimizer = adamw(trainable, lr=train.lr, weight_decay=train.weight_decay)
     with torch.no_grad():
@@ -191,7 +199,8 @@ def train_policy(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         train_loss = _global_mean(losses)  # the global batches' mean losses
         with average.applied() if average is not None else nullcontext():  # the weights validated, rolled out and saved
-            with model.gathered():  # FSDP: whole parameters on every rank while they validate different frames and seeds
+            # FSDP: whole parameters on every rank while they validate different frames and seeds; compiled layers run eagerly
+            with model.gathered(), torch.compiler.set_stance("force_eager"):
                 fit = validate_policy(main, dataset, train_rows[:: max(1, len(train_rows) // 512)], targets)
                 metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                            **validate_policy(main, dataset, val_rows, targets, object_targets=object_targets),
@@ -299,6 +308,31 @@ def training_outputs(main: MainModel, inputs: VLAInputs) -> tuple[torch.Tensor, 
     hidden = main.vla(inputs)
     object_head = getattr(main, "object_head", None)
     return main.head(hidden), None if object_head is None else object_head(hidden)
+
+
+def prompt_length(main: MainModel, instructions: set[str]) -> int:
+    """The longest prompt, in tokens, of these instructions under `main`'s processor."""
+    return max(int(main.vla.processor.prompts([instruction], 1)[0].shape[1]) for instruction in instructions)
+
+
+def static_compiled(main: MainModel, function: Any, batch_size: int, prompt_tokens: int) -> Any:
+    """`function(main, inputs)` with `main`'s Llama decoder layers compiled by torch.compile for one static shape:
+    batches of `batch_size` rows, prompts right-padded to `prompt_tokens` (`VLAInputs.pad_prompt`: the same result).
+
+    The layers are identical, so inductor compiles one small graph for all of them (20-30 s cold on 2 cores; a graph of the
+    whole forward took 114 s). Other batch sizes (an epoch's last, partial batch) run eagerly, as must every
+    other use of `main` while its layers are compiled (`torch.compiler.set_stance("force_eager")`).
+    """
+    for layer in main.vla.layers:
+        layer.compile(dynamic=False)
+
+    def forward(module: MainModel, inputs: VLAInputs) -> Any:
+        if inputs.input_ids.shape[0] != batch_size:
+            with torch.compiler.set_stance("force_eager"):
+                return function(module, inputs)
+        return function(module, inputs.pad_prompt(prompt_tokens))
+
+    return forward
 
 
 def _global_mean(values: list[float]) -> float:

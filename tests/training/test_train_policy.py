@@ -11,6 +11,7 @@ import torch
 
 from rsd.config import PolicyTrainConfig
 from rsd.data.hdf5 import read_demos, write_demos
+from rsd.device import cpu_compiler
 from rsd.envs.demos import generate_demos
 from rsd.errors import ConfigError, ShapeError
 from rsd.presets import get_preset
@@ -186,3 +187,34 @@ def test_object_targets_are_standardised_on_the_training_frames(demos):
     np.testing.assert_allclose(targets[rows].std(axis=0), 1.0, atol=1e-3)
     with pytest.raises(ConfigError, match="object_loss"):
         PolicyTrainConfig(object_loss=-1.0)
+
+
+@pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler ($CXX or g++) and Python.h")
+def test_a_compiled_training_forward_trains_the_same_model(demos, tmp_path):
+    """`compile=True` changes the kernels, not the step: the same losses and weights as eager to float32 rounding (with a
+    partial last batch, run eagerly, and validation between epochs)."""
+    from torch._dynamo.utils import counters
+
+    train = dataclasses.replace(get_preset("tiny").policy_train, epochs=2, batch_size=16, val_fraction=0.34)
+    graphs = counters["stats"]["unique_graphs"]
+    runs = {name: train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / name, train=train,
+                               options=PolicyTrainConfig(select_by="val_l1", object_loss=1.0, compile=name == "compiled"), progress=False)
+            for name in ("eager", "compiled")}
+    assert runs["compiled"]["options"]["compile"] is True and runs["eager"]["options"]["compile"] is False
+    assert counters["stats"]["unique_graphs"] > graphs  # the decoder layers did run compiled
+    for key in ("train_loss", "val_action_l1"):
+        assert [m[key] for m in runs["compiled"]["history"]] == pytest.approx([m[key] for m in runs["eager"]["history"]], rel=1e-4)
+    weights = {name: load_main(tmp_path / name, "cpu", None).state_dict() for name in runs}
+    eager, compiled = (torch.cat([w.flatten().double() for w in weights[name].values()]) for name in ("eager", "compiled"))
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-4  # measured 5e-6: Adam turns float32 rounding into steps of ~1e-4 at most
+    assert float((compiled - eager).abs().max()) < 1e-3
+    with pytest.raises(ConfigError, match="compile"):
+        PolicyTrainConfig(compile=1)
+
+
+def test_compiling_without_a_cpu_compiler_is_refused_before_training(demos, tmp_path, monkeypatch):
+    monkeypatch.setattr("rsd.training.policy.cpu_compiler", lambda: None)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        train_policy(demos / "demos.hdf5", demos / "tokenizer", tmp_path / "policy", options=PolicyTrainConfig(select_by="val_l1", compile=True),
+                     progress=False)
+    assert not (tmp_path / "policy").exists()
