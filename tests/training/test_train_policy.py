@@ -189,6 +189,7 @@ def test_object_targets_are_standardised_on_the_training_frames(demos):
         PolicyTrainConfig(object_loss=-1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler ($CXX or g++) and Python.h")
 def test_a_compiled_training_forward_trains_the_same_model(demos, tmp_path):
     """`compile=True` changes the kernels, not the step: the same losses and weights as eager to float32 rounding (with a
