@@ -311,8 +311,8 @@ def training_outputs(main: MainModel, inputs: VLAInputs) -> tuple[torch.Tensor, 
 
 
 def prompt_length(main: MainModel, instructions: set[str]) -> int:
-    """The longest prompt, in tokens, of these instructions under `main`'s processor."""
-    return max(int(main.vla.processor.prompts([instruction], 1)[0].shape[1]) for instruction in instructions)
+    """The longest prompt, in tokens, of these instructions under `main`'s processor (which pads a batch to its longest)."""
+    return int(main.vla.processor.prompts(sorted(instructions), len(instructions))[0].shape[1])
 
 
 def static_compiled(main: MainModel, function: Any, batch_size: int, prompt_tokens: int) -> Any:
