@@ -1,4 +1,5 @@
-"""Feature collection and DDP/FSDP training on 2 local gloo ranks equal the single-process runs; only rank 0 writes.
+"""Feature collection and DDP/FSDP training (FSDP also with compiled decoder layers) on 2 local gloo ranks equal the
+single-process runs; only rank 0 writes.
 
 One pair of ranks, spawned once for the module by `rsd.distributed.run_local` (torch's elastic launcher), runs
 every distributed step in turn (`_on_two_ranks`); the tests compare what they wrote with single-process runs in
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 from rsd import distributed
 from rsd.config import PolicyTrainConfig, TrainConfig
 from rsd.data.hdf5 import read_demos
+from rsd.device import cpu_compiler
 from rsd.presets import get_preset
 from rsd.training.draft import train_draft
 from rsd.training.features import collect_features, load_features, shard_plan
@@ -74,6 +76,8 @@ def _on_two_ranks(root: Path) -> dict[str, Any]:
         results["ddp"] = _policy(root, own("policy_ddp"), "ddp")
         results["fsdp"] = _policy(root, own("policy_fsdp"), "fsdp")
         results["fsdp_averaged"] = _policy(root, own("policy_fsdp_averaged"), "fsdp", AVERAGED, SMALL_BATCHES)
+        if cpu_compiler() is not None:  # each rank compiles its decoder layers for its 16 rows of the global batch
+            results["fsdp_compiled"] = _policy(root, own("policy_fsdp_compiled"), "fsdp", dataclasses.replace(POLICY_OPTIONS, compile=True))
     return results
 
 
@@ -188,3 +192,19 @@ def test_the_weights_average_under_fsdp_equals_the_single_process_average(run) -
         assert sharded < 0.1 * _max_difference(root / "policy_averaged" / part, root / "policy_live" / part), part
     assert _only_rank_0_wrote(root, "policy_fsdp_averaged")
     assert [r["fsdp_averaged"]["history"][0]["train_loss"] for r in ranks] == pytest.approx([averaged["history"][0]["train_loss"]] * 2, rel=1e-5)
+
+
+@pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler ($CXX or g++) and Python.h")
+def test_compiled_layers_under_fsdp_train_the_single_process_eager_epoch(run, single_policy) -> None:
+    """`--compile` with FSDP: each rank's compiled decoder layers run on its shard of the batch; the epoch is the eager one."""
+    root, ranks = run
+    for part in ("vla/model.safetensors", "head.safetensors"):
+        assert _max_difference(root / "policy_1" / part, root / "policy_fsdp_compiled" / part) < WEIGHT_TOLERANCE, part
+    assert _only_rank_0_wrote(root, "policy_fsdp_compiled")
+    expected = single_policy["history"][0]
+    for r in ranks:
+        got = r["fsdp_compiled"]["history"][0]
+        assert r["fsdp_compiled"]["options"]["compile"] is True
+        assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-4)
+        assert got["val_action_l1"] == pytest.approx(expected["val_action_l1"], rel=1e-4)
+        assert got["rollout_success"] == expected["rollout_success"]
