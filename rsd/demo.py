@@ -11,7 +11,7 @@ The policy learns where the named block is from the object state the demonstrati
 tiny preset's `object_loss`), which halved the training steps a given success needs.
 
 Usage:
-    rsd demo                      # 9-19 minutes on 2 cores (by the machine's pace), most of it the policy's 5,650 training steps
+    rsd demo                      # 9-16 minutes on 2 cores (by the machine's pace), most of it the policy's 4,450 training steps
     rsd demo --seed 1             # another run: other demonstrations, recovery episodes, initialisation and batches
     rsd demo --quick --out runs/quick    # about 80 s, smaller everything (used by the tests)
 """
@@ -46,7 +46,7 @@ class DemoConfig:
     batch_size: int = 32  # policy training batch (both phases); 2 + 2 epochs at 16 (as many steps, half the frames) failed
     recovery_episodes: int = 700  # DAgger: episodes the policy starts (1..handover steps) and the expert finishes, recorded
     handover: int = 40  # most policy steps before the expert takes over
-    recovery_epochs: int = 4  # epochs on the aggregated data, from the first policy's weights (0 with no recovery episodes); 3 gave 77-92/100 over seeds 0-3, 4 gave 83-91
+    recovery_epochs: int = 3  # epochs on the aggregated data, from the first policy's weights (0 with no recovery episodes)
     aggregate_demos: int | None = 700  # demonstrations kept beside the recovery episodes (None: all of them)
     compile: bool = True  # torch.compile the policy's decoder layers for training where inductor can build kernels (1.1x a step on 2 cores)
     warmup: float = 0.2  # share of each training phase's steps that warm the learning rate up (one-cycle schedule)
